@@ -1,0 +1,35 @@
+# prunekit: `make demo` and `make test` each do the whole set-up, then run.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+FMNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: setup data demo test lint bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/.installed
+
+# Real Fashion-MNIST from Debian's package (no download at run time).
+data:
+	@if [ ! -d $(FMNIST) ] && command -v apt-get >/dev/null 2>&1; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	fi
+	@[ -d $(FMNIST) ] || echo "warning: $(FMNIST) missing; data tests will be skipped" >&2
+
+demo: setup data
+	$(BIN)/prunekit demo
+
+lint: setup
+	$(BIN)/ruff check prunekit tests bench
+
+test: setup data lint
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
