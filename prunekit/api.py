@@ -1,0 +1,153 @@
+"""``prunekit.prune``: one entry point for every method, with measurement and fine-tuning."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from . import methods
+from .engine import PruningPlan, leftover_hooks
+from .engine.budget import check_fraction, count_macs_params
+from .errors import ConfigError, PrunekitError
+
+
+@dataclass
+class PruneResult:
+    """What :func:`prune` returns: the smaller model, its plan (``None`` for the peer) and a
+    JSON-serialisable report (MACs/params before and after, per-layer widths, accuracies,
+    wall time of each phase)."""
+
+    model: nn.Module
+    plan: PruningPlan | None
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def layer_widths(model: nn.Module) -> dict[str, int]:
+    """Output channels of every Conv2d / Linear, by name."""
+    return {n: (m.out_channels if isinstance(m, nn.Conv2d) else m.out_features)
+            for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
+def _split_data(data: Any) -> tuple[Any, Any]:
+    if data is None:
+        return None, None
+    if isinstance(data, (tuple, list)):
+        if len(data) != 2:
+            raise ConfigError("data must be a dataset or a (train, test) pair")
+        return data[0], data[1]
+    return data, None
+
+
+def check_budget(ratio: float | None, target_macs: float | None) -> None:
+    """Exactly one of ``ratio`` / ``target_macs``, each strictly inside (0, 1)."""
+    if (ratio is None) == (target_macs is None):
+        raise ConfigError("give exactly one of ratio or target_macs")
+    if ratio is not None:
+        check_fraction("ratio", ratio)
+    else:
+        check_fraction("target MACs", target_macs)
+
+
+def prune(model: nn.Module, example_inputs: torch.Tensor | None = None, method: str = "l1",
+          ratio: float | None = None, target_macs: float | None = None, data: Any = None, *,
+          finetune_epochs: float = 0, distill: bool = False, train_config: Any = None,
+          ignored_layers: list[nn.Module | str] | None = None, seed: int = 0,
+          evaluate: bool = True, **method_options: Any) -> PruneResult:
+    """Prune ``model`` with ``method`` to a ``ratio`` of removed filters or a ``target_macs``
+    fraction of the original MACs.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A trained network; it is not modified (the method works on a copy).
+    example_inputs : Tensor, optional
+        An input batch for tracing and counting; defaults to one image of ``data``.
+    method : str
+        A criterion (``l1``, ``apoz`` ...: one-shot), a method (``csgd``, ``thinet`` ...) or a
+        peer (``tp:l1`` ...). See :func:`prunekit.methods.available`.
+    ratio, target_macs : float
+        Exactly one: fraction of filters removed per layer, or fraction of MACs kept.
+    data : ImageDataset or (train, test), optional
+        Calibration / training data; the test set, when given, is used for the accuracies.
+    finetune_epochs : float
+        Epochs of fine-tuning after surgery (0: none).
+    distill : bool
+        Fine-tune with knowledge distillation from the original model.
+    train_config : prunekit.train.TrainConfig, optional
+        Fine-tuning settings (epochs are overridden by ``finetune_epochs``).
+    **method_options
+        Passed to the method (e.g. ``calib_images``, ``global_ranking``, ``epsilon``).
+
+    Returns
+    -------
+    PruneResult
+    """
+    check_budget(ratio, target_macs)
+    train_set, test_set = _split_data(data)
+    if example_inputs is None:
+        if train_set is None:
+            raise ConfigError("example_inputs or data is required")
+        example_inputs = train_set.example_input(1)
+    if finetune_epochs < 0:
+        raise ConfigError(f"finetune_epochs must be >= 0, got {finetune_epochs}")
+    run = methods.get(method)
+    model = copy.deepcopy(model).eval()
+    times: dict[str, float] = {}
+    report: dict[str, Any] = {"method": method, "ratio": ratio, "target_macs": target_macs,
+                              "options": {k: v for k, v in method_options.items()
+                                          if isinstance(v, (int, float, str, bool, type(None)))}}
+    macs0, params0 = count_macs_params(model, example_inputs)
+    widths0 = layer_widths(model)
+    if evaluate and test_set is not None:
+        from .train import evaluate as eval_acc
+        t = time.perf_counter()
+        report["acc_before"] = eval_acc(model, test_set)
+        times["eval_s"] = time.perf_counter() - t
+
+    ctx = methods.PruneContext(model, example_inputs, ratio, target_macs, train_set, test_set,
+                               dict(method_options), list(ignored_layers or []), seed)
+    t = time.perf_counter()
+    out = run(ctx)
+    times["prune_s"] = time.perf_counter() - t
+    pruned = out.model.eval()
+    if leftover_hooks(pruned):
+        raise PrunekitError(f"internal error: hooks left on {leftover_hooks(pruned)}")
+    report.update({f"method_{k}": v for k, v in out.extra.items()
+                   if isinstance(v, (int, float, str, bool, type(None), list, dict))})
+    report["method_train_epochs"] = out.train_epochs
+    if evaluate and test_set is not None:
+        from .train import evaluate as eval_acc
+        report["acc_pruned"] = eval_acc(pruned, test_set)
+
+    if finetune_epochs > 0:
+        if train_set is None:
+            raise ConfigError("fine-tuning needs training data")
+        from .train import Hooks, TrainConfig, fit
+        cfg = copy.copy(train_config) if train_config is not None else TrainConfig(lr=0.01)
+        cfg.epochs = finetune_epochs
+        cfg.seed = seed
+        hooks = Hooks(teacher=model) if distill else None
+        t = time.perf_counter()
+        fit(pruned, train_set, cfg, test_set=None, hooks=hooks)
+        times["finetune_s"] = time.perf_counter() - t
+        pruned.eval()
+    if evaluate and test_set is not None:
+        from .train import evaluate as eval_acc
+        report["acc_final"] = (eval_acc(pruned, test_set) if finetune_epochs > 0
+                               else report["acc_pruned"])
+
+    macs1, params1 = count_macs_params(pruned, example_inputs)
+    widths1 = layer_widths(pruned)
+    report.update({
+        "macs_before": macs0, "macs_after": macs1, "params_before": params0,
+        "params_after": params1, "macs_fraction": macs1 / macs0, "params_fraction": params1 / params0,
+        "finetune_epochs": finetune_epochs, "distill": distill,
+        "widths": {n: [w, widths1.get(n, 0)] for n, w in widths0.items()},
+        "times": times,
+    })
+    return PruneResult(pruned, out.plan, report)

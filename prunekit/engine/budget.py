@@ -1,0 +1,102 @@
+"""Budgets: from ``--ratio`` or ``--target-macs`` to the number of channels each group keeps.
+
+``--ratio r`` removes ``round(r * C)`` of the ``C`` channels of every group (at least one stays).
+``--target-macs f`` searches, by bisection on a monotone knob (the ratio, or a method's own), the
+least pruning whose model keeps at most ``f`` of the original MACs. MACs depend only on the widths,
+not on which channels are kept, so candidates are counted on a copy pruned to the first channels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+from ..errors import ConfigError
+from .graph import DependencyInfo
+from .plan import GroupPlan, PruningPlan
+from .surgery import apply_plan
+
+Widths = dict[str, int]
+
+
+def count_macs_params(model: nn.Module, example_inputs: torch.Tensor) -> tuple[int, int]:
+    """MACs and parameters of ``model`` for ``example_inputs`` (Torch-Pruning's counter: convs,
+    linears, BatchNorms and pooling as Torch-Pruning counts them)."""
+    was_training = model.training
+    model.eval()
+    try:
+        macs, params = tp.utils.count_ops_and_params(model, example_inputs)
+    finally:
+        model.train(was_training)
+    return int(macs), int(params)
+
+
+def check_fraction(name: str, value: float) -> float:
+    """Validate a ratio / MACs fraction: a number strictly between 0 and 1."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number in (0, 1), got {value!r}") from None
+    if not 0.0 < v < 1.0 or v != v:
+        raise ConfigError(f"{name} must be strictly between 0 and 1, got {value}")
+    return v
+
+
+def widths_at_ratio(info: DependencyInfo, ratio: float) -> Widths:
+    """Channels kept per group when a fraction ``ratio`` of each group is removed."""
+    return {g.name: max(1, g.size - int(round(ratio * g.size))) for g in info.groups}
+
+
+def width_plan(info: DependencyInfo, widths: Widths) -> PruningPlan:
+    """A plan keeping the first ``widths[g]`` channels of each group (for counting only)."""
+    return PruningPlan([GroupPlan(g.name, g.size, list(range(widths.get(g.name, g.size))))
+                        for g in info.groups if widths.get(g.name, g.size) < g.size])
+
+
+def macs_of_widths(info: DependencyInfo, widths: Widths) -> int:
+    pruned = apply_plan(info.model, info.example_inputs, width_plan(info, widths))
+    return count_macs_params(pruned, info.example_inputs)[0]
+
+
+def solve_budget(info: DependencyInfo, target_macs: float,
+                 widths_fn: Callable[[float], Widths] | None = None, *,
+                 iters: int = 14) -> tuple[float, Widths, float]:
+    """Smallest knob value ``r`` in (0, 1) whose widths keep at most ``target_macs`` of the MACs.
+
+    Parameters
+    ----------
+    info : DependencyInfo
+    target_macs : float
+        Fraction of the original MACs allowed, in (0, 1).
+    widths_fn : callable, optional
+        ``r -> widths``, non-increasing in ``r``; default :func:`widths_at_ratio`.
+
+    Returns
+    -------
+    (r, widths, macs_fraction)
+    """
+    target = check_fraction("target MACs", target_macs)
+    fn = widths_fn or (lambda r: widths_at_ratio(info, r))
+    base = count_macs_params(info.model, info.example_inputs)[0]
+    lo, hi = 0.0, 0.999
+    best = (hi, fn(hi), macs_of_widths(info, fn(hi)) / base)
+    if best[2] > target:
+        raise ConfigError(f"target MACs {target:.3f} is below what pruning can reach for this model "
+                          f"({best[2]:.3f} at one channel per layer)")
+    cache: dict[tuple, float] = {}
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        w = fn(mid)
+        key = tuple(sorted(w.items()))
+        frac = cache.get(key)
+        if frac is None:
+            frac = cache[key] = macs_of_widths(info, w) / base
+        if frac <= target:
+            hi = mid
+            best = (mid, w, frac)
+        else:
+            lo = mid
+    return best

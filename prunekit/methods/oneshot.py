@@ -1,0 +1,70 @@
+"""One-shot pruning: score channels with a criterion, keep the best ones, cut once.
+
+Local ranking (default) keeps the top ``widths[g]`` channels of each group; global ranking
+divides each group's scores by their L2 norm and removes the lowest channels across the network
+(at least one channel stays in every group).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..criteria import Scores, score
+from ..engine import DependencyInfo, GroupPlan, PruningPlan, analyse, apply_plan
+from ..engine.budget import Widths, check_fraction, solve_budget, widths_at_ratio
+from . import MethodOutput, PruneContext
+
+
+def keep_top(info: DependencyInfo, scores: Scores, widths: Widths) -> PruningPlan:
+    """Keep the ``widths[g]`` highest-scoring channels of each group (ties: lower index)."""
+    groups = []
+    for g in info.groups:
+        n = widths.get(g.name, g.size)
+        if n >= g.size:
+            continue
+        order = torch.argsort(-scores[g.name], stable=True)
+        groups.append(GroupPlan(g.name, g.size, order[:n].tolist()))
+    return PruningPlan(groups)
+
+
+def global_widths(info: DependencyInfo, scores: Scores, ratio: float) -> Widths:
+    """Widths after removing the ``ratio`` least important channels network-wide."""
+    entries = []
+    for g in info.groups:
+        s = scores[g.name].double()
+        s = s / s.norm().clamp_min(1e-12)
+        entries += [(float(v), g.name) for v in s]
+    entries.sort()
+    widths = {g.name: g.size for g in info.groups}
+    to_remove = int(round(ratio * len(entries)))
+    for _, name in entries:
+        if to_remove == 0:
+            break
+        if widths[name] > 1:
+            widths[name] -= 1
+            to_remove -= 1
+    return widths
+
+
+def plan_for_budget(ctx: PruneContext, info: DependencyInfo, scores: Scores,
+                    global_ranking: bool = False) -> tuple[PruningPlan, dict]:
+    """Turn scores and the context's budget (ratio or target MACs) into a plan."""
+    def widths_fn(r: float) -> Widths:
+        return global_widths(info, scores, r) if global_ranking else widths_at_ratio(info, r)
+
+    if ctx.target_macs is not None:
+        ratio, widths, frac = solve_budget(info, ctx.target_macs, widths_fn)
+    else:
+        ratio = check_fraction("ratio", ctx.ratio)
+        widths, frac = widths_fn(ratio), None
+    return keep_top(info, scores, widths), {"ratio": ratio, "searched_macs_fraction": frac}
+
+
+def run(ctx: PruneContext, criterion: str) -> MethodOutput:
+    """Prune ``ctx.model`` in one shot with ``criterion`` (see :mod:`prunekit.criteria`)."""
+    info = analyse(ctx.model, ctx.example_inputs, ignored_layers=ctx.ignored_layers)
+    scores = score(info, criterion, ctx.train_set, samples=int(ctx.option("calib_images", 512)),
+                   seed=ctx.seed)
+    plan, extra = plan_for_budget(ctx, info, scores, bool(ctx.option("global_ranking", False)))
+    plan.meta = {"method": criterion, **extra}
+    return MethodOutput(apply_plan(ctx.model, ctx.example_inputs, plan), plan, extra)
