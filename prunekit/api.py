@@ -55,7 +55,7 @@ def check_budget(ratio: float | None, target_macs: float | None) -> None:
 
 def prune(model: nn.Module, example_inputs: torch.Tensor | None = None, method: str = "l1",
           ratio: float | None = None, target_macs: float | None = None, data: Any = None, *,
-          finetune_epochs: float = 0, distill: bool = False, train_config: Any = None,
+          finetune_epochs: int = 0, distill: bool = False, train_config: Any = None,
           ignored_layers: list[nn.Module | str] | None = None, seed: int = 0,
           evaluate: bool = True, **method_options: Any) -> PruneResult:
     """Prune ``model`` with ``method`` to a ``ratio`` of removed filters or a ``target_macs``
@@ -74,7 +74,7 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None, method: 
         Exactly one: fraction of filters removed per layer, or fraction of MACs kept.
     data : ImageDataset or (train, test), optional
         Calibration / training data; the test set, when given, is used for the accuracies.
-    finetune_epochs : float
+    finetune_epochs : int
         Epochs of fine-tuning after surgery (0: none).
     distill : bool
         Fine-tune with knowledge distillation from the original model.
@@ -93,8 +93,9 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None, method: 
         if train_set is None:
             raise ConfigError("example_inputs or data is required")
         example_inputs = train_set.example_input(1)
-    if finetune_epochs < 0:
-        raise ConfigError(f"finetune_epochs must be >= 0, got {finetune_epochs}")
+    if int(finetune_epochs) != finetune_epochs or finetune_epochs < 0:
+        raise ConfigError(f"finetune_epochs must be a whole number >= 0, got {finetune_epochs}")
+    finetune_epochs = int(finetune_epochs)
     run = methods.get(method)
     model = copy.deepcopy(model).eval()
     times: dict[str, float] = {}

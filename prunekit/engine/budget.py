@@ -22,16 +22,21 @@ from .surgery import apply_plan
 Widths = dict[str, int]
 
 
-def count_macs_params(model: nn.Module, example_inputs: torch.Tensor) -> tuple[int, int]:
-    """MACs and parameters of ``model`` for ``example_inputs`` (Torch-Pruning's counter: convs,
-    linears, BatchNorms and pooling as Torch-Pruning counts them)."""
+def count_macs_params(model: nn.Module, example_inputs) -> tuple[int, int]:
+    """MACs per image and parameters of ``model`` (Torch-Pruning's counter; its convention is
+    spelled out in :mod:`prunekit.measure.counting`). Only the first sample of a batch is used,
+    so the count is per image whatever the batch size. This is the one MAC counter prunekit has:
+    ``prunekit.measure.count`` calls it."""
+    if isinstance(example_inputs, torch.Tensor) and example_inputs.dim() > 0:
+        example_inputs = example_inputs[:1]
     was_training = model.training
     model.eval()
     try:
-        macs, params = tp.utils.count_ops_and_params(model, example_inputs)
+        with torch.no_grad():
+            macs, params = tp.utils.count_ops_and_params(model, example_inputs)
     finally:
         model.train(was_training)
-    return int(macs), int(params)
+    return int(round(float(macs))), int(params)
 
 
 def check_fraction(name: str, value: float) -> float:

@@ -153,11 +153,19 @@ class DependencyInfo:
         self._order = {m: i for i, m in enumerate(self.names)}
         was_training = model.training
         model.eval()
+        # Torch-Pruning traces the autograd graph: a frozen layer (requires_grad=False) or a
+        # call under torch.no_grad() would drop out of it and silently break the coupling.
+        frozen = [p for p in model.parameters() if not p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(True)
         try:
-            self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+            with torch.enable_grad():
+                self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
         except Exception as exc:  # tracing failures are model problems, not ours to hide
             raise ModelError(f"cannot trace the model for pruning: {exc}") from exc
         finally:
+            for p in frozen:
+                p.requires_grad_(False)
             model.train(was_training)
         self._groups: list[ChannelGroup] | None = None
 

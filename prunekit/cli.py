@@ -1,0 +1,612 @@
+"""The ``prunekit`` command.
+
+Conventions every command follows (new commands plug in the same way):
+
+* shared options are declared once below as ``Annotated`` aliases (``DataOpt``, ``JsonOpt``,
+  ...) and reused in each command's signature;
+* a command does its work inside ``with Output(json_) as out:``, reports progress with
+  ``out.note(...)`` (stderr) and finishes with ``out.result(obj, summary_lines)``: one JSON
+  object on stdout under ``--json``, else the summary lines;
+* bad input raises :class:`~prunekit.errors.PrunekitError` (or a typer/click usage error);
+  :func:`main` turns it into one ``prunekit: error: ...`` line on stderr and exit code 2;
+* files are written through :func:`prunekit.utils.atomic_path` (directly or via
+  :func:`prunekit.io.save` / :func:`prunekit.io.export_onnx`), so a failure leaves no partial
+  output and an existing file untouched;
+* under torchrun only rank 0 prints and writes (:func:`is_main_process`).
+"""
+
+import contextlib
+import json
+import math
+import os
+import sys
+import traceback
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Annotated, Any, TextIO
+
+import typer
+
+from .errors import CheckpointError, ConfigError, PrunekitError
+from .utils import resolve_device
+
+app = typer.Typer(
+    name="prunekit",
+    help="Make trained CNNs physically smaller and faster by removing whole filters.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+# ---------------------------------------------------------------------------------------------
+# shared options
+# ---------------------------------------------------------------------------------------------
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else.")]
+DataOpt = Annotated[str, typer.Option(
+    "--data", help="Dataset: fashion-mnist, cifar10, cifar100 or folder:PATH.")]
+DataOptionalOpt = Annotated[str | None, typer.Option(
+    "--data", help="Dataset: fashion-mnist, cifar10, cifar100 or folder:PATH "
+                   "(default: the one the checkpoint was trained on).")]
+DataDirOpt = Annotated[Path | None, typer.Option(
+    "--data-dir", help="Directory holding the dataset files (default: $PRUNEKIT_DATA, then the "
+                       "dataset's usual place).")]
+TrainSamplesOpt = Annotated[int | None, typer.Option(
+    "--train-samples", min=1, help="Use only the first N training images (quick runs).")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed; a seeded run is repeatable.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+InputShapeOpt = Annotated[str | None, typer.Option(
+    "--input-shape", help="Input shape C,H,W when the checkpoint does not record it (e.g. 3,32,32).")]
+CheckpointArg = Annotated[Path, typer.Argument(help="A prunekit checkpoint (.pt).", show_default=False)]
+
+
+# ---------------------------------------------------------------------------------------------
+# shared helpers
+# ---------------------------------------------------------------------------------------------
+
+def is_main_process() -> bool:
+    """True unless this is a non-zero rank under torchrun."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _jsonable(value: Any) -> Any:
+    """Make ``value`` strict JSON: non-finite floats become ``null``, tuples lists, paths str."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return _jsonable(value.item())
+    return str(value)
+
+
+class Output:
+    """Where a command's output goes.
+
+    Progress notes go to stderr; the result goes to stdout, as one JSON object under
+    ``--json`` (while the command runs, anything else printed to stdout is diverted to stderr
+    so the JSON stays the only thing there) or as human-readable lines otherwise. On non-zero
+    torchrun ranks nothing is printed.
+    """
+
+    def __init__(self, json_mode: bool) -> None:
+        self.json_mode = json_mode
+        self.main = is_main_process()
+        self._stdout: TextIO = sys.stdout
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> "Output":
+        self._stdout = sys.stdout
+        if self.json_mode:
+            self._stack.enter_context(contextlib.redirect_stdout(sys.stderr))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def note(self, message: str) -> None:
+        """A progress line on stderr, shown when stderr is a terminal (as the progress bars are;
+        ``PRUNEKIT_PROGRESS=1`` forces it, ``0`` hides it), so a failing run in a script still
+        leaves exactly one error line there."""
+        forced = os.environ.get("PRUNEKIT_PROGRESS")
+        show = (forced == "1") if forced is not None else sys.stderr.isatty()
+        if self.main and show:
+            print(message, file=sys.stderr, flush=True)
+
+    def result(self, obj: dict[str, Any], summary: Sequence[str] = ()) -> None:
+        """The command's result: ``obj`` as JSON under ``--json``, else ``summary``."""
+        if not self.main:
+            return
+        if self.json_mode:
+            self._stdout.write(json.dumps(_jsonable(obj), allow_nan=False) + "\n")
+        else:
+            for line in summary:
+                self._stdout.write(line + "\n")
+        self._stdout.flush()
+
+
+def check_output_path(path: Path, what: str = "output") -> Path:
+    """Fail early (before any long work) when ``path`` cannot be written."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a directory")
+    if not parent.is_dir():
+        raise ConfigError(f"{what} directory does not exist: {parent}")
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"{what} directory is not writable: {parent}")
+    return path
+
+
+def check_device(device: str) -> str:
+    """Validate a ``--device`` value (``auto``, ``cpu``, ``cuda``, ``cuda:N``)."""
+    import torch
+
+    if device == "auto":
+        return device
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"unsupported device {device!r}; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def parse_int_list(text: str, option: str) -> list[int]:
+    """``"1,64"`` -> ``[1, 64]``; every value must be a positive integer."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"{option} must be comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise ConfigError(f"{option} must be positive integers, got {text!r}")
+    return values
+
+
+def input_shape_for(meta: dict[str, Any], override: str | None) -> list[int]:
+    """``--input-shape`` if given, else the checkpoint's ``meta["input_shape"]``."""
+    if override is not None:
+        shape = parse_int_list(override, "--input-shape")
+        if len(shape) != 3:
+            raise ConfigError(f"--input-shape must be C,H,W, got {override!r}")
+        return shape
+    shape = meta.get("input_shape")
+    if not (isinstance(shape, list) and shape and all(isinstance(s, int) and s > 0 for s in shape)):
+        raise ConfigError("the checkpoint does not record its input shape; pass --input-shape C,H,W")
+    return shape
+
+
+def example_input(shape: Sequence[int], batch: int = 1, seed: int = 0):
+    """A seeded standard-normal batch ``[batch, *shape]`` (data-independent)."""
+    import torch
+
+    return torch.randn(batch, *shape, generator=torch.Generator().manual_seed(seed))
+
+
+def load_data(name: str, data_dir: Path | None, train_samples: int | None = None):
+    """``prunekit.data.load`` behind the CLI's data options."""
+    from .data import load
+
+    return load(name, root=data_dir, train_samples=train_samples)
+
+
+def load_checkpoint(path: Path):
+    """``(model, meta)`` from a prunekit checkpoint (zoo architecture required)."""
+    from .io import load
+
+    return load(path)
+
+
+def fmt_count(n: float) -> str:
+    """13824 -> ``"13.8K"``, 40_550_000 -> ``"40.55M"``."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+# ---------------------------------------------------------------------------------------------
+
+def _train(out: Output, *, model: str, data: str, data_dir: Path | None, train_samples: int | None,
+           epochs: int, batch_size: int, lr: float, weight_decay: float, schedule: str,
+           label_smoothing: float, seed: int, device: str, out_path: Path, resume: bool,
+           max_steps_per_epoch: int | None = None) -> dict[str, Any]:
+    """Train a zoo model and save it with its meta; shared by ``train`` and ``demo``."""
+    from . import io as pk_io
+    from .models import create
+    from .train import TrainConfig, fit
+
+    check_output_path(out_path)
+    device = check_device(device)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                      schedule=schedule, label_smoothing=label_smoothing, seed=seed, device=device,
+                      max_steps_per_epoch=max_steps_per_epoch)
+    cfg.validate()
+    state_path = Path(f"{out_path}.state")
+    if resume and not state_path.is_file():
+        raise CheckpointError(f"cannot resume: training state file not found: {state_path}")
+    train_set, test_set = load_data(data, data_dir, train_samples)
+    net = create(model, num_classes=train_set.num_classes, in_channels=train_set.in_channels)
+    out.note(f"training {model} on {data} ({len(train_set)} images, {epochs} epoch(s)); "
+             f"state file {state_path}")
+    result = fit(net, train_set, cfg, test_set=test_set, checkpoint_path=state_path, resume=resume)
+    input_shape = [train_set.in_channels, *train_set.image_size]
+    meta = {
+        "model": model,
+        "data": data,
+        "num_classes": train_set.num_classes,
+        "input_shape": input_shape,
+        "train_samples": len(train_set),
+        "test_acc": result.test_acc,
+        "epochs": result.epochs_run,
+        "batch_size": batch_size,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "schedule": schedule,
+        "label_smoothing": label_smoothing,
+        "seed": seed,
+        "seconds_per_epoch": result.seconds_per_epoch,
+    }
+    if is_main_process():
+        pk_io.save(net, out_path, meta=_jsonable(meta))
+    return {"out": str(out_path), "state": str(state_path), **meta}
+
+
+@app.command()
+def train(
+    model: Annotated[str, typer.Option("--model", help="Zoo model name (resnet20, vgg16_bn, ...).")],
+    data: DataOpt,
+    out: Annotated[Path, typer.Option("--out", help="Checkpoint to write (.pt).")],
+    data_dir: DataDirOpt = None,
+    train_samples: TrainSamplesOpt = None,
+    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 30,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 128,
+    lr: Annotated[float, typer.Option("--lr", min=0.0)] = 0.1,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", min=0.0)] = 5e-4,
+    schedule: Annotated[str, typer.Option("--schedule", help="cosine, step or constant.")] = "cosine",
+    label_smoothing: Annotated[float, typer.Option("--label-smoothing", min=0.0)] = 0.0,
+    max_steps_per_epoch: Annotated[int | None, typer.Option(
+        "--max-steps-per-epoch", min=1, help="Cap optimizer steps per epoch (quick runs).")] = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from <out>.state.")] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Train a zoo model from scratch and save a checkpoint (training state in <out>.state)."""
+    with Output(json_) as o:
+        res = _train(o, model=model, data=data, data_dir=data_dir, train_samples=train_samples,
+                     epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                     schedule=schedule, label_smoothing=label_smoothing, seed=seed, device=device,
+                     out_path=out, resume=resume, max_steps_per_epoch=max_steps_per_epoch)
+        acc = res["test_acc"]
+        o.result(res, [f"saved {out}: {model} on {data}, test accuracy "
+                       f"{'n/a' if acc is None else f'{acc:.2f}%'} after {res['epochs']} epoch(s) "
+                       f"({res['seconds_per_epoch']:.1f} s/epoch)"])
+
+
+@app.command("eval")
+def eval_(
+    checkpoint: CheckpointArg,
+    data: DataOptionalOpt = None,
+    data_dir: DataDirOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 512,
+    device: DeviceOpt = "auto",
+    json_: JsonOpt = False,
+) -> None:
+    """Top-1 accuracy of a checkpoint on a dataset's test split."""
+    from .train import evaluate
+
+    with Output(json_) as o:
+        device = check_device(device)
+        model, meta = load_checkpoint(checkpoint)
+        name = data or meta.get("data")
+        if not name:
+            raise ConfigError("the checkpoint does not record its dataset; pass --data")
+        _, test_set = load_data(name, data_dir)
+        acc = evaluate(model, test_set, batch_size=batch_size, device=resolve_device(device))
+        o.result({"checkpoint": str(checkpoint), "data": name, "samples": len(test_set),
+                  "test_acc": acc},
+                 [f"{checkpoint}: test accuracy {acc:.2f}% on {name} ({len(test_set)} images)"])
+
+
+def profile_summary(name: str, report: dict[str, Any]) -> list[str]:
+    """Human-readable lines for a :func:`prunekit.measure.profile` report."""
+    lines = [f"{name}: {fmt_count(report['macs'])} MACs, {fmt_count(report['params'])} params, "
+             f"file {report['file_size_bytes'] / 1024:.1f} KiB, input {report['input_shape']}"]
+    for key, per in report["latency"].items():
+        parts = [f"{lay} {per[lay]['median_ms']:.3f} ms" for lay in per if lay != "best"]
+        best = per[per["best"]]
+        lines.append(f"  batch {key[1:]}: {', '.join(parts)}; best {per['best']} "
+                     f"({best['throughput_per_s']:.0f} img/s)")
+    if "onnx" in report:
+        onnx = report["onnx"]
+        parts = [f"batch {k[1:]} {v['median_ms']:.3f} ms" for k, v in onnx["latency"].items()]
+        lines.append(f"  onnxruntime: {', '.join(parts)} (max abs diff {onnx['max_abs_diff']:.2g})")
+    return lines
+
+
+@app.command("profile")
+def profile_(
+    checkpoint: CheckpointArg,
+    onnx: Annotated[bool, typer.Option("--onnx", help="Also export to ONNX and time ONNX Runtime.")] = False,
+    batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated batch sizes.")] = "1,64",
+    input_shape: InputShapeOpt = None,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads.")] = None,
+    max_seconds: Annotated[float, typer.Option(
+        "--max-seconds", help="Timed seconds per setting.")] = 1.0,
+    json_: JsonOpt = False,
+) -> None:
+    """MACs, parameters, file size and measured latency (NCHW and channels_last) of a checkpoint."""
+    from .measure import profile
+
+    with Output(json_) as o:
+        sizes = parse_int_list(batch_sizes, "--batch-sizes")
+        model, meta = load_checkpoint(checkpoint)
+        shape = input_shape_for(meta, input_shape)
+        report = profile(model, example_input(shape), sizes, onnx=onnx, checkpoint_path=checkpoint,
+                         threads=threads, max_seconds=max_seconds)
+        o.result({"checkpoint": str(checkpoint), **report}, profile_summary(str(checkpoint), report))
+
+
+@app.command()
+def export(
+    checkpoint: CheckpointArg,
+    onnx: Annotated[Path, typer.Option("--onnx", help="ONNX file to write.")],
+    input_shape: InputShapeOpt = None,
+    opset: Annotated[int | None, typer.Option("--opset", min=7, help="ONNX opset.")] = None,
+    dynamic_batch: Annotated[bool, typer.Option(
+        "--dynamic-batch/--static-batch", help="Dynamic or fixed (1) batch dimension.")] = True,
+    json_: JsonOpt = False,
+) -> None:
+    """Export a checkpoint to ONNX, verified against PyTorch with ONNX Runtime."""
+    from .io import export_onnx
+
+    with Output(json_) as o:
+        check_output_path(onnx)
+        model, meta = load_checkpoint(checkpoint)
+        shape = input_shape_for(meta, input_shape)
+        info = export_onnx(model, example_input(shape), onnx, opset=opset, dynamic_batch=dynamic_batch)
+        o.result({"checkpoint": str(checkpoint), **info},
+                 [f"wrote {onnx} (opset {info['opset']}, {info['file_size_bytes'] / 1024:.1f} KiB, "
+                  f"max abs diff vs PyTorch {info['max_abs_diff']:.2g})"])
+
+
+@app.command("prune")
+def prune_(
+    checkpoint: CheckpointArg,
+    method: Annotated[str, typer.Option("--method", help="A criterion (l1, apoz, ...), a method "
+                                        "(csgd, thinet, lasso, slimming, mrts, taylor, autopruner, "
+                                        "curl) or a peer (tp:l1, tp:taylor, tp:bn-scale).")],
+    out: Annotated[Path, typer.Option("--out", help="Pruned checkpoint to write (.pt).")],
+    ratio: Annotated[float | None, typer.Option(
+        "--ratio", help="Fraction of filters removed in every prunable layer, in (0, 1).")] = None,
+    target_macs: Annotated[float | None, typer.Option(
+        "--target-macs", help="Keep at most this fraction of the original MACs, in (0, 1).")] = None,
+    data: DataOptionalOpt = None,
+    data_dir: DataDirOpt = None,
+    train_samples: TrainSamplesOpt = None,
+    finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", min=0,
+                                                 help="Fine-tuning epochs after surgery.")] = 0,
+    finetune_lr: Annotated[float, typer.Option("--finetune-lr", min=0.0)] = 0.01,
+    distill: Annotated[bool, typer.Option(
+        "--distill", help="Fine-tune with distillation from the original model.")] = False,
+    calib_images: Annotated[int | None, typer.Option(
+        "--calib-images", min=1, help="Calibration images for data criteria / reconstruction.")] = None,
+    global_ranking: Annotated[bool, typer.Option(
+        "--global", help="Rank channels across layers instead of per layer.")] = False,
+    centripetal_epochs: Annotated[int | None, typer.Option(
+        "--centripetal-epochs", min=1, help="csgd: centripetal training epochs.")] = None,
+    epsilon: Annotated[float | None, typer.Option("--epsilon", help="csgd: centripetal strength.")] = None,
+    survey_samples: Annotated[int | None, typer.Option(
+        "--survey-samples", min=2, help="csgd: survey images (S1).")] = None,
+    clustering: Annotated[str | None, typer.Option(
+        "--clustering", help="csgd: agglomerative, even or kmeans.")] = None,
+    samples_per_image: Annotated[int | None, typer.Option(
+        "--samples-per-image", min=1, help="thinet/lasso: sampled points per image.")] = None,
+    sparsity_epochs: Annotated[int | None, typer.Option(
+        "--sparsity-epochs", min=1, help="slimming/mrts: sparsity-training epochs.")] = None,
+    sparsity: Annotated[float | None, typer.Option(
+        "--sparsity", help="slimming/mrts: regulariser strength.")] = None,
+    delta: Annotated[float | None, typer.Option(
+        "--delta", help="mrts: layer-threshold share (eq. 11).")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", min=1, help="taylor: pruning iterations.")] = None,
+    finetune_epochs_per_step: Annotated[int | None, typer.Option(
+        "--finetune-epochs-per-step", min=0, help="taylor: fine-tuning epochs between steps.")] = None,
+    expand: Annotated[bool, typer.Option("--expand", help="curl: expand the training set.")] = False,
+    refine_labels: Annotated[bool, typer.Option("--refine-labels", help="curl: refine soft labels.")] = False,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    json_: JsonOpt = False,
+) -> None:
+    """Prune a checkpoint with one method to a --ratio or a --target-macs budget."""
+    import time
+
+    from . import methods as _methods
+    from .api import check_budget, prune
+    from .io import save
+    from .train import TrainConfig
+
+    with Output(json_) as o:
+        check_budget(ratio, target_macs)
+        _methods.get(method)  # unknown method: fail before loading anything
+        check_output_path(out)
+        device = check_device(device)
+        t0 = time.perf_counter()
+        model, meta = load_checkpoint(checkpoint)
+        shape = input_shape_for(meta, None)
+        data_name = data or meta.get("data")
+        if data_name is None:
+            raise ConfigError("the checkpoint does not record its dataset; pass --data")
+        train_set, test_set = load_data(data_name, data_dir, train_samples)
+        load_s = time.perf_counter() - t0
+        options = {k: v for k, v in {
+            "calib_images": calib_images, "centripetal_epochs": centripetal_epochs,
+            "epsilon": epsilon, "survey_samples": survey_samples, "clustering": clustering,
+            "samples_per_image": samples_per_image, "sparsity_epochs": sparsity_epochs,
+            "sparsity": sparsity, "delta": delta, "steps": steps,
+            "finetune_epochs_per_step": finetune_epochs_per_step,
+            "expand": expand or None, "refine_labels": refine_labels or None,
+            "global_ranking": global_ranking or None}.items() if v is not None}
+        o.note(f"pruning {checkpoint} with {method} ...")
+        res = prune(model, example_input(shape), method=method, ratio=ratio, target_macs=target_macs,
+                    data=(train_set, test_set), finetune_epochs=finetune_epochs, distill=distill,
+                    train_config=TrainConfig(lr=finetune_lr, seed=seed, device=device), seed=seed,
+                    **options)
+        report = res.report
+        report["times"]["load_s"] = load_s
+        new_meta = {**{k: v for k, v in meta.items() if k in ("data", "input_shape")},
+                    "data": data_name, "pruned_from": str(checkpoint), "method": method,
+                    "test_acc": report.get("acc_final"),
+                    "report": {k: v for k, v in report.items() if k != "widths"}}
+        t1 = time.perf_counter()
+        save(res.model, out, meta=new_meta, plan=res.plan.to_json() if res.plan else None)
+        report["times"]["save_s"] = time.perf_counter() - t1
+        report["out"] = str(out)
+        o.result(report, [
+            f"{method}: MACs {fmt_count(report['macs_before'])} -> {fmt_count(report['macs_after'])} "
+            f"({report['macs_fraction']:.1%}), params {fmt_count(report['params_before'])} -> "
+            f"{fmt_count(report['params_after'])} ({report['params_fraction']:.1%})",
+            f"accuracy: before {report['acc_before']:.2f}%, right after pruning "
+            f"{report['acc_pruned']:.2f}%, final {report['acc_final']:.2f}%",
+            f"saved {out}"])
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out-dir", help="Where the demo writes its files.")] = Path(
+        "runs/demo"),
+    model: Annotated[str, typer.Option("--model", help="Zoo model to train.")] = "resnet8",
+    data_dir: DataDirOpt = None,
+    train_samples: TrainSamplesOpt = 5000,
+    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 1,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    json_: JsonOpt = False,
+) -> None:
+    """Quick tour: train a small ResNet on Fashion-MNIST, then profile it."""
+    from .measure import profile
+
+    with Output(json_) as o:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise ConfigError(f"--out-dir {out_dir} is not a directory")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ckpt = out_dir / "base.pt"
+        res = _train(o, model=model, data="fashion-mnist", data_dir=data_dir,
+                     train_samples=train_samples, epochs=epochs, batch_size=128, lr=0.1,
+                     weight_decay=5e-4, schedule="cosine", label_smoothing=0.0, seed=seed,
+                     device=device, out_path=ckpt, resume=False)
+        o.note("profiling ...")
+        net, meta = load_checkpoint(ckpt)
+        report = profile(net, example_input(meta["input_shape"]), (1, 64), checkpoint_path=ckpt)
+        acc = res["test_acc"]
+        o.result({"train": res, "profile": report},
+                 [f"trained {model} on {res['train_samples']} Fashion-MNIST images for {epochs} "
+                  f"epoch(s): test accuracy {'n/a' if acc is None else f'{acc:.2f}%'}",
+                  *profile_summary(str(ckpt), report)])
+
+
+# ---------------------------------------------------------------------------------------------
+# entry point
+# ---------------------------------------------------------------------------------------------
+
+def _click_exception_types() -> tuple[type[BaseException], ...]:
+    """click's exception base classes (typer >= 0.2x vendors click; older typer uses click)."""
+    types: list[type[BaseException]] = []
+    with contextlib.suppress(ImportError):
+        from typer._click.exceptions import ClickException  # type: ignore[import-not-found]
+
+        types.append(ClickException)
+    with contextlib.suppress(ImportError):
+        from click.exceptions import ClickException as PlainClickException  # type: ignore
+
+        types.append(PlainClickException)
+    return tuple(types)
+
+
+def _click_abort_types() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = [typer.Abort]
+    with contextlib.suppress(ImportError):
+        from click.exceptions import Abort  # type: ignore
+
+        types.append(Abort)
+    return tuple(types)
+
+
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split()) or "(no message)"
+
+
+def _error(message: str, every_rank: bool = False) -> None:
+    """One line on stderr. Under torchrun, bad input (the same on every rank) is reported by
+    rank 0 only; unexpected errors by every rank, tagged with it."""
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0 and not every_rank:
+        return
+    tag = f"[rank {rank}] " if rank != 0 else ""
+    print(f"prunekit: error: {tag}{_one_line(message)}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _quiet_warnings() -> Iterator[None]:
+    """Library warnings (deprecations in dependencies) are noise for CLI users."""
+    import warnings
+
+    if os.environ.get("PRUNEKIT_DEBUG") == "1":
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``prunekit`` command line; returns the exit code.
+
+    0: success; 2: bad input (one ``prunekit: error: ...`` line on stderr); 1: an unexpected
+    error (one line, plus the traceback when ``PRUNEKIT_DEBUG=1``); 130: interrupted.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    command = typer.main.get_command(app)
+    click_errors = _click_exception_types()
+    try:
+        with _quiet_warnings():
+            rv = command.main(args=args, prog_name="prunekit", standalone_mode=False)
+    except PrunekitError as e:
+        _error(str(e))
+        return EXIT_BAD_INPUT
+    except click_errors as e:
+        message = e.format_message()  # type: ignore[attr-defined]
+        if type(e).__name__ == "NoArgsIsHelpError":
+            print(message)
+            return EXIT_OK
+        _error(message)
+        return EXIT_BAD_INPUT
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        _error(f"{e.strerror or type(e).__name__}: {e.filename}" if e.filename else str(e))
+        return EXIT_BAD_INPUT
+    except (KeyboardInterrupt, *_click_abort_types()):
+        _error("interrupted")
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        if os.environ.get("PRUNEKIT_DEBUG") == "1":
+            traceback.print_exc()
+        _error(f"unexpected {type(e).__name__}: {e} (set PRUNEKIT_DEBUG=1 for the traceback)",
+               every_rank=True)
+        return EXIT_INTERNAL
+    return rv if isinstance(rv, int) else EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

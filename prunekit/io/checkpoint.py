@@ -1,0 +1,308 @@
+"""Checkpoints of (pruned) models that rebuild their own, narrower architecture.
+
+A prunekit checkpoint is a ``torch.save`` file holding only tensors and JSON-like values::
+
+    {"format": "prunekit", "version": 1,
+     "arch": {"name", "num_classes", "in_channels", "kwargs"} or None,
+     "shapes": {module_name: {"type": "Conv2d", "in_channels", "out_channels", "groups"}, ...},
+     "state_dict": {...}, "meta": {...} or None, "plan": str, dict or None}
+
+It is always read with ``torch.load(weights_only=True)``, so a file cannot run code when it is
+loaded. ``shapes`` records the width of every conv, linear and normalisation layer: loading
+builds the architecture (from the zoo, or the instance the caller passes), narrows the layers
+whose recorded width differs, then loads the weights strictly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, ConfigError
+from ..utils import atomic_path
+
+__all__ = ["FORMAT", "VERSION", "save", "load", "read", "layer_shapes", "resize_layers"]
+
+FORMAT = "prunekit"
+VERSION = 1
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+# ---------------------------------------------------------------------------------------------
+# layer geometry
+# ---------------------------------------------------------------------------------------------
+
+def _geometry(module: nn.Module) -> dict[str, Any] | None:
+    """The width-defining attributes of a layer prunekit can narrow, else ``None``."""
+    kind = type(module).__name__
+    if isinstance(module, _CONV):
+        return {"type": kind, "in_channels": module.in_channels, "out_channels": module.out_channels,
+                "groups": module.groups}
+    if isinstance(module, nn.Linear):
+        return {"type": kind, "in_features": module.in_features, "out_features": module.out_features}
+    if isinstance(module, _BN):
+        return {"type": kind, "num_features": module.num_features}
+    if isinstance(module, nn.GroupNorm):
+        return {"type": kind, "num_groups": module.num_groups, "num_channels": module.num_channels}
+    return None
+
+
+def layer_shapes(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Geometry of every ``Conv1d/2d/3d``, ``Linear``, ``BatchNorm1d/2d/3d`` and ``GroupNorm``
+    in ``model``, keyed by module name (transposed convolutions are not recorded)."""
+    shapes = {}
+    for name, module in model.named_modules():
+        geom = _geometry(module)
+        if geom is not None:
+            shapes[name] = geom
+    return shapes
+
+
+def _new_param(old: torch.Tensor | None, shape: tuple[int, ...]) -> nn.Parameter | None:
+    if old is None:
+        return None
+    return nn.Parameter(torch.empty(shape, dtype=old.dtype, device=old.device),
+                        requires_grad=old.requires_grad)
+
+
+def _resize(module: nn.Module, geom: dict[str, Any]) -> None:
+    """Narrow (or widen) ``module`` in place to ``geom``; values are left uninitialised.
+
+    Kernel size, stride, padding, dilation, bias, eps, momentum, affine and running-statistics
+    settings are kept, and so is the module's class (subclasses of torch layers included).
+    """
+    if isinstance(module, _CONV):
+        cin, cout, groups = int(geom["in_channels"]), int(geom["out_channels"]), int(geom["groups"])
+        if groups < 1 or cin % groups or cout % groups:
+            raise ValueError(f"channels {cin}->{cout} are not divisible by groups={groups}")
+        module.in_channels, module.out_channels, module.groups = cin, cout, groups
+        module.weight = _new_param(module.weight, (cout, cin // groups, *module.kernel_size))
+        module.bias = _new_param(module.bias, (cout,))
+    elif isinstance(module, nn.Linear):
+        fin, fout = int(geom["in_features"]), int(geom["out_features"])
+        module.in_features, module.out_features = fin, fout
+        module.weight = _new_param(module.weight, (fout, fin))
+        module.bias = _new_param(module.bias, (fout,))
+    elif isinstance(module, _BN):
+        n = int(geom["num_features"])
+        module.num_features = n
+        module.weight = _new_param(module.weight, (n,))
+        module.bias = _new_param(module.bias, (n,))
+        for buf in ("running_mean", "running_var"):
+            old = getattr(module, buf, None)
+            if old is not None:
+                setattr(module, buf, torch.empty(n, dtype=old.dtype, device=old.device))
+    elif isinstance(module, nn.GroupNorm):
+        groups, n = int(geom["num_groups"]), int(geom["num_channels"])
+        if groups < 1 or n % groups:
+            raise ValueError(f"{n} channels are not divisible into {groups} groups")
+        module.num_groups, module.num_channels = groups, n
+        module.weight = _new_param(module.weight, (n,))
+        module.bias = _new_param(module.bias, (n,))
+    else:  # pragma: no cover - guarded by the caller
+        raise ValueError(f"cannot resize a {type(module).__name__}")
+
+
+def resize_layers(model: nn.Module, shapes: dict[str, dict[str, Any]]) -> list[str]:
+    """Give every layer named in ``shapes`` its recorded geometry, in place.
+
+    Layers whose geometry already matches are left alone; the others get fresh (uninitialised)
+    parameters of the recorded size, ready for ``load_state_dict``.
+
+    Returns
+    -------
+    list of str
+        Names of the layers that were resized.
+
+    Raises
+    ------
+    CheckpointError
+        A recorded layer is missing from ``model``, has another type, or a bad geometry.
+    """
+    resized = []
+    modules = dict(model.named_modules())
+    for name, geom in shapes.items():
+        module = modules.get(name)
+        if module is None:
+            raise CheckpointError(f"layer {name or '<root>'!r} of the checkpoint is not in the model")
+        current = _geometry(module)
+        if current is None or current["type"] != geom.get("type"):
+            raise CheckpointError(f"layer {name or '<root>'!r} is a {type(module).__name__} in the "
+                                  f"model but a {geom.get('type')} in the checkpoint")
+        if current == geom:
+            continue
+        try:
+            _resize(module, geom)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"layer {name or '<root>'!r}: bad recorded geometry {geom}: {e}") from None
+        resized.append(name)
+    return resized
+
+
+# ---------------------------------------------------------------------------------------------
+# save / load
+# ---------------------------------------------------------------------------------------------
+
+def _json_value(value: Any, what: str) -> Any:
+    """Check that ``value`` is JSON-serialisable (so it loads under weights_only)."""
+    if value is None:
+        return None
+    try:
+        json.dumps(value, allow_nan=True)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{what} must be JSON-serialisable: {e}") from None
+    return value
+
+
+def save(model: nn.Module, path: str | os.PathLike, meta: dict | None = None,
+         plan: str | dict | None = None) -> None:
+    """Write ``model`` to ``path`` as a prunekit checkpoint, atomically.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A zoo model (pruned or not) or any module; ``model.prunekit_arch``, when present, lets
+        :func:`load` rebuild it without an instance.
+    path : path
+        Output file; its directory must exist. Written under a temporary name and renamed, so
+        a failure never leaves a partial file and an existing file survives it.
+    meta : dict, optional
+        JSON-serialisable facts about the model (dataset, accuracy, input shape, ...).
+    plan : str or dict, optional
+        The pruning plan that produced the model (JSON-serialisable).
+
+    Raises
+    ------
+    ConfigError
+        ``meta``/``plan``/``arch`` not JSON-serialisable, or the output directory is missing.
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"save() needs an nn.Module, got {type(model).__name__}")
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        model = model.module  # save the network, not its wrapper
+    if meta is not None and not isinstance(meta, dict):
+        raise ConfigError(f"meta must be a dict, got {type(meta).__name__}")
+    if plan is not None and not isinstance(plan, (str, dict)):
+        raise ConfigError(f"plan must be a str or dict, got {type(plan).__name__}")
+    arch = getattr(model, "prunekit_arch", None)
+    if arch is not None and not isinstance(arch, dict):
+        raise ConfigError(f"model.prunekit_arch must be a dict, got {type(arch).__name__}")
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "arch": _json_value(arch, "model.prunekit_arch"),
+        "shapes": layer_shapes(model),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "meta": _json_value(meta, "meta"),
+        "plan": _json_value(plan, "plan"),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def read(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """The validated raw content of a prunekit checkpoint (no model is built).
+
+    Raises
+    ------
+    CheckpointError
+        The file is missing, unreadable, truncated, not a prunekit checkpoint, or carries
+        pickled code (refused by ``weights_only=True``).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint is not a file: {p}")
+    try:
+        with warnings.catch_warnings():  # e.g. "pickle protocol 4": the refusal below says it all
+            warnings.simplefilter("ignore")
+            payload = torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many types: UnpicklingError, RuntimeError, EOFError...
+        text = str(e).strip()
+        if "weights only load failed" in text.lower() or "unsupported global" in text.lower():
+            detail = "it contains pickled objects other than tensors (refused for safety)"
+        else:
+            first = text.splitlines()[0].split(". ")[0][:120] if text else ""
+            detail = f"corrupt, truncated or not a PyTorch file ({type(e).__name__}: {first})"
+        raise CheckpointError(f"cannot read checkpoint {p}: {detail}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{p} is not a prunekit checkpoint (write one with prunekit.save or "
+                              "`prunekit train`)")
+    version = payload.get("version")
+    if not isinstance(version, int) or version > VERSION:
+        raise CheckpointError(f"{p}: unsupported checkpoint version {version!r} (this prunekit "
+                              f"reads version {VERSION})")
+    if not isinstance(payload.get("state_dict"), dict) or not isinstance(payload.get("shapes", {}), dict):
+        raise CheckpointError(f"{p}: corrupt prunekit checkpoint (no state_dict)")
+    return payload
+
+
+def load(path: str | os.PathLike, model: nn.Module | None = None,
+         map_location: Any = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild a model from a prunekit checkpoint, pruned widths included.
+
+    Parameters
+    ----------
+    path : path
+        A file written by :func:`save`.
+    model : nn.Module, optional
+        An instance of the original (unpruned) architecture, modified in place (on failure it
+        may be left partly resized). Needed when the checkpoint has no zoo architecture
+        (``arch``); otherwise the zoo builds it.
+    map_location : str or torch.device
+        Where tensors are loaded (and where a zoo-built model is placed).
+
+    Returns
+    -------
+    model : nn.Module
+        In eval mode, with the checkpoint's layer widths and weights.
+    meta : dict
+        The checkpoint's ``meta`` (empty when none was saved).
+
+    Raises
+    ------
+    CheckpointError
+        Unreadable/corrupt/unsafe file, unknown architecture, or weights that do not fit.
+    """
+    payload = read(path, map_location=map_location)
+    p = Path(path)
+    arch = payload.get("arch")
+    if model is None:
+        if not isinstance(arch, dict) or "name" not in arch:
+            raise CheckpointError(f"{p} records no zoo architecture; pass the unpruned model "
+                                  "instance: load(path, model=...)")
+        from ..errors import PrunekitError
+        from ..models import create
+
+        try:
+            model = create(arch["name"], num_classes=arch.get("num_classes", 10),
+                           in_channels=arch.get("in_channels", 3), **(arch.get("kwargs") or {}))
+        except (PrunekitError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{p}: cannot build architecture {arch.get('name')!r}: {e}") from None
+        if isinstance(map_location, (str, torch.device)):
+            model = model.to(map_location)
+    elif not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be an nn.Module, got {type(model).__name__}")
+    try:
+        resize_layers(model, payload.get("shapes") or {})
+    except CheckpointError as e:
+        raise CheckpointError(f"{p} does not fit the model: {e}") from None
+    try:
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = " ".join(lines[1:3]) if len(lines) > 1 else (lines[0] if lines else "")
+        raise CheckpointError(f"{p}: weights do not fit the model: {detail[:300]}") from None
+    if arch is not None and getattr(model, "prunekit_arch", None) is None:
+        model.prunekit_arch = arch
+    model.eval()
+    return model, dict(payload.get("meta") or {})
