@@ -415,6 +415,8 @@ def prune_(
         "--clustering", help="csgd: agglomerative, even or kmeans.")] = None,
     samples_per_image: Annotated[int | None, typer.Option(
         "--samples-per-image", min=1, help="thinet/lasso: sampled points per image.")] = None,
+    prune_trunk: Annotated[bool, typer.Option(
+        "--prune-trunk", help="thinet/lasso: also prune residual trunk channels.")] = False,
     sparsity_epochs: Annotated[int | None, typer.Option(
         "--sparsity-epochs", min=1, help="slimming/mrts: sparsity-training epochs.")] = None,
     sparsity: Annotated[float | None, typer.Option(
@@ -454,7 +456,8 @@ def prune_(
         options = {k: v for k, v in {
             "calib_images": calib_images, "centripetal_epochs": centripetal_epochs,
             "epsilon": epsilon, "survey_samples": survey_samples, "clustering": clustering,
-            "samples_per_image": samples_per_image, "sparsity_epochs": sparsity_epochs,
+            "samples_per_image": samples_per_image, "prune_trunk": prune_trunk or None,
+            "sparsity_epochs": sparsity_epochs,
             "sparsity": sparsity, "delta": delta, "steps": steps,
             "finetune_epochs_per_step": finetune_epochs_per_step,
             "expand": expand or None, "refine_labels": refine_labels or None,
@@ -483,38 +486,178 @@ def prune_(
             f"saved {out}"])
 
 
+def _compare_summary(results: dict[str, Any]) -> dict[str, Any]:
+    """The ``--json`` result of ``compare``: results.json without the bulky per-layer data."""
+    slim = {k: v for k, v in results.items() if k != "methods"}
+    slim["methods"] = [{k: v for k, v in e.items() if k not in ("widths", "figures", "settings")}
+                       for e in results.get("methods", [])]
+    return slim
+
+
+@app.command("compare")
+def compare_(
+    checkpoint: CheckpointArg,
+    methods: Annotated[str | None, typer.Option(
+        "--methods", help="Comma-separated methods, e.g. l1,taylor,thinet,csgd,tp:l1,tp:taylor.")] = None,
+    report: Annotated[Path | None, typer.Option(
+        "--report", help="Report directory (created; a rerun resumes there).")] = None,
+    ratio: Annotated[float | None, typer.Option(
+        "--ratio", help="Fraction of filters removed in every prunable layer, in (0, 1).")] = None,
+    target_macs: Annotated[float | None, typer.Option(
+        "--target-macs", help="Keep at most this fraction of the original MACs, in (0, 1).")] = None,
+    finetune_epochs: Annotated[int | None, typer.Option(
+        "--finetune-epochs", min=0, help="Training budget per method in epochs: the method's own "
+        "training counts against it, the rest is fine-tuning (default 0).")] = None,
+    data: DataOptionalOpt = None,
+    data_dir: DataDirOpt = None,
+    train_samples: TrainSamplesOpt = None,
+    calib_images: Annotated[int | None, typer.Option(
+        "--calib-images", min=1, help="Calibration images for data criteria / reconstruction.")] = None,
+    distill: Annotated[bool | None, typer.Option(
+        "--distill/--no-distill", help="Fine-tune with distillation from the original model.")] = None,
+    onnx: Annotated[bool | None, typer.Option(
+        "--onnx/--no-onnx", help="Export each pruned model to ONNX and time ONNX Runtime (default on).")
+    ] = None,
+    finetune_lr: Annotated[float | None, typer.Option("--finetune-lr", min=0.0)] = None,
+    latency_seconds: Annotated[float | None, typer.Option(
+        "--latency-seconds", min=0.001, help="Timed seconds per latency setting (default 2).")] = None,
+    config: Annotated[Path | None, typer.Option(
+        "--config", help="YAML file with these options as keys (methods, target_macs, ...); "
+                         "command-line flags override it.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Random seed (default 0).")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Compare pruning methods on one checkpoint under the same MACs and training budgets."""
+    from .api import check_budget
+    from .report import check_methods, compare, text_table
+    from .report.config import parse_methods, read_config
+    from .train import TrainConfig
+
+    with Output(json_) as o:
+        cfg = read_config(config) if config is not None else {}
+        flags = {"methods": parse_methods(methods, "--methods") if methods is not None else None,
+                 "report": str(report) if report is not None else None, "ratio": ratio,
+                 "target_macs": target_macs, "finetune_epochs": finetune_epochs, "data": data,
+                 "data_dir": str(data_dir) if data_dir is not None else None,
+                 "train_samples": train_samples, "calib_images": calib_images, "distill": distill,
+                 "onnx": onnx, "finetune_lr": finetune_lr, "latency_seconds": latency_seconds,
+                 "seed": seed, "device": device}
+        opt = {**cfg, **{k: v for k, v in flags.items() if v is not None}}
+        if ratio is not None or target_macs is not None:  # a budget flag replaces the file's budget
+            opt["ratio"], opt["target_macs"] = ratio, target_macs
+        if not opt.get("methods"):
+            raise ConfigError("--methods is required (or 'methods' in --config)")
+        names = check_methods(opt["methods"])  # unknown method: fail before any work
+        check_budget(opt.get("ratio"), opt.get("target_macs"))
+        if opt.get("report") is None:
+            raise ConfigError("--report DIR is required (or 'report' in --config)")
+        out_dir = Path(opt["report"])
+        if out_dir.exists() and not out_dir.is_dir():
+            raise ConfigError(f"--report {out_dir} is not a directory")
+        for key, lo in (("finetune_epochs", 0), ("train_samples", 1), ("calib_images", 1)):
+            if opt.get(key) is not None and opt[key] < lo:
+                raise ConfigError(f"{key} must be >= {lo}, got {opt[key]}")
+        dev = check_device(opt.get("device", "auto"))
+        method_options = {k: dict(v) for k, v in (opt.get("method_options") or {}).items()}
+        if opt.get("calib_images") is not None:
+            method_options.setdefault("*", {})["calib_images"] = opt["calib_images"]
+        model, meta = load_checkpoint(checkpoint)
+        input_shape_for(meta, None)
+        data_name = opt.get("data") or meta.get("data")
+        if data_name is None:
+            raise ConfigError("the checkpoint does not record its dataset; pass --data")
+        root = Path(opt["data_dir"]) if opt.get("data_dir") else None
+        train_set, test_set = load_data(data_name, root, opt.get("train_samples"))
+        train_config = TrainConfig(lr=opt.get("finetune_lr", 0.01), seed=opt.get("seed", 0), device=dev)
+        results = compare(
+            model, None, names, target_macs=opt.get("target_macs"), ratio=opt.get("ratio"),
+            data=(train_set, test_set), finetune_epochs=opt.get("finetune_epochs", 0),
+            out_dir=out_dir, distill=opt.get("distill", False), method_options=method_options,
+            seed=opt.get("seed", 0), onnx=opt.get("onnx", True), progress=o.note,
+            train_config=train_config, latency_seconds=opt.get("latency_seconds", 2.0),
+            meta={"checkpoint": str(checkpoint), "model": meta.get("model"), "data": data_name})
+        if len(results["failed"]) == len(names):
+            first, why = next(iter(results["failed"].items()))
+            raise PrunekitError(f"every method failed (first: {first}: {why}); "
+                                f"see {out_dir / 'report.md'}")
+        html_path = out_dir / results["paths"]["report_html"]
+        o.result(_compare_summary(results),
+                 [*text_table(results), "", f"report: {html_path} (and {out_dir / 'report.md'})"])
+
+
 @app.command()
 def demo(
     out_dir: Annotated[Path, typer.Option("--out-dir", help="Where the demo writes its files.")] = Path(
         "runs/demo"),
     model: Annotated[str, typer.Option("--model", help="Zoo model to train.")] = "resnet8",
     data_dir: DataDirOpt = None,
-    train_samples: TrainSamplesOpt = 5000,
-    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 1,
+    train_samples: TrainSamplesOpt = 10000,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Training epochs of the base model.")] = 3,
+    methods: Annotated[str, typer.Option(
+        "--methods", help="Methods to compare (csgd is added when available).")] = "l1,tp:l1,csgd,thinet",
+    target_macs: Annotated[float, typer.Option(
+        "--target-macs", help="Keep at most this fraction of the original MACs.")] = 0.4,
+    finetune_epochs: Annotated[int, typer.Option(
+        "--finetune-epochs", min=0, help="Training budget per method (epochs).")] = 2,
+    latency_seconds: Annotated[float, typer.Option(
+        "--latency-seconds", min=0.001, help="Timed seconds per latency setting.")] = 1.0,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     json_: JsonOpt = False,
 ) -> None:
-    """Quick tour: train a small ResNet on Fashion-MNIST, then profile it."""
-    from .measure import profile
+    """The main job on the built-in default: train a small ResNet on real Fashion-MNIST (or reuse
+    the one cached in --out-dir), then compare pruning methods on it at 40% of the MACs."""
+    from . import methods as _methods
+    from .report import check_methods, compare, text_table
+    from .report.config import parse_methods
+    from .train import TrainConfig
 
     with Output(json_) as o:
         if out_dir.exists() and not out_dir.is_dir():
             raise ConfigError(f"--out-dir {out_dir} is not a directory")
+        names = parse_methods(methods, "--methods")
+        if "csgd" in _methods.available() and "csgd" not in names:
+            names.append("csgd")
+        names = check_methods(names)
         out_dir.mkdir(parents=True, exist_ok=True)
         ckpt = out_dir / "base.pt"
-        res = _train(o, model=model, data="fashion-mnist", data_dir=data_dir,
-                     train_samples=train_samples, epochs=epochs, batch_size=128, lr=0.1,
-                     weight_decay=5e-4, schedule="cosine", label_smoothing=0.0, seed=seed,
-                     device=device, out_path=ckpt, resume=False)
-        o.note("profiling ...")
-        net, meta = load_checkpoint(ckpt)
-        report = profile(net, example_input(meta["input_shape"]), (1, 64), checkpoint_path=ckpt)
-        acc = res["test_acc"]
-        o.result({"train": res, "profile": report},
-                 [f"trained {model} on {res['train_samples']} Fashion-MNIST images for {epochs} "
-                  f"epoch(s): test accuracy {'n/a' if acc is None else f'{acc:.2f}%'}",
-                  *profile_summary(str(ckpt), report)])
+        want = {"model": model, "data": "fashion-mnist", "epochs": epochs, "seed": seed}
+        cached = None
+        if ckpt.is_file():
+            with contextlib.suppress(PrunekitError):
+                cached = load_checkpoint(ckpt)
+        if cached is not None and all(cached[1].get(k) == v for k, v in want.items()) and \
+                cached[1].get("train_samples") == train_samples:
+            net, meta = cached
+            o.note(f"reusing the trained {model} in {ckpt} (test accuracy {meta.get('test_acc')}%)")
+        else:
+            _train(o, model=model, data="fashion-mnist", data_dir=data_dir,
+                   train_samples=train_samples, epochs=epochs, batch_size=128, lr=0.1,
+                   weight_decay=5e-4, schedule="cosine", label_smoothing=0.0, seed=seed,
+                   device=device, out_path=ckpt, resume=False)
+            net, meta = load_checkpoint(ckpt)
+        train_set, test_set = load_data("fashion-mnist", data_dir, train_samples)
+        report_dir = out_dir / "report"
+        o.note(f"comparing {', '.join(names)} at {target_macs:.0%} of the MACs, "
+               f"{finetune_epochs} training epoch(s) per method; report in {report_dir}")
+        results = compare(
+            net, None, names, target_macs=target_macs, data=(train_set, test_set),
+            finetune_epochs=finetune_epochs, out_dir=report_dir, seed=seed, progress=o.note,
+            train_config=TrainConfig(lr=0.01, seed=seed, device=check_device(device)),
+            latency_seconds=latency_seconds,
+            meta={"checkpoint": str(ckpt), "model": model, "data": "fashion-mnist"})
+        acc = meta.get("test_acc")
+        html_path = report_dir / results["paths"]["report_html"]
+        o.result({"checkpoint": str(ckpt), "base": meta, "report": str(html_path),
+                  **_compare_summary(results)},
+                 [f"{model} trained on {meta.get('train_samples')} Fashion-MNIST images for {epochs} "
+                  f"epoch(s): test accuracy {'n/a' if acc is None else f'{acc:.2f}%'} on "
+                  f"{len(test_set)} test images",
+                  f"pruned to at most {target_macs:.0%} of the MACs, {finetune_epochs} training "
+                  "epoch(s) per method (own training + fine-tuning):", "",
+                  *text_table(results), "",
+                  f"report: {html_path} (and {report_dir / 'report.md'})"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -292,3 +292,22 @@ def test_engine_pruned_zoo_model_round_trip(tmp_path) -> None:
     assert layer_shapes(model) == layer_shapes(pruned) != layer_shapes(net)
     with torch.no_grad():
         assert torch.equal(model(x), pruned(x))
+
+
+def test_a_bias_added_by_reconstruction_survives_save_and_load(tmp_path):
+    """Least-squares reconstruction may give a bias to a conv built without one; the checkpoint
+    records it and the rebuilt model gets it back."""
+    import prunekit
+    from prunekit.models import create
+
+    torch.manual_seed(0)
+    model = create("simplecnn", num_classes=10, in_channels=1, input_size=16).eval()
+    conv = model.features[3] if isinstance(model.features[3], nn.Conv2d) else next(
+        m for m in list(model.modules())[3:] if isinstance(m, nn.Conv2d))
+    assert conv.bias is None
+    conv.bias = nn.Parameter(torch.randn(conv.out_channels))
+    path = tmp_path / "b.pt"
+    prunekit.save(model, path)
+    loaded, _ = prunekit.load(path)
+    x = torch.randn(2, 1, 16, 16)
+    torch.testing.assert_close(loaded(x), model(x))

@@ -45,9 +45,10 @@ def _geometry(module: nn.Module) -> dict[str, Any] | None:
     kind = type(module).__name__
     if isinstance(module, _CONV):
         return {"type": kind, "in_channels": module.in_channels, "out_channels": module.out_channels,
-                "groups": module.groups}
+                "groups": module.groups, "bias": module.bias is not None}
     if isinstance(module, nn.Linear):
-        return {"type": kind, "in_features": module.in_features, "out_features": module.out_features}
+        return {"type": kind, "in_features": module.in_features, "out_features": module.out_features,
+                "bias": module.bias is not None}
     if isinstance(module, _BN):
         return {"type": kind, "num_features": module.num_features}
     if isinstance(module, nn.GroupNorm):
@@ -73,6 +74,16 @@ def _new_param(old: torch.Tensor | None, shape: tuple[int, ...]) -> nn.Parameter
                         requires_grad=old.requires_grad)
 
 
+def _new_bias(module: nn.Module, geom: dict[str, Any], n: int) -> nn.Parameter | None:
+    """A bias of ``n`` entries when the recorded layer has one (reconstruction can add a bias
+    to a layer built without one), none when it has none; old files without the flag keep the
+    module's own choice."""
+    has_bias = geom.get("bias", module.bias is not None)
+    if not has_bias:
+        return None
+    return _new_param(module.bias if module.bias is not None else module.weight, (n,))
+
+
 def _resize(module: nn.Module, geom: dict[str, Any]) -> None:
     """Narrow (or widen) ``module`` in place to ``geom``; values are left uninitialised.
 
@@ -85,12 +96,12 @@ def _resize(module: nn.Module, geom: dict[str, Any]) -> None:
             raise ValueError(f"channels {cin}->{cout} are not divisible by groups={groups}")
         module.in_channels, module.out_channels, module.groups = cin, cout, groups
         module.weight = _new_param(module.weight, (cout, cin // groups, *module.kernel_size))
-        module.bias = _new_param(module.bias, (cout,))
+        module.bias = _new_bias(module, geom, cout)
     elif isinstance(module, nn.Linear):
         fin, fout = int(geom["in_features"]), int(geom["out_features"])
         module.in_features, module.out_features = fin, fout
         module.weight = _new_param(module.weight, (fout, fin))
-        module.bias = _new_param(module.bias, (fout,))
+        module.bias = _new_bias(module, geom, fout)
     elif isinstance(module, _BN):
         n = int(geom["num_features"])
         module.num_features = n

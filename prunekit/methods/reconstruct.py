@@ -1,0 +1,825 @@
+"""Reconstruction pruning, shared by ThiNet and LASSO channel pruning: sampling and the network loop.
+
+For a group of channels (``engine`` terminology: produced by one or more layers, read by one or
+more *consumer* convs / linears), both methods answer the same question: which ``keep`` channels,
+and which new consumer weights, reproduce the consumers' outputs best? They only differ in the
+selection (greedy vs LASSO) and the weights they write (channel scales vs a full least-squares
+refit). This module holds what they share:
+
+Sampling (:class:`OriginalTargets`, :func:`sample_group`)
+    ``N`` calibration images are streamed batch by batch through the *original* network once
+    (forward hooks keep each consumer's original outputs, all channels, at ``p`` drawn output
+    positions per image: the reconstruction targets, reused by every group the consumer reads)
+    and, for each group, through the network *pruned so far* (a forward pre-hook takes each
+    consumer's input at the same positions: for a conv the ``Cin x kh x kw`` window, gathered by
+    indexing, no ``unfold`` of whole maps, kept for the group's input columns only). Only these
+    samples survive a batch; every forward pass stops at the last hooked layer.
+Contributions (:meth:`ConsumerSamples.contributions`)
+    ThiNet's ``X [rows, C]``: ``X[i, c] = sum_{k in window} W[o_i, c, k] * x[c, k]``, the share of
+    input channel ``c`` in the sampled output value ``i`` (a position paired with a random
+    output channel ``o_i``), and ``y[i]``: the original value minus the bias and minus what the
+    consumer's *other* input columns (not in this group, e.g. in DenseNet) contribute.
+The network loop (:func:`prune_network`)
+    Groups in network order; for each: sample from the partially pruned model (inputs) and the
+    original (targets) so errors do not accumulate, select, compute the consumers' new weights,
+    emit a :class:`~prunekit.engine.GroupPlan` with them and apply it at once (later layers see
+    the pruned network). The plans form one :class:`~prunekit.engine.PruningPlan`; replaying it on
+    a fresh copy of the model reproduces the result.
+
+Which groups are pruned (see ``docs/reconstruction.md``): residual trunks (groups with several
+producers, tied by an add) are left alone unless ``prune_trunk=True`` (the authors pruned only
+the blocks' internal channels of ResNet-50); groups with one producer but several consumers
+(DenseNet's concatenations) are pruned by stacking every consumer's samples for the selection and
+reconstructing each consumer (``stack_consumers=True``, the default; ``False`` skips them).
+
+References
+----------
+He, Y., Zhang, X. and Sun, J. (2017). Channel pruning for accelerating very deep neural networks.
+ICCV, 1389-1397.
+
+Luo, J.-H., Wu, J. and Lin, W. (2017). ThiNet: a filter level pruning method for deep neural
+network compression. ICCV, 5058-5066.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..engine import ChannelGroup, DependencyInfo, GroupPlan, PruningPlan, analyse, apply_group
+from ..engine.budget import Widths, check_fraction, solve_budget
+from ..errors import ConfigError, DataError, UnsupportedLayerError
+from ..utils import module_device, progress
+from . import MethodOutput, PruneContext
+
+__all__ = ["ConsumerSamples", "OriginalTargets", "ReconstructOptions", "conv_patches", "eligible_groups",
+           "least_squares_weights", "prune_network", "sample_group", "scaled_weights",
+           "stacked_contributions"]
+
+Selector = Callable[[torch.Tensor, torch.Tensor, int], list[int]]
+#: ``(samples, keep) -> {consumer name: (weights of the kept group columns [out, Kg_kept], bias or None)}``
+Reconstructor = Callable[[list["ConsumerSamples"], list[int]],
+                         dict[str, tuple[torch.Tensor, torch.Tensor | None]]]
+
+
+# --------------------------------------------------------------------------------- options
+@dataclass
+class ReconstructOptions:
+    """Options of both methods, read from ``ctx.options``.
+
+    Parameters
+    ----------
+    calib_images : int
+        Calibration images streamed per layer (a seeded random subset of the training set).
+    samples_per_image : int
+        Sampled output values per image (ThiNet: 10). A conv draws ``min(m, H_out*W_out)``
+        distinct positions per image; a linear layer has one position and draws ``m`` output
+        units (with replacement).
+    batch_size : int
+        Images per forward pass while sampling.
+    prune_trunk : bool
+        Also prune groups with several producers (residual trunks), selecting on the stacked
+        samples of all their consumers.
+    stack_consumers : bool
+        Prune single-producer groups read by several consumers (DenseNet) by stacking; with
+        ``False`` they are skipped.
+    finetune_epochs_between : float
+        Fine-tune this many epochs (a fraction means a share of one epoch's steps) after each
+        pruned group; 0 (default) for none. The replayed plan then no longer reproduces the
+        model (the fine-tuned weights are not in it).
+    finetune_lr : float
+        Learning rate of that fine-tuning (SGD, cosine, no augmentation).
+    """
+
+    calib_images: int = 500
+    samples_per_image: int = 10
+    batch_size: int = 64
+    prune_trunk: bool = False
+    stack_consumers: bool = True
+    finetune_epochs_between: float = 0.0
+    finetune_lr: float = 0.01
+
+    @classmethod
+    def from_context(cls, ctx: PruneContext) -> ReconstructOptions:
+        o = cls()
+        for name in ("calib_images", "samples_per_image", "batch_size"):
+            v = ctx.option(name, getattr(o, name))
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+            setattr(o, name, v)
+        for name in ("prune_trunk", "stack_consumers"):
+            setattr(o, name, bool(ctx.option(name, getattr(o, name))))
+        for name in ("finetune_epochs_between", "finetune_lr"):
+            v = ctx.option(name, getattr(o, name))
+            try:
+                v = float(v)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{name} must be a number, got {v!r}") from None
+            if not math.isfinite(v) or v < 0:
+                raise ConfigError(f"{name} must be a finite number >= 0, got {v}")
+            setattr(o, name, v)
+        return o
+
+
+# --------------------------------------------------------------------------------- samples
+@dataclass
+class ConsumerSamples:
+    """Samples of one consumer layer for one group.
+
+    Attributes
+    ----------
+    name : str
+        The consumer's module name.
+    weight : Tensor, shape [out, K]
+        Its current weight, flattened (``K = Cin * kh * kw``; ``Cin`` for a linear layer).
+    shape : tuple of int
+        The weight's real shape.
+    bias : Tensor or None, shape [out]
+    kk : int
+        Columns per input channel (``kh * kw``; 1 for a linear layer).
+    cols : LongTensor, shape [Kg]
+        The weight columns that read the group's channels.
+    chan : LongTensor, shape [Kg]
+        The group channel each of those columns reads.
+    positions : dict[int, list[int]]
+        Group channel -> the consumer's input channels (features) carrying it.
+    group_size : int
+        Channels in the group (``C``).
+    U : Tensor, shape [S, Kg]
+        Sampled inputs at those columns (from the network pruned so far).
+    T : Tensor, shape [S, out]
+        Original outputs at the same places minus what the other columns contribute (with the
+        current weights and inputs); the bias is still in it.
+    y_sq : float
+        Sum of squares of the original outputs at the sampled places (for relative errors).
+    rows_s, rows_o : LongTensor, shape [R]
+        Selection rows: sample index and output channel of each row of :meth:`contributions`.
+    """
+
+    name: str
+    weight: torch.Tensor
+    shape: tuple[int, ...]
+    bias: torch.Tensor | None
+    kk: int
+    cols: torch.Tensor
+    chan: torch.Tensor
+    positions: dict[int, list[int]]
+    group_size: int
+    U: torch.Tensor
+    T: torch.Tensor
+    y_sq: float
+    rows_s: torch.Tensor
+    rows_o: torch.Tensor
+    _xy: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.U.shape[0])
+
+    def kept_columns(self, keep: Sequence[int]) -> torch.Tensor:
+        """Indices into ``cols`` / ``chan`` of the columns of the kept channels, in column order."""
+        mask = torch.zeros(self.group_size, dtype=torch.bool)
+        mask[list(keep)] = True
+        return torch.nonzero(mask[self.chan]).flatten()
+
+    def contributions(self, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+        """ThiNet's ``X [R, C]`` and ``y [R]`` (seed 002: ``y_hat = y - b = sum_c x_c``).
+
+        Row ``i`` is the output channel ``rows_o[i]`` at sample ``rows_s[i]``; computed in
+        chunks of rows (``[chunk, Kg]`` at a time) and cached.
+        """
+        if self._xy is None:
+            Wg = self.weight[:, self.cols]
+            R = self.rows_s.numel()
+            X = torch.zeros(R, self.group_size, dtype=self.U.dtype, device=self.U.device)
+            chan = self.chan.to(self.U.device)
+            for a in range(0, R, chunk):
+                s, o = self.rows_s[a:a + chunk], self.rows_o[a:a + chunk]
+                X[a:a + chunk].index_add_(1, chan, self.U[s] * Wg[o])
+            y = self.T[self.rows_s, self.rows_o]
+            if self.bias is not None:
+                y = y - self.bias[self.rows_o]
+            self._xy = (X, y)
+        return self._xy
+
+    def residual_sq(self, keep: Sequence[int] | None = None, weights: torch.Tensor | None = None,
+                    bias: torch.Tensor | None = None) -> float:
+        """``||T - U_S W_S^T - b||_F^2`` over all samples and output channels, in float64.
+
+        ``keep=None``: every channel with the current weights (the drift of the inputs alone);
+        ``weights``: new weights of the kept columns ``[out, Kg_kept]`` (default: the current
+        ones); ``bias``: new bias (default: the current one).
+        """
+        idx = (torch.arange(self.cols.numel()) if keep is None else self.kept_columns(keep))
+        W = self.weight[:, self.cols[idx]] if weights is None else weights
+        b = self.bias if bias is None else bias
+        total = 0.0
+        U = self.U[:, idx.to(self.U.device)]
+        for a in range(0, U.shape[0], 8192):
+            pred = U[a:a + 8192].double() @ W.double().T
+            if b is not None:
+                pred = pred + b.double()
+            total += float(((self.T[a:a + 8192].double() - pred) ** 2).sum())
+        return total
+
+    def relative_error(self, **kw: Any) -> float:
+        """``||Y_orig - Y_hat|| / ||Y_orig||`` of the consumer's output at the sampled places."""
+        return math.sqrt(self.residual_sq(**kw) / max(self.y_sq, 1e-30))
+
+    def weights_after(self, keep: Sequence[int], kept_weights: torch.Tensor,
+                      bias: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
+        """The consumer's ``{"weight", "bias"}`` after the removal (the engine's ``reconstruct``).
+
+        ``kept_weights [out, Kg_kept]`` replaces the kept group columns; the other columns keep
+        their current values; the removed channels' input columns are dropped.
+        """
+        W = self.weight.clone()
+        W[:, self.cols[self.kept_columns(keep)]] = kept_weights.to(W.dtype)
+        W = W.reshape(self.shape)
+        kept = set(int(k) for k in keep)
+        removed = {i for c, locs in self.positions.items() if c not in kept for i in locs}
+        remaining = [i for i in range(self.shape[1]) if i not in removed]
+        out: dict[str, torch.Tensor | None] = {"weight": W[:, remaining].contiguous().clone()}
+        out["bias"] = None if bias is None else bias.to(W.dtype).clone()
+        return out
+
+
+class _Stop(Exception):
+    """Raised by a hook once every consumer has been seen: the rest of the forward is skipped."""
+
+
+def _conv_geometry(conv: nn.Conv2d) -> tuple[list[int], tuple[int, int], tuple[int, int], tuple[int, int]]:
+    pad = list(conv._reversed_padding_repeated_twice)  # [left, right, top, bottom]
+    return pad, tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.dilation)
+
+
+def conv_patches(x: torch.Tensor, conv: nn.Conv2d, n_idx: torch.Tensor, oh: torch.Tensor,
+                 ow: torch.Tensor) -> torch.Tensor:
+    """The receptive fields of ``conv`` at output positions ``(n_idx, oh, ow)``, flattened like
+    ``conv.weight.flatten(1)``: ``[R, Cin * kh * kw]`` (so ``patches @ W.flatten(1).T + b`` equals
+    ``conv(x)[n_idx, :, oh, ow]``). Only the sampled windows are gathered."""
+    pad, (kh, kw), (sh, sw), (dh, dw) = _conv_geometry(conv)
+    if any(pad):
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        x = F.pad(x, pad, mode=mode)
+    dev = x.device
+    rows = oh.to(dev)[:, None] * sh + torch.arange(kh, device=dev) * dh      # [R, kh]
+    cols = ow.to(dev)[:, None] * sw + torch.arange(kw, device=dev) * dw      # [R, kw]
+    p = x[n_idx.to(dev)[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # [R, kh, kw, C]
+    return p.permute(0, 3, 1, 2).reshape(len(n_idx), -1)
+
+
+def _conv_out_size(x: torch.Tensor, conv: nn.Conv2d) -> tuple[int, int]:
+    pad, (kh, kw), (sh, sw), (dh, dw) = _conv_geometry(conv)
+    H = x.shape[2] + pad[2] + pad[3]
+    W = x.shape[3] + pad[0] + pad[1]
+    return (H - dh * (kh - 1) - 1) // sh + 1, (W - dw * (kw - 1) - 1) // sw + 1
+
+
+def _check_consumer(name: str, m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        return
+    if isinstance(m, nn.Conv2d) and m.groups == 1:
+        return
+    raise UnsupportedLayerError(f"consumer {name!r} ({type(m).__name__}) cannot be reconstructed: "
+                                "only Conv2d (groups=1) and Linear consumers are supported")
+
+
+def _forward_until(model: nn.Module, x: torch.Tensor) -> None:
+    try:
+        model(x)
+    except _Stop:
+        pass
+
+
+def _seed_of(seed: int, name: str) -> int:
+    """A per-layer seed that does not depend on Python's hash randomisation."""
+    h = seed & 0xFFFFFFFF
+    for ch in name.encode():
+        h = (h * 1000003 + ch) & 0x7FFFFFFFFFFFFFFF
+    return h
+
+
+class OriginalTargets:
+    """The original network's outputs of the consumer layers at sampled places.
+
+    One pass of the original network over the calibration images (batch by batch; the pass
+    stops after the last hooked layer) draws, per layer and image, ``min(m, H_out * W_out)``
+    distinct output positions (one "position" for a linear layer) and keeps the outputs of all
+    output channels there: ``[samples, out]`` per layer, never a whole map. Targets do not change
+    while the copy is pruned, so every layer is sampled once and reused by every group that
+    reads it (DenseNet layers are consumers of up to a dozen groups).
+
+    Parameters
+    ----------
+    original : nn.Module
+    names : sequence of str
+        The consumer layers (Conv2d or Linear).
+    data : ImageDataset
+    images : LongTensor
+        Calibration image indices, streamed in chunks of ``batch_size``.
+    samples_per_image : int
+    batch_size : int
+    seed : int
+    """
+
+    def __init__(self, original: nn.Module, names: Sequence[str], data: Any, images: torch.Tensor, *,
+                 samples_per_image: int = 10, batch_size: int = 64, seed: int = 0) -> None:
+        if data is None or len(data) == 0:
+            raise DataError("reconstruction pruning needs calibration data (got none)")
+        self.data, self.images, self.batch_size = data, images, batch_size
+        self.m = samples_per_image
+        mods = dict(original.named_modules())
+        names = list(dict.fromkeys(names))
+        for n in names:
+            if n not in mods:
+                raise UnsupportedLayerError(f"layer {n!r} is missing from the original model")
+            _check_consumer(n, mods[n])
+        self.names = names
+        #: layer -> per batch: (n_idx, oh, ow) or None for linear layers
+        self.places: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]] = {}
+        #: layer -> per batch: original outputs [n * p, out]
+        self.outputs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        self.sizes: dict[str, tuple[int, ...]] = {}
+        self.per_image: dict[str, int] = {}
+        gens = {n: torch.Generator().manual_seed(_seed_of(seed, n)) for n in names}
+        for n in names:
+            self.places[n] = []
+        seen: set[str] = set()
+
+        def hook(name: str):
+            def fn(_m, _args, y):
+                if name in seen:
+                    raise UnsupportedLayerError(f"layer {name!r} runs twice in one forward pass; "
+                                                "shared layers cannot be reconstructed")
+                seen.add(name)
+                y = y.detach()
+                if y.dim() == 4:
+                    N, _, Ho, Wo = y.shape
+                    L = Ho * Wo
+                    p = min(self.m, L)
+                    pos = torch.rand(N, L, generator=gens[name]).argsort(1)[:, :p].reshape(-1)
+                    n_idx = torch.arange(N).repeat_interleave(p)
+                    oh, ow = pos // Wo, pos % Wo
+                    dev = y.device
+                    self.places[name].append((n_idx, oh, ow))
+                    self.outputs[name].append(y[n_idx.to(dev), :, oh.to(dev), ow.to(dev)].clone())
+                    self.sizes[name], self.per_image[name] = (Ho, Wo), p
+                elif y.dim() == 2:
+                    self.places[name].append(None)
+                    self.outputs[name].append(y.clone())
+                    self.sizes[name], self.per_image[name] = (), 1
+                else:
+                    raise UnsupportedLayerError(f"layer {name!r} outputs a {y.dim()}-D tensor; only "
+                                                "[N, C, H, W] and [N, features] are supported")
+                if len(seen) == len(self.names):
+                    raise _Stop
+            return fn
+
+        handles = [mods[n].register_forward_hook(hook(n)) for n in names]
+        was_training = original.training
+        original.eval()
+        dev = module_device(original)
+        try:
+            with torch.no_grad():
+                for idx in images.split(batch_size):
+                    seen.clear()
+                    _forward_until(original, data.batch(idx)[0].to(dev))
+                    if len(seen) != len(names):
+                        raise UnsupportedLayerError(f"layers {sorted(set(names) - seen)} were not run "
+                                                    "by the forward pass of the original model")
+        finally:
+            for h in handles:
+                h.remove()
+            original.train(was_training)
+
+
+class _Collector:
+    """Per-consumer buffers filled by the pre-hook of one :func:`sample_group` call."""
+
+    def __init__(self, name: str, module: nn.Module, positions: dict[int, list[int]], size: int,
+                 out_rows: torch.Tensor | None, targets: OriginalTargets) -> None:
+        _check_consumer(name, module)
+        self.name, self.module, self.positions, self.size = name, module, positions, size
+        self.targets = targets
+        self.is_conv = isinstance(module, nn.Conv2d)
+        self.kk = int(math.prod(module.kernel_size)) if self.is_conv else 1
+        w = module.weight.detach()
+        self.shape = tuple(w.shape)
+        self.weight = w.reshape(w.shape[0], -1)
+        self.bias = None if module.bias is None else module.bias.detach().clone()
+        cols, chan = [], []
+        for c in sorted(positions):
+            for local in positions[c]:
+                cols += range(local * self.kk, (local + 1) * self.kk)
+                chan += [c] * self.kk
+        self.cols = torch.tensor(cols, dtype=torch.long)
+        self.chan = torch.tensor(chan, dtype=torch.long)
+        other = torch.ones(self.weight.shape[1], dtype=torch.bool)
+        other[self.cols] = False
+        self.other = torch.nonzero(other).flatten()
+        self.w_other = self.weight[:, self.other.to(w.device)]
+        self.out_rows = out_rows
+        self.U: list[torch.Tensor] = []
+        self.T: list[torch.Tensor] = []
+        self.y_sq = 0.0
+        self.batch = 0
+
+    def take_input(self, x: torch.Tensor) -> None:
+        """From the pruned network: the group columns at the target's places, and what the other
+        columns contribute there (subtracted from the target)."""
+        name, b = self.name, self.batch
+        Y = self.targets.outputs[name][b]
+        if self.is_conv:
+            size = _conv_out_size(x, self.module)
+            if size != self.targets.sizes[name]:
+                raise UnsupportedLayerError(f"consumer {name!r}: output size {size} in the pruned model, "
+                                            f"{self.targets.sizes[name]} in the original")
+            n_idx, oh, ow = self.targets.places[name][b]
+            P = conv_patches(x, self.module, n_idx, oh, ow)
+        else:
+            if x.dim() != 2:
+                raise UnsupportedLayerError(f"linear consumer {name!r} gets a {x.dim()}-D input; "
+                                            "only [N, features] inputs are supported")
+            P = x
+        dev = P.device
+        if self.out_rows is not None:
+            Y = Y[:, self.out_rows.to(Y.device)]
+        Y = Y.to(dev)
+        self.y_sq += float((Y.double() ** 2).sum())
+        U = P[:, self.cols.to(dev)]
+        T = Y - P[:, self.other.to(dev)] @ self.w_other.T if self.other.numel() else Y
+        self.U.append(U.detach().clone())
+        self.T.append(T.detach())
+        self.batch += 1
+
+    def finish(self, gen: torch.Generator) -> ConsumerSamples:
+        U, T = torch.cat(self.U), torch.cat(self.T)
+        S, out = T.shape
+        q = max(1, math.ceil(self.targets.m / self.targets.per_image[self.name]))  # channels per place
+        rows_s = torch.arange(S).repeat_interleave(q)
+        rows_o = torch.randint(out, (S * q,), generator=gen)
+        return ConsumerSamples(self.name, self.weight, self.shape, self.bias, self.kk, self.cols,
+                               self.chan, self.positions, self.size, U, T, self.y_sq,
+                               rows_s.to(U.device), rows_o.to(U.device))
+
+
+@torch.no_grad()
+def sample_group(model: nn.Module, original: nn.Module | OriginalTargets, group: ChannelGroup,
+                 data: Any, images: torch.Tensor, *, samples_per_image: int = 10, batch_size: int = 64,
+                 seed: int = 0, out_rows: dict[str, torch.Tensor] | None = None
+                 ) -> list[ConsumerSamples]:
+    """Sample every consumer of ``group``: inputs from ``model``, targets from the original.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network pruned so far (``group`` must be traced on it).
+    original : nn.Module or OriginalTargets
+        The unpruned network (same module names), or targets already sampled from it (which
+        fix the images, places, ``samples_per_image`` and ``batch_size``).
+    group : ChannelGroup
+    data : ImageDataset
+        Calibration images (``data.batch(idx) -> (x, y)``).
+    images : LongTensor
+        Indices of the calibration images (ignored when ``original`` is ``OriginalTargets``).
+    samples_per_image : int
+    batch_size : int
+    seed : int
+        Seeds the places and the output channel drawn for each selection row.
+    out_rows : dict, optional
+        Consumer name -> the original output rows its current rows are (when its outputs were
+        pruned already); default: all rows.
+
+    Returns
+    -------
+    list of ConsumerSamples
+        One per consumer, in the group's order.
+    """
+    consumers = group.consumers
+    if not consumers:
+        raise UnsupportedLayerError(f"group {group.name!r} has no consumer to reconstruct")
+    if isinstance(original, OriginalTargets):
+        targets = original
+    else:
+        targets = OriginalTargets(original, [s.name for s in consumers], data, images,
+                                  samples_per_image=samples_per_image, batch_size=batch_size, seed=seed)
+    out_rows = out_rows or {}
+    cols: dict[str, _Collector] = {}
+    for slot in consumers:
+        if slot.name not in targets.outputs:
+            raise UnsupportedLayerError(f"no original targets were sampled for consumer {slot.name!r}")
+        cols[slot.name] = _Collector(slot.name, slot.module, slot.positions, group.size,
+                                     out_rows.get(slot.name), targets)
+    work_mods = dict(model.named_modules())
+    dev = module_device(model)
+    seen: set[str] = set()
+
+    def pre_hook(name: str):
+        def hook(_m, args):
+            if name in seen:
+                raise UnsupportedLayerError(f"consumer {name!r} runs twice in one forward pass; "
+                                            "shared layers cannot be reconstructed")
+            cols[name].take_input(args[0])
+            seen.add(name)
+            if len(seen) == len(cols):
+                raise _Stop
+        return hook
+
+    handles = [work_mods[n].register_forward_pre_hook(pre_hook(n)) for n in cols]
+    was_training = model.training
+    model.eval()
+    try:
+        for idx in targets.images.split(targets.batch_size):
+            seen.clear()
+            _forward_until(model, targets.data.batch(idx)[0].to(dev))
+            if len(seen) != len(cols):
+                raise UnsupportedLayerError(f"consumers {sorted(set(cols) - seen)} of group "
+                                            f"{group.name!r} were not run by the forward pass")
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    gen = torch.Generator().manual_seed(seed)
+    return [c.finish(gen) for c in cols.values()]
+
+
+def stacked_contributions(samples: list[ConsumerSamples]) -> tuple[torch.Tensor, torch.Tensor]:
+    """All consumers' ``X, y`` stacked; each consumer's rows divided by the RMS of its original
+    outputs, so that every consumer's *relative* error counts the same."""
+    if len(samples) == 1:
+        return samples[0].contributions()
+    Xs, ys = [], []
+    for cs in samples:
+        X, y = cs.contributions()
+        rms = math.sqrt(max(cs.y_sq, 1e-30) / max(cs.T.numel(), 1))
+        Xs.append(X / rms)
+        ys.append(y / rms)
+    return torch.cat(Xs), torch.cat(ys)
+
+
+# --------------------------------------------------------------------------------- weights
+def scaled_weights(samples: list[ConsumerSamples], keep: list[int],
+                   scale: Callable[[torch.Tensor, torch.Tensor, list[int]], torch.Tensor]
+                   ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """ThiNet's channel scaling (seed 002, optimisation target 2), per consumer.
+
+    Parameters
+    ----------
+    samples : list of ConsumerSamples
+    keep : list of int
+        Kept group channels, ascending.
+    scale : callable ``(X, y, keep) -> w``
+        :func:`prunekit.methods.thinet.scale`.
+
+    Returns
+    -------
+    dict
+        Consumer name -> ``(W[:, kept columns] * w, None)``: each consumer gets its own ``w``
+        from its own rows; the bias is unchanged.
+
+    References
+    ----------
+    Luo, Wu and Lin (2017), ThiNet, ICCV, Section 3.3 ("minimize the reconstruction error").
+    """
+    out = {}
+    for cs in samples:
+        X, y = cs.contributions()
+        w = scale(X, y, keep)
+        where = torch.zeros(cs.group_size, dtype=torch.long)
+        where[list(keep)] = torch.arange(len(keep))
+        idx = cs.kept_columns(keep)
+        factors = w.double().cpu()[where[cs.chan[idx]]]
+        W = cs.weight[:, cs.cols[idx]].double() * factors.to(cs.weight.device)
+        out[cs.name] = (W.to(cs.weight.dtype), None)
+    return out
+
+
+def least_squares_weights(samples: list[ConsumerSamples], keep: list[int], *, fit_bias: bool | str = "auto",
+                          ridge: float = 1e-6) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """He et al.'s second step: refit each consumer on the kept channels by least squares.
+
+    For a conv this is, per output channel, a linear regression from the kept channels' sampled
+    input windows ``[S, kept * kh * kw]`` (plus a column of ones for the bias) to the original
+    outputs minus the other input columns' share: one ``torch.linalg.lstsq`` with ``out`` right-
+    hand sides, in float64. A light ridge (``ridge`` times the mean squared column norm, on the
+    weights only) keeps rank-deficient or under-sampled designs well posed; other input columns
+    of the consumer (not in the group) keep their weights.
+
+    Parameters
+    ----------
+    samples : list of ConsumerSamples
+    keep : list of int
+    fit_bias : bool or "auto"
+        Refit the bias too; ``"auto"``: only where the consumer already has one (a conv followed
+        by BatchNorm usually has none, and adding one changes the architecture).
+    ridge : float
+        Relative Tikhonov regularisation.
+
+    Returns
+    -------
+    dict
+        Consumer name -> ``(weights of the kept group columns [out, kept * kh * kw], bias or
+        None)``.
+
+    References
+    ----------
+    He, Zhang and Sun (2017), Channel pruning for accelerating very deep neural networks, ICCV,
+    Section 3.1, eq. (4) (the weights are refitted on the kept channels only).
+    """
+    out = {}
+    for cs in samples:
+        idx = cs.kept_columns(keep)
+        D = cs.U[:, idx.to(cs.U.device)].double()
+        T = cs.T.double()
+        with_bias = (cs.bias is not None) if fit_bias == "auto" else bool(fit_bias)
+        if not with_bias and cs.bias is not None:
+            T = T - cs.bias.double()
+        k = D.shape[1]
+        if k == 0 and not with_bias:  # reads none of the kept channels: nothing to fit
+            out[cs.name] = (cs.weight.new_zeros(cs.weight.shape[0], 0), None)
+            continue
+        if with_bias:
+            D = torch.cat([D, torch.ones(D.shape[0], 1, dtype=D.dtype, device=D.device)], 1)
+        lam = ridge * float((D[:, :k] ** 2).sum()) / max(k, 1)  # ridge x mean of diag(D^T D)
+        if lam > 0:
+            reg = torch.zeros(k, D.shape[1], dtype=D.dtype, device=D.device)
+            reg[:, :k] = math.sqrt(lam) * torch.eye(k, dtype=D.dtype, device=D.device)
+            D = torch.cat([D, reg])
+            T = torch.cat([T, torch.zeros(k, T.shape[1], dtype=T.dtype, device=T.device)])
+        driver = "gelsy" if D.device.type == "cpu" else None
+        B = torch.linalg.lstsq(D, T, driver=driver).solution  # [k(+1), out]
+        W = B[:k].T.to(cs.weight.dtype)
+        b = B[k].to(cs.weight.dtype) if with_bias else None
+        out[cs.name] = (W, b)
+    return out
+
+
+# --------------------------------------------------------------------------------- network
+def eligible_groups(info: DependencyInfo, opts: ReconstructOptions) -> tuple[list[str], dict[str, str]]:
+    """Group names that the procedure prunes (network order), and the skipped ones with a reason."""
+    keep, skipped = [], {}
+    for g in info.groups:
+        consumers = g.consumers
+        if not consumers:
+            skipped[g.name] = "no consumer layer to reconstruct"
+        elif len(g.producers) > 1 and not opts.prune_trunk:
+            skipped[g.name] = "residual trunk (several producers); prune_trunk=False"
+        elif len(consumers) > 1 and len(g.producers) <= 1 and not opts.stack_consumers:
+            skipped[g.name] = "several consumers; stack_consumers=False"
+        elif not all(isinstance(s.module, nn.Linear)
+                     or (isinstance(s.module, nn.Conv2d) and s.module.groups == 1) for s in consumers):
+            skipped[g.name] = "a consumer is neither a Linear nor an ungrouped Conv2d"
+        else:
+            keep.append(g.name)
+    return keep, skipped
+
+
+def _budget(ctx: PruneContext, info: DependencyInfo, names: list[str]) -> tuple[Widths, float, float | None]:
+    sizes = {g.name: g.size for g in info.groups if g.name in set(names)}
+
+    def widths_fn(r: float) -> Widths:
+        return {n: max(1, c - int(round(r * c))) for n, c in sizes.items()}
+
+    if ctx.target_macs is not None:
+        ratio, widths, frac = solve_budget(info, ctx.target_macs, widths_fn)
+        return widths, ratio, frac
+    ratio = check_fraction("ratio", ctx.ratio)
+    return widths_fn(ratio), ratio, None
+
+
+def _finetune(model: nn.Module, ctx: PruneContext, epochs: float, lr: float, step: int) -> None:
+    from ..train import TrainConfig, fit
+
+    data = ctx.train_set
+    batch = min(128, len(data))
+    steps = max(1, len(data) // batch)
+    cfg = TrainConfig(epochs=max(1, int(math.ceil(epochs))), batch_size=batch, lr=lr, augment=False,
+                      seed=ctx.seed + step, eval_every=0, device=str(module_device(model)),
+                      max_steps_per_epoch=max(1, int(round(epochs * steps))) if epochs < 1 else None)
+    fit(model, data, cfg)
+    model.eval()
+
+
+def prune_network(ctx: PruneContext, method: str, select: Selector,
+                  reconstruct: Reconstructor) -> MethodOutput:
+    """Prune ``ctx.model`` layer by layer, minimising each consumer's reconstruction error.
+
+    For every eligible group in network order (see :func:`eligible_groups`): sample its
+    consumers (:func:`sample_group`: inputs from the network pruned so far, targets from the
+    original), choose ``keep`` channels with ``select`` on the (stacked) contributions, compute
+    the consumers' new weights with ``reconstruct``, and apply the resulting
+    :class:`~prunekit.engine.GroupPlan` at once. Budget: ``ctx.ratio`` removes ``round(r * C)``
+    channels of each pruned group; ``ctx.target_macs`` searches that ratio with
+    :func:`~prunekit.engine.budget.solve_budget` over the pruned groups only.
+
+    Returns
+    -------
+    MethodOutput
+        The pruned copy, its plan (replayable with :func:`prunekit.engine.apply_plan` on a fresh
+        copy of the model) and ``extra``: the ratio, per-layer relative reconstruction errors
+        ``||Y - Y_hat|| / ||Y||`` of the consumers' outputs at the sampled places (``input``:
+        before this layer is touched, i.e. drift from earlier layers; ``removed``: after dropping
+        the channels; ``reconstructed``: with the new weights), and selection times.
+    """
+    opts = ReconstructOptions.from_context(ctx)
+    data = ctx.train_set
+    if data is None or len(data) == 0:
+        raise DataError(f"{method} needs calibration data (the training set); got none")
+    original = ctx.model
+    was_training = original.training
+    original.eval()
+    model = copy.deepcopy(original).eval()
+    info = analyse(model, ctx.example_inputs, ignored_layers=ctx.ignored_layers)
+    names, skipped = eligible_groups(info, opts)
+    if not names:
+        raise UnsupportedLayerError(f"{method}: no group of this model can be pruned by reconstruction "
+                                    f"(skipped: {skipped})")
+    widths, ratio, frac = _budget(ctx, info, names)
+    gen = torch.Generator().manual_seed(ctx.seed)
+    n_images = min(opts.calib_images, len(data))
+    images = torch.randperm(len(data), generator=gen)[:n_images]
+
+    out_rows: dict[str, torch.Tensor] = {}
+    plans: list[GroupPlan] = []
+    layers: list[dict[str, Any]] = []
+    todo = [n for n in names if widths[n] < info.group(n).size]
+    t_start = time.perf_counter()
+    consumers = [s.name for n in todo for s in info.group(n).consumers]
+    t_targets = 0.0
+    try:
+        if todo:
+            targets = OriginalTargets(original, consumers, data, images,
+                                      samples_per_image=opts.samples_per_image,
+                                      batch_size=opts.batch_size, seed=ctx.seed)
+            t_targets = time.perf_counter() - t_start
+        for step, name in enumerate(progress(todo, desc=f"{method}: layers", total=len(todo))):
+            group = info.group(name)
+            t0 = time.perf_counter()
+            samples = sample_group(model, targets, group, data, images, seed=ctx.seed * 1000003 + step,
+                                   out_rows=out_rows)
+            t1 = time.perf_counter()
+            X, y = stacked_contributions(samples)
+            keep = sorted(int(k) for k in select(X, y, widths[name]))
+            t2 = time.perf_counter()
+            if len(keep) != widths[name]:
+                raise RuntimeError(f"{method} selected {len(keep)} channels of {name!r}, "
+                                   f"expected {widths[name]}")
+            new = reconstruct(samples, keep)
+            rec = {cs.name: cs.weights_after(keep, *new[cs.name]) for cs in samples}
+            record = _layer_record(name, group, keep, samples, new, t1 - t0, t2 - t1)
+            for slot in group.producers:  # remember which original rows each producer keeps
+                rows = sorted(i for c in keep for i in slot.positions[c])
+                cur = out_rows.get(slot.name, torch.arange(slot.module.weight.shape[0]))
+                out_rows[slot.name] = cur[torch.tensor(rows, dtype=torch.long)]
+            gp = GroupPlan(name, group.size, keep, reconstruct=rec)
+            apply_group(info, gp)
+            plans.append(gp)
+            layers.append(record)
+            if opts.finetune_epochs_between > 0 and step + 1 < len(todo):
+                _finetune(model, ctx, opts.finetune_epochs_between, opts.finetune_lr, step)
+    finally:
+        original.train(was_training)
+
+    largest = max(layers, key=lambda r: (r["size"], r["select_s"])) if layers else None
+    extra: dict[str, Any] = {
+        "ratio": ratio, "searched_macs_fraction": frac, "calib_images": n_images,
+        "samples_per_image": opts.samples_per_image, "prune_trunk": opts.prune_trunk,
+        "pruned_groups": len(plans), "skipped_groups": skipped, "layers": layers,
+        "largest_layer": largest["group"] if largest else None,
+        "largest_layer_select_s": largest["select_s"] if largest else None,
+        "targets_s": t_targets, "total_s": time.perf_counter() - t_start,
+    }
+    plan = PruningPlan(plans, {"method": method, "ratio": ratio, "searched_macs_fraction": frac,
+                               "options": {k: v for k, v in vars(opts).items()}})
+    return MethodOutput(model, plan, extra,
+                        train_epochs=opts.finetune_epochs_between * max(len(todo) - 1, 0))
+
+
+def _layer_record(name: str, group: ChannelGroup, keep: list[int], samples: list[ConsumerSamples],
+                  new: dict[str, tuple[torch.Tensor, torch.Tensor | None]], sample_s: float,
+                  select_s: float) -> dict[str, Any]:
+    """Relative errors of every consumer (input drift, after removal, after reconstruction)."""
+    per: dict[str, dict[str, float]] = {}
+    tot = {"input": 0.0, "removed": 0.0, "reconstructed": 0.0}
+    y_sq = 0.0
+    for cs in samples:
+        W, b = new[cs.name]
+        r = {"input": cs.residual_sq(), "removed": cs.residual_sq(keep),
+             "reconstructed": cs.residual_sq(keep, W, b)}
+        per[cs.name] = {k: math.sqrt(v / max(cs.y_sq, 1e-30)) for k, v in r.items()}
+        for k in tot:
+            tot[k] += r[k]
+        y_sq += cs.y_sq
+    return {"group": name, "size": group.size, "kept": len(keep), "consumers": per,
+            "samples": samples[0].num_samples,
+            **{f"err_{k}": math.sqrt(v / max(y_sq, 1e-30)) for k, v in tot.items()},
+            "sample_s": sample_s, "select_s": select_s}
