@@ -1,0 +1,261 @@
+"""Centripetal (similarity-learning) pruning benchmark (seed 000, issue: csgd).
+
+On a trained baseline: prune with ``csgd`` to a MACs budget (or every layer at 5/8 width) and
+report the accuracy right before and right after the S4 merge (equal: no fine-tuning), the
+final accuracy against the unpruned model, Torch-Pruning's L1 / Taylor / BN-scale pruners
+fine-tuned for as many epochs as the centripetal training took (same optimizer and cosine
+schedule), the measured CPU latency ratio at batch 64 (NCHW and channels_last, timed back to
+back) next to the MACs ratio, the survey memory and clustering time of the largest layer, a
+similarity heatmap with the S2 dendrogram of one layer, and the per-layer cluster sizes.
+
+    .venv/bin/python bench/csgd.py --checkpoint bench/cache/resnet20.pt --target-macs 0.4
+    .venv/bin/python bench/csgd.py --ratio 0.375        # every layer at 5/8 of its filters
+    .venv/bin/python bench/csgd.py --quick              # smoke test on a briefly trained ResNet-8
+
+Writes ``bench/results/csgd.json``, ``csgd.md``, ``csgd_similarity.png`` and
+``csgd_clusters.png`` (``csgd_quick.*`` with ``--quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+import torch
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, latency_ratios, load_baseline, write_results  # noqa: E402
+
+import prunekit  # noqa: E402
+from prunekit.data import load  # noqa: E402
+from prunekit.engine import analyse  # noqa: E402
+from prunekit.methods import csgd  # noqa: E402
+from prunekit.models import create  # noqa: E402
+from prunekit.train import TrainConfig, evaluate, fit  # noqa: E402
+
+PEERS = ["tp:l1", "tp:taylor", "tp:bn-scale"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", default="bench/cache/resnet20.pt")
+    p.add_argument("--target-macs", type=float, default=0.4)
+    p.add_argument("--ratio", type=float, default=None,
+                   help="remove this fraction of every layer's filters instead (0.375 = 5/8 width)")
+    p.add_argument("--epochs", type=int, default=3, help="centripetal epochs (the peers fine-tune as long)")
+    p.add_argument("--train-samples", type=int, default=None, help="use the first N training images")
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--epsilon", default="auto", help='"auto" or a number')
+    p.add_argument("--survey-samples", type=int, default=1000)
+    p.add_argument("--clustering", default="agglomerative", choices=csgd.CLUSTERING_METHODS)
+    p.add_argument("--peers", default=None,
+                   help=f"comma-separated; empty for none (default {','.join(PEERS)}; tp:l1 with --quick)")
+    p.add_argument("--layer", default=None, help="group for the heatmap (default: the largest)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", default=None, help="results file stem (default csgd / csgd_quick)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: ResNet-8 trained for ~250 steps on 4000 images, 1 epoch")
+    return p.parse_args(argv)
+
+
+def quick_baseline(seed: int):
+    train, test = load("fashion-mnist", train_samples=4000)
+    torch.manual_seed(seed)
+    model = create("resnet8", num_classes=10, in_channels=1)
+    fit(model, train, TrainConfig(epochs=4, lr=0.05, batch_size=64, seed=seed))
+    return model.eval(), {"note": "quick: resnet8, 4 epochs on 4000 images"}, train, test.subset(1000)
+
+
+def figures(model, train, layer: str | None, samples: int, stem: str,
+            sizes: dict[str, list[int]]) -> dict[str, Any]:
+    """Similarity heatmap + S2 dendrogram of one layer (of the unpruned model), and the
+    per-group cluster sizes (``sizes``: group -> size of each cluster)."""
+    from scipy.cluster.hierarchy import dendrogram
+
+    x = train.example_input(1)
+    info = analyse(model, x)
+    group = info.group_of(layer) if layer else max(info.groups, key=lambda g: (g.size, -len(g.producers)))
+    vectors = csgd.survey(model, train, [group.name], samples=samples, info=info)[group.name]
+    sim = csgd.similarity(vectors).numpy()
+    tree = csgd.merge_tree(vectors)
+    fig = plt.figure(figsize=(11, 6))
+    ax_d = fig.add_axes([0.05, 0.1, 0.25, 0.8])
+    leaves = dendrogram(tree, orientation="left", ax=ax_d, no_labels=True, color_threshold=0,
+                        above_threshold_color="k")["leaves"]
+    ax_d.set_xlabel("1 - Pearson (S2 merges)")
+    ax_h = fig.add_axes([0.32, 0.1, 0.5, 0.8])
+    order = leaves[::-1]  # dendrogram leaves run bottom-up
+    im = ax_h.imshow(sim[np.ix_(order, order)], cmap="RdBu_r", vmin=-1, vmax=1)
+    ax_h.set_title(f"{group.name}: Pearson similarity of GAP survey vectors "
+                   f"({group.size} channels, {len(group.producers)} producer(s))", fontsize=9)
+    ax_h.set_xticks([])
+    ax_h.set_yticks([])
+    fig.colorbar(im, cax=fig.add_axes([0.84, 0.1, 0.02, 0.8]))
+    heat = RESULTS / f"{stem}_similarity.png"
+    fig.savefig(heat, dpi=110)
+    plt.close(fig)
+
+    names = list(sizes)
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(names)), 4))
+    pos = np.arange(len(names))
+    ax.bar(pos - 0.2, [sum(sizes[n]) for n in names], 0.4, label="channels", color="0.7")
+    ax.bar(pos + 0.2, [len(sizes[n]) for n in names], 0.4, label="clusters (kept)", color="C0")
+    ax.plot(pos, [max(sizes[n]) for n in names], "k.", label="largest cluster")
+    ax.set_xticks(pos)
+    ax.set_xticklabels(names, rotation=70, fontsize=7)
+    ax.legend(fontsize=8)
+    ax.set_title("csgd: channels, clusters and largest cluster per group", fontsize=9)
+    fig.tight_layout()
+    sizes = RESULTS / f"{stem}_clusters.png"
+    fig.savefig(sizes, dpi=110)
+    plt.close(fig)
+    off = sim[~np.eye(len(sim), dtype=bool)]
+    return {"layer": group.name, "channels": group.size, "heatmap": str(heat.name),
+            "cluster_sizes_plot": str(sizes.name),
+            "mean_abs_offdiag_similarity": float(np.abs(off).mean()) if off.size else None,
+            "max_offdiag_similarity": float(off.max()) if off.size else None}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    stem = args.name or ("csgd_quick" if args.quick else "csgd")
+    options: dict[str, Any] = {}
+    if args.peers is None:
+        args.peers = "tp:l1" if args.quick else ",".join(PEERS)
+    if args.quick:
+        model, meta, train, test = quick_baseline(args.seed)
+        args.epochs, args.survey_samples = 1, 256
+        args.batch_size = 64
+        options["bn_epsilon_scale"] = 1.0  # one short epoch: BN parameters must converge as fast
+    else:
+        model, meta, train, test = load_baseline(args.checkpoint, train_samples=args.train_samples)
+    epsilon = args.epsilon if args.epsilon == "auto" else float(args.epsilon)
+    budget = {"ratio": args.ratio} if args.ratio is not None else {"target_macs": args.target_macs}
+    example = train.example_input(1)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    acc_unpruned = evaluate(model, test)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = prunekit.prune(model, example, method="csgd", data=(train, test), seed=args.seed,
+                             centripetal_epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                             epsilon=epsilon, survey_samples=args.survey_samples,
+                             clustering=args.clustering, **options, **budget)
+    r = res.report
+    csgd_seconds = time.perf_counter() - t0
+    epochs_run = int(r["method_train_epochs"])
+    lat = latency_ratios(model, res.model, example, batch_sizes=(64,),
+                         max_seconds=1.0 if args.quick else 3.0)
+    rows = [{"method": "unpruned", "acc_final": acc_unpruned, "macs_fraction": 1.0,
+             "params_fraction": 1.0, "train_epochs": 0}]
+    rows.append({
+        "method": f"csgd ({args.clustering})", "acc_before_merge": r["method_acc_before_merge"],
+        "acc_pruned": r["method_acc_after_merge"], "acc_final": r["acc_final"],
+        "macs_fraction": r["macs_fraction"], "params_fraction": r["params_fraction"],
+        "train_epochs": epochs_run, "lat_b64_nchw": lat["b64_nchw"]["ratio"],
+        "lat_b64_cl": lat["b64_channels_last"]["ratio"], "seconds": csgd_seconds,
+    })
+    print(f"csgd: acc unpruned {acc_unpruned:.2f}, before merge {r['method_acc_before_merge']:.2f}, "
+          f"after merge {r['method_acc_after_merge']:.2f}; MACs {r['macs_fraction']:.3f}; "
+          f"latency b64 nchw {lat['b64_nchw']['ratio']:.3f} channels_last "
+          f"{lat['b64_channels_last']['ratio']:.3f}; epochs {epochs_run}, converged "
+          f"{r['method_converged']} (distance {r['method_max_intra_distance']:.2e}, "
+          f"epsilon {r['method_epsilon']:.3g})", flush=True)
+
+    cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, seed=args.seed)  # csgd's optimizer
+    peer_epochs = max(1, epochs_run)
+    for peer in [p for p in args.peers.split(",") if p]:
+        t0 = time.perf_counter()
+        pr = prunekit.prune(model, example, method=peer, data=(train, test), seed=args.seed,
+                            finetune_epochs=peer_epochs, train_config=cfg,
+                            calib_images=args.survey_samples, **budget)
+        pl = latency_ratios(model, pr.model, example, batch_sizes=(64,),
+                            max_seconds=1.0 if args.quick else 3.0)
+        p = pr.report
+        rows.append({"method": peer, "acc_pruned": p["acc_pruned"], "acc_final": p["acc_final"],
+                     "macs_fraction": p["macs_fraction"], "params_fraction": p["params_fraction"],
+                     "train_epochs": peer_epochs, "lat_b64_nchw": pl["b64_nchw"]["ratio"],
+                     "lat_b64_cl": pl["b64_channels_last"]["ratio"],
+                     "seconds": time.perf_counter() - t0})
+        print(f"{peer}: acc pruned {p['acc_pruned']:.2f}, final {p['acc_final']:.2f}, "
+              f"MACs {p['macs_fraction']:.3f}", flush=True)
+
+    peers = [row for row in rows if row["method"].startswith("tp:")]
+    best_peer = max(peers, key=lambda row: row["acc_final"]) if peers else None
+    sizes = r["method_cluster_sizes"]
+    fig_info = figures(model, train, args.layer, args.survey_samples, stem, sizes)
+    merge_gap = abs(r["method_acc_after_merge"] - r["method_acc_before_merge"])
+    summary = {
+        "acc_unpruned": acc_unpruned,
+        "acc_before_merge": r["method_acc_before_merge"], "acc_after_merge": r["method_acc_after_merge"],
+        "merge_gap_points": merge_gap, "merge_exact_within_0.05": merge_gap <= 0.05,
+        "acc_final": r["acc_final"], "acc_change_vs_unpruned": r["acc_final"] - acc_unpruned,
+        "best_peer": best_peer["method"] if best_peer else None,
+        "best_peer_acc_final": best_peer["acc_final"] if best_peer else None,
+        "macs_fraction": r["macs_fraction"], "params_fraction": r["params_fraction"],
+        "latency_b64": lat, "converged": r["method_converged"],
+        "max_intra_distance": r["method_max_intra_distance"],
+        "initial_max_intra_distance": r["method_initial_max_intra_distance"],
+        "epsilon": r["method_epsilon"], "epsilon_bn": r["method_epsilon_bn"],
+        "centripetal_epochs_run": epochs_run, "distance_history": r["method_distance_history"],
+        "survey_bytes_total": r["method_survey_bytes"], "survey_seconds": r["method_survey_seconds"],
+        "clustering_seconds_total": r["method_clustering_seconds"],
+        "largest_layer": r["method_largest_group"],
+        "largest_layer_channels": r["method_largest_group_channels"],
+        "largest_layer_survey_bytes": r["method_largest_group_survey_bytes"],
+        "largest_layer_clustering_seconds": r["method_largest_group_clustering_seconds"],
+        "clusters_per_group": r["method_clusters_per_group"], "cluster_sizes": sizes,
+        "figures": fig_info, "warnings": [str(w.message) for w in caught],
+    }
+    settings = {"checkpoint": None if args.quick else args.checkpoint, "meta": meta, **budget,
+                "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
+                "epsilon": args.epsilon, "survey_samples": args.survey_samples,
+                "clustering": args.clustering, "train_samples": len(train), "test_samples": len(test),
+                "peers": args.peers, "peer_finetune_epochs": peer_epochs, "seed": args.seed,
+                "quick": args.quick, **{f"option_{k}": v for k, v in options.items()}}
+    budget_text = (f"every layer at {1 - args.ratio:.3g} of its filters" if args.ratio is not None
+                   else f"target {args.target_macs:.0%} of the MACs")
+    notes = "\n".join([
+        f"Budget: {budget_text}. csgd: {epochs_run} centripetal epoch(s) "
+        f"(converged: {r['method_converged']}, max intra-cluster distance "
+        f"{r['method_max_intra_distance']:.2e}, epsilon {r['method_epsilon']:.3g}, "
+        f"BN/bias epsilon {r['method_epsilon_bn']:.3g}), no fine-tuning after the merge; "
+        f"Torch-Pruning peers fine-tuned {peer_epochs} epoch(s) with the same optimizer and schedule.",
+        "",
+        f"- accuracy right before the merge {r['method_acc_before_merge']:.2f}, right after "
+        f"{r['method_acc_after_merge']:.2f} (gap {merge_gap:.3f} points); unpruned {acc_unpruned:.2f}",
+        f"- latency ratio at batch 64 (pruned / original, back to back): NCHW "
+        f"{lat['b64_nchw']['ratio']:.3f}, channels_last {lat['b64_channels_last']['ratio']:.3f}; "
+        f"MACs ratio {r['macs_fraction']:.3f}",
+        f"- survey: {r['method_survey_samples']} images, {r['method_survey_bytes'] / 2**20:.2f} MiB of "
+        f"GAP vectors in all; largest layer {r['method_largest_group']} "
+        f"({r['method_largest_group_channels']} channels): "
+        f"{r['method_largest_group_survey_bytes'] / 2**10:.1f} KiB, clustered in "
+        f"{r['method_largest_group_clustering_seconds']:.3f} s",
+        f"- figures: {fig_info['heatmap']} (layer {fig_info['layer']}), {fig_info['cluster_sizes_plot']}",
+    ])
+    columns = ["method", "acc_before_merge", "acc_pruned", "acc_final", "macs_fraction",
+               "params_fraction", "train_epochs", "lat_b64_nchw", "lat_b64_cl", "seconds"]
+    js, md = write_results(stem, {"settings": settings, "summary": summary}, rows, columns,
+                           "Centripetal (similarity-learning) pruning vs Torch-Pruning", notes)
+    print(f"wrote {js} and {md}")
+    if not math.isfinite(merge_gap) or merge_gap > 0.05:
+        print(f"WARNING: the merge changed accuracy by {merge_gap:.3f} points", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
