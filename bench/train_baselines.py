@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="evaluate the 10,000 test images every N epochs (always at the end)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (1 is much faster on an oversubscribed shared CPU)")
     p.add_argument("--out-dir", type=Path, default=Path("bench/cache"))
     p.add_argument("--results", type=Path, default=Path("bench/results"))
     p.add_argument("--resume", action="store_true", help="continue from the state files in --out-dir")
@@ -136,6 +138,8 @@ def write_results(results_dir: Path, entries: list[dict], info: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         # One group for all models (fit() would create and destroy one per model).
         dist.init_process_group("nccl" if resolve_device(args.device).type == "cuda" else "gloo")

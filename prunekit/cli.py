@@ -593,13 +593,14 @@ def demo(
     model: Annotated[str, typer.Option("--model", help="Zoo model to train.")] = "resnet8",
     data_dir: DataDirOpt = None,
     train_samples: TrainSamplesOpt = 10000,
-    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Training epochs of the base model.")] = 3,
-    methods: Annotated[str, typer.Option(
-        "--methods", help="Methods to compare (csgd is added when available).")] = "l1,tp:l1,csgd,thinet",
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Training epochs of the base model.")] = 5,
+    methods: Annotated[str | None, typer.Option(
+        "--methods", help="Methods to compare (default: l1, tp:l1, csgd, thinet, the last two "
+                          "when this build has them).")] = None,
     target_macs: Annotated[float, typer.Option(
         "--target-macs", help="Keep at most this fraction of the original MACs.")] = 0.4,
     finetune_epochs: Annotated[int, typer.Option(
-        "--finetune-epochs", min=0, help="Training budget per method (epochs).")] = 2,
+        "--finetune-epochs", min=0, help="Training budget per method (epochs).")] = 3,
     latency_seconds: Annotated[float, typer.Option(
         "--latency-seconds", min=0.001, help="Timed seconds per latency setting.")] = 1.0,
     seed: SeedOpt = 0,
@@ -616,9 +617,11 @@ def demo(
     with Output(json_) as o:
         if out_dir.exists() and not out_dir.is_dir():
             raise ConfigError(f"--out-dir {out_dir} is not a directory")
-        names = parse_methods(methods, "--methods")
-        if "csgd" in _methods.available() and "csgd" not in names:
-            names.append("csgd")
+        if methods is None:
+            have = _methods.available()
+            names = [m for m in ("l1", "tp:l1", "csgd", "thinet") if m in have]
+        else:
+            names = parse_methods(methods, "--methods")
         names = check_methods(names)
         out_dir.mkdir(parents=True, exist_ok=True)
         ckpt = out_dir / "base.pt"

@@ -33,8 +33,22 @@ from ..errors import ModelError, UnsupportedLayerError
 
 Role = Literal["producer", "channelwise", "consumer"]
 
+# Torch-Pruning ops that cut a tensor's channels into pieces whose sizes the model's code fixes
+_SPLIT_TYPES = (tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.UNBIND, tp.ops.OPTYPE.SLICE)
+
 _CHANNELWISE_TYPES = (nn.modules.batchnorm._BatchNorm, nn.PReLU, nn.GroupNorm,
                       nn.modules.instancenorm._InstanceNorm, nn.LayerNorm)
+
+
+def _splits_channels(node) -> bool:
+    """Whether a Torch-Pruning node is a split / chunk / unbind / slice along dim 1 (channels)."""
+    if node.type not in _SPLIT_TYPES:
+        return False
+    dim = getattr(node.grad_fn, "_saved_dim", 1)
+    sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", None)
+    if isinstance(dim, int) and dim < 0 and sizes is not None:
+        dim += len(sizes)
+    return dim == 1
 
 
 def is_depthwise(m: nn.Module) -> bool:
@@ -98,16 +112,34 @@ class ChannelGroup:
                 f"{[s.name for s in self.producers]}, consumers={[s.name for s in self.consumers]})")
 
 
-def find_classifier(model: nn.Module) -> nn.Module | None:
-    """The last Linear (or, failing that, the last Conv2d) in definition order: the classifier,
-    whose output units are never pruned by default."""
-    last_linear = last_conv = None
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            last_linear = m
-        elif isinstance(m, nn.Conv2d):
-            last_conv = m
-    return last_linear if last_linear is not None else last_conv
+def _execution_order(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.Module]:
+    """Conv2d / Linear layers in the order a forward pass on ``example_inputs`` calls them."""
+    order: list[nn.Module] = []
+    handles = [m.register_forward_hook(lambda mod, _i, _o: order.append(mod))
+               for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return order
+
+
+def find_classifier(model: nn.Module, example_inputs: torch.Tensor | None = None) -> nn.Module | None:
+    """The classifier, whose output units are never pruned by default: the last Linear (or,
+    failing that, the last Conv2d) called by a forward pass on ``example_inputs``; without
+    inputs, the last one in definition order (which differs when, say, the classifier is
+    defined before a hidden Linear layer)."""
+    if example_inputs is not None:
+        layers = _execution_order(model, example_inputs)
+    else:
+        layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    linears = [m for m in layers if isinstance(m, nn.Linear)]
+    return (linears or layers or [None])[-1]
 
 
 def _resolve_modules(model: nn.Module, layers: Iterable[nn.Module | str] | None) -> list[nn.Module]:
@@ -146,7 +178,7 @@ class DependencyInfo:
         self.example_inputs = example_inputs
         self.ignored = _resolve_modules(model, ignored_layers)
         if ignore_classifier:
-            clf = find_classifier(model)
+            clf = find_classifier(model, example_inputs)
             if clf is not None and all(clf is not m for m in self.ignored):
                 self.ignored.append(clf)
         self.names = {m: n for n, m in model.named_modules()}
@@ -167,7 +199,62 @@ class DependencyInfo:
             for p in frozen:
                 p.requires_grad_(False)
             model.train(was_training)
+        self._unmapped_concats = [
+            node for node in self.dg.module2node.values()
+            if node.type == tp.ops.OPTYPE.CONCAT and node.module.offsets is None
+            and getattr(node.grad_fn, "_saved_dim", 1) == 1]
         self._groups: list[ChannelGroup] | None = None
+
+    def pruning_group(self, module: nn.Module, handler, idxs: Sequence[int]):
+        """Torch-Pruning's group of ``module``'s channels ``idxs`` (what ``Group.prune()`` cuts).
+
+        Every group goes through here, so that channel concatenations Torch-Pruning 1.6 leaves
+        unmapped are mapped first (see :meth:`_map_concats`)."""
+        self._map_concats()
+        return self.dg.get_pruning_group(module, handler, list(idxs))
+
+    def _map_concats(self) -> None:
+        """Index mappings for channel concatenations whose offsets Torch-Pruning did not set.
+
+        Torch-Pruning checks a concatenation's inferred output width against the sum of its
+        inputs' widths; when the concatenation is flattened into a Linear (no global pooling) the
+        inferred width is the Linear's ``in_features`` (channels x positions), the check fails
+        and the concatenation keeps the identity mapping, which couples the wrong channels
+        (crashes or silently wrong surgery). The inputs' widths (``concat_sizes``, which
+        Torch-Pruning keeps up to date as channels are removed) are right, so the mapping is
+        built from them, as Torch-Pruning does for every other concatenation. Torch-Pruning
+        recomputes mappings at every ``get_pruning_group`` but skips these nodes, so the
+        mappings set here are the ones used.
+        """
+        from torch_pruning.dependency.index_mapping import _ConcatIndexMapping
+
+        for node in self._unmapped_concats:
+            sizes = node.module.concat_sizes
+            if not sizes or any(c is None for c in sizes):
+                names = sorted({self.names[n.module] for n in node.outputs
+                                if isinstance(n.module, nn.Module) and n.module in self.names})
+                raise UnsupportedLayerError(
+                    f"cannot tell the channel widths of a concatenation read by {names or 'the output'}"
+                    "; add global pooling before flattening it, or pass its producers in "
+                    "ignored_layers")
+            offsets = [0]
+            for c in sizes:
+                offsets.append(offsets[-1] + int(c))
+            node.module.offsets = offsets
+            if not node.enable_index_mapping:
+                continue
+            # as Torch-Pruning's update_concat_index_mapping: concat -> input i (reverse) and
+            # input i -> concat, each dependency mapped once
+            for reverse in (True, False):
+                done: list = []
+                for i, in_node in enumerate(node.inputs):
+                    source, target = (node, in_node) if reverse else (in_node, node)
+                    for dep in source.dependencies:
+                        if dep.target is target and not any(dep is d for d in done):
+                            dep.index_mapping[1] = _ConcatIndexMapping(offset=offsets[i:i + 2],
+                                                                       reverse=reverse)
+                            done.append(dep)
+                            break
 
     @property
     def groups(self) -> list[ChannelGroup]:
@@ -189,6 +276,7 @@ class DependencyInfo:
     # ------------------------------------------------------------------ groups
     def _collect_groups(self) -> list[ChannelGroup]:
         groups: list[ChannelGroup] = []
+        self._map_concats()
         for tp_group in self.dg.get_all_groups(ignored_layers=list(self.ignored),
                                                root_module_types=(nn.Conv2d, nn.Linear)):
             root = tp_group[0].dep.target.module
@@ -199,7 +287,7 @@ class DependencyInfo:
         """The (freshly traced) group whose root is ``root``."""
         module = _resolve_modules(self.model, [root])[0]
         size = self.out_channels(module)
-        tp_group = self.dg.get_pruning_group(module, self.out_handler(module), list(range(size)))
+        tp_group = self.pruning_group(module, self.out_handler(module), range(size))
         return self._to_channel_group(module, tp_group)
 
     def out_handler(self, module: nn.Module):
@@ -224,6 +312,12 @@ class DependencyInfo:
             raise ModelError("group root is not a submodule of the model")
         size = self.out_channels(root)
         slots: dict[tuple[int, Role], Slot] = {}
+        split = next((item.dep.target for item in tp_group if _splits_channels(item.dep.target)), None)
+        if split is not None:
+            raise UnsupportedLayerError(
+                f"the output channels of layer {name!r} are split by the model's code "
+                f"({type(split.grad_fn).__name__}: torch.split / chunk / unbind or a slice); pruning "
+                f"them would break the split sizes. Pass {name!r} in ignored_layers")
         for item in tp_group:
             module = item.dep.target.module
             if not isinstance(module, nn.Module) or module not in self.names:
@@ -264,6 +358,11 @@ class DependencyInfo:
     def _check_supported(self, group: ChannelGroup) -> None:
         for slot in group.slots:
             m = slot.module
+            if isinstance(m, nn.GroupNorm) and m.num_groups > 1:
+                raise UnsupportedLayerError(
+                    f"layer {slot.name!r} is a GroupNorm with {m.num_groups} groups over channels of "
+                    f"group {group.name!r}; removing channels would break its groups. Pass the "
+                    "group's producers in ignored_layers")
             if isinstance(m, nn.Conv2d) and m.groups > 1 and not is_depthwise(m):
                 raise UnsupportedLayerError(
                     f"layer {slot.name!r} is a grouped conv (groups={m.groups}) reading channels of "

@@ -113,7 +113,7 @@ def apply_group(info: DependencyInfo, gp: GroupPlan) -> None:
         fold_consumers(group, gp.merge)
     remove = gp.remove
     if remove:
-        info.dg.get_pruning_group(group.root, info.out_handler(group.root), remove).prune()
+        info.pruning_group(group.root, info.out_handler(group.root), remove).prune()
     if gp.reconstruct:
         _reconstruct(info.model, gp)
 

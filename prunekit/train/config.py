@@ -137,6 +137,9 @@ class Hooks:
     no_weight_decay : sequence of nn.Parameter
         Parameters the optimizer must not weight-decay (a grad_transform that applies its
         own decay, for instance).
+    post_step : callable(model) or None
+        Called after every optimizer step with the unwrapped model (e.g. a projection such as
+        MRTS's clamp of BN factors to ``[0, max]``).
     """
 
     grad_transform: Callable[[nn.Module], None] | None = None
@@ -145,6 +148,7 @@ class Hooks:
     postfix: Callable[[], dict[str, float]] | None = None
     on_epoch_end: Callable[[int, nn.Module, dict], bool | None] | None = None
     no_weight_decay: Sequence[nn.Parameter] = ()
+    post_step: Callable[[nn.Module], None] | None = None
 
 
 @dataclass

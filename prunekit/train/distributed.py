@@ -2,7 +2,11 @@
 
 :func:`prunekit.train.fit` launched by ``torchrun --nproc_per_node N`` (environment variable
 ``WORLD_SIZE > 1``) creates the process group itself (gloo on CPU, NCCL on CUDA) unless the
-caller already did, and tears it down at the end only if it created it.
+caller already did. A group that fit created is kept for the rest of the process and
+destroyed at interpreter exit, never after one fit: methods call fit several times (train,
+then fine-tune; prune/fine-tune loops), and re-creating the default group under torchrun
+re-reads the previous group's stale rendezvous keys from the launcher's store and hangs
+(observed with torch 2.13 and gloo). A group the caller created is never destroyed here.
 
 BatchNorm caveat: under DDP every rank normalises with the statistics of its own slice of
 the global batch. On CUDA the model's BatchNorm layers are swapped for
@@ -14,6 +18,7 @@ run; models without BatchNorm match it up to float rounding.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass, field
 
@@ -33,7 +38,7 @@ class DistContext:
     device: torch.device
     rank: int = 0
     world: int = 1
-    created: bool = False
+    created: bool = False  # this process group was created by setup()
     _swapped: list[tuple[nn.Module, str, nn.Module]] = field(default_factory=list)
 
     @classmethod
@@ -48,11 +53,10 @@ class DistContext:
             if dev.index is None:
                 dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(dev)
-        created = False
         if not joined:
             dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-            created = True
-        return cls(dev, dist.get_rank(), dist.get_world_size(), created)
+            atexit.register(_destroy_at_exit)
+        return cls(dev, dist.get_rank(), dist.get_world_size(), created=not joined)
 
     @property
     def is_main(self) -> bool:
@@ -107,8 +111,8 @@ class DistContext:
         lo = self.rank * base + min(self.rank, extra)
         return lo, lo + base + (self.rank < extra)
 
-    def teardown(self) -> None:
-        """Destroy the process group if :meth:`setup` created it."""
-        if self.created and dist.is_initialized():
-            dist.destroy_process_group()
-            self.created = False
+
+
+def _destroy_at_exit() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -2,7 +2,8 @@
 
 One optimizer step, in order: gather the global batch by index, augment it, take this
 rank's slice, forward, loss (cross-entropy or distillation) + regulariser, backward (DDP
-all-reduces the gradients), ``Hooks.grad_transform``, SGD step, scheduler step. The
+all-reduces the gradients), ``Hooks.grad_transform``, SGD step, ``Hooks.post_step``,
+scheduler step. The
 method-specific parts are the :class:`~prunekit.train.Hooks` callables.
 
 Repeatability: the data order and the augmentation of epoch ``e`` come from CPU
@@ -75,7 +76,8 @@ def fit(model: nn.Module, train_set, cfg: TrainConfig | None = None, *, test_set
     Notes
     -----
     Launched by ``torchrun`` (``WORLD_SIZE > 1``), ``fit`` joins or creates the process group
-    (gloo on CPU, NCCL on CUDA), wraps the model in DistributedDataParallel and gives each rank
+    (gloo on CPU, NCCL on CUDA; one it creates lives until the process exits, so later fit
+    calls reuse it), wraps the model in DistributedDataParallel and gives each rank
     an even slice of every global batch of ``cfg.batch_size`` samples (uneven slices are
     weighted so the gradient is still the global-batch mean). Statistics, evaluation and
     early-stop decisions are global and identical on every rank; only rank 0 writes the state
@@ -103,7 +105,6 @@ def fit(model: nn.Module, train_set, cfg: TrainConfig | None = None, *, test_set
         return run.run(resume)
     finally:
         ctx.unwrap()
-        ctx.teardown()
 
 
 def evaluate(model: nn.Module, dataset, batch_size: int = 512,
@@ -223,8 +224,9 @@ class _Run:
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
         # Scaling by the rank's share makes DDP's gradient mean equal the global batch mean.
         total = loss * weight if weight != 1.0 else loss
-        reg = hooks.regularizer(self.model) if hooks.regularizer is not None else None
-        if reg is not None:
+        reg = None
+        if hooks.regularizer is not None:
+            reg = torch.as_tensor(hooks.regularizer(self.model), device=self.device)
             total = total + reg
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
@@ -233,6 +235,9 @@ class _Run:
             hooks.grad_transform(self.model)
         self.scaler.step(self.opt)
         self.scaler.update()
+        if hooks.post_step is not None:
+            with torch.no_grad():
+                hooks.post_step(self.model)
         self.sched.step()
         shown = loss.detach().float() + (reg.detach().float() if reg is not None else 0.0)
         n = torch.full((), float(len(y)), device=self.device)
