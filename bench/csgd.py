@@ -8,7 +8,7 @@ schedule), the measured CPU latency ratio at batch 64 (NCHW and channels_last, t
 back) next to the MACs ratio, the survey memory and clustering time of the largest layer, a
 similarity heatmap with the S2 dendrogram of one layer, and the per-layer cluster sizes.
 
-    .venv/bin/python bench/csgd.py --checkpoint bench/cache/resnet20.pt --target-macs 0.4
+    .venv/bin/python bench/csgd.py --checkpoint bench/baselines/resnet20_fashion-mnist.pt --target-macs 0.4
     .venv/bin/python bench/csgd.py --ratio 0.375        # every layer at 5/8 of its filters
     .venv/bin/python bench/csgd.py --quick              # smoke test on a briefly trained ResNet-8
 
@@ -48,7 +48,7 @@ PEERS = ["tp:l1", "tp:taylor", "tp:bn-scale"]
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", default="bench/cache/resnet20.pt")
+    p.add_argument("--checkpoint", default="bench/baselines/resnet20_fashion-mnist.pt")
     p.add_argument("--target-macs", type=float, default=0.4)
     p.add_argument("--ratio", type=float, default=None,
                    help="remove this fraction of every layer's filters instead (0.375 = 5/8 width)")

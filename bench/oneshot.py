@@ -5,7 +5,7 @@ For each method: accuracy right after pruning and after the same fine-tuning bud
 params kept, and the CPU latency of the pruned model relative to the original (batch 1 and 64,
 NCHW and channels_last, timed back to back) next to its MACs ratio.
 
-    .venv/bin/python bench/oneshot.py --checkpoint bench/cache/resnet20.pt --target-macs 0.4
+    .venv/bin/python bench/oneshot.py --checkpoint bench/baselines/resnet20_fashion-mnist.pt --target-macs 0.4
     .venv/bin/python bench/oneshot.py --quick        # smoke test on a tiny, briefly trained model
 """
 
@@ -32,7 +32,7 @@ PEERS = ["tp:l1", "tp:taylor", "tp:bn-scale"]
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", default="bench/cache/resnet20.pt")
+    p.add_argument("--checkpoint", default="bench/baselines/resnet20_fashion-mnist.pt")
     p.add_argument("--target-macs", type=float, default=0.4)
     p.add_argument("--methods", default=",".join(list(CRITERIA) + PEERS))
     p.add_argument("--finetune-epochs", type=int, default=1)

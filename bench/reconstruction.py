@@ -1,6 +1,6 @@
 """Benchmark: reconstruction pruning (ThiNet, LASSO) against L1 and Torch-Pruning's criteria.
 
-A trained baseline (default ``bench/cache/resnet20.pt``, read with ``prunekit.io.load``) is
+A trained baseline (default ``bench/baselines/resnet20_fashion-mnist.pt``, read with ``prunekit.io.load``) is
 pruned to each MACs target (default: 50% and 60% fewer MACs, i.e. ``--targets 0.5,0.4`` kept)
 by every method, and scored on the test set with no fine-tuning and after the same fine-tuning
 budget (``--finetune-epochs``, identical settings for all methods). For ThiNet and LASSO the
@@ -63,7 +63,7 @@ def baseline(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
         return model.eval(), meta
     if not args.quick:
         sys.exit(f"error: baseline checkpoint not found: {path} (train it with `prunekit train "
-                 "--model resnet20 --data fashion-mnist --out bench/cache/resnet20.pt`)")
+                 "--model resnet20 --data fashion-mnist --out bench/baselines/resnet20_fashion-mnist.pt`)")
     from prunekit.models import create
 
     train, _ = load_data(args.data or "fashion-mnist", train_samples=2000)
@@ -151,7 +151,7 @@ def write(result: dict[str, Any], out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", default=str(ROOT / "cache" / "resnet20.pt"))
+    p.add_argument("--checkpoint", default=str(ROOT / "baselines" / "resnet20_fashion-mnist.pt"))
     p.add_argument("--data", default=None, help="dataset (default: the checkpoint's, else fashion-mnist)")
     p.add_argument("--targets", default="0.5,0.4", help="fractions of the MACs kept")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS))

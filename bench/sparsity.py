@@ -15,7 +15,7 @@ equal accuracy (the smallest MACs among a method's runs whose final accuracy is 
 FLOPs). Also written: the histogram of the BN factors after sparsity training (baseline,
 slimming, MRTS) and the per-layer widths.
 
-    .venv/bin/python bench/sparsity.py --checkpoint bench/cache/resnet20.pt
+    .venv/bin/python bench/sparsity.py --checkpoint bench/baselines/resnet20_fashion-mnist.pt
     .venv/bin/python bench/sparsity.py --quick          # smoke test on a tiny model
 """
 
@@ -43,7 +43,7 @@ from prunekit.train import TrainConfig, evaluate, fit  # noqa: E402
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", default=str(CACHE / "resnet20.pt"))
+    p.add_argument("--checkpoint", default=str(CACHE.parent / "baselines" / "resnet20_fashion-mnist.pt"))
     p.add_argument("--sparsity-epochs", type=int, default=5, help="S1 epochs, both methods")
     p.add_argument("--sparsity-lr", type=float, default=0.01)
     p.add_argument("--slim-lambda", type=float, default=None,
@@ -76,7 +76,7 @@ def quick_setup(args: argparse.Namespace):
 
 
 def checkpoint_path(path: str) -> str:
-    """``bench/cache/resnet20.pt`` or train_baselines.py's ``resnet20_fashion-mnist.pt``."""
+    """``bench/baselines/resnet20_fashion-mnist.pt`` or train_baselines.py's ``resnet20_fashion-mnist.pt``."""
     p = Path(path)
     alt = p.with_name(f"{p.stem}_fashion-mnist{p.suffix}")
     return str(alt) if not p.is_file() and alt.is_file() else str(p)
