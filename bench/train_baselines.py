@@ -103,7 +103,7 @@ def train_one(name: str, train, test, cfg: TrainConfig, args: argparse.Namespace
                     for r in result.history],
     }
     meta = {"dataset": DATASET, "test_acc": result.test_acc, "epochs": result.epochs_run,
-            "input_shape": [1, train.in_channels, *train.image_size], "num_classes": train.num_classes,
+            "input_shape": [train.in_channels, *train.image_size], "num_classes": train.num_classes,
             "mean": list(train.mean), "std": list(train.std), "train_samples": len(train)}
     if is_rank0():
         save_model(model, Path(entry["checkpoint"]), meta)

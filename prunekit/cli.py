@@ -193,6 +193,32 @@ def example_input(shape: Sequence[int], batch: int = 1, seed: int = 0):
     return torch.randn(batch, *shape, generator=torch.Generator().manual_seed(seed))
 
 
+def check_forward(model, x, what: str) -> None:
+    """One forward pass before any long work: a model that cannot take the data's images is a
+    user error (exit 2), not a crash halfway through training."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    except RuntimeError as exc:
+        raise ConfigError(f"{what} cannot take inputs of shape {list(x.shape[1:])}: "
+                          f"{str(exc).splitlines()[0]}") from None
+    finally:
+        model.train(was_training)
+
+
+def check_finite(model, path: Path) -> None:
+    """Refuse a checkpoint whose weights or buffers hold NaN or Inf."""
+    import torch
+
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{path}: {name} holds NaN or Inf values")
+
+
 def load_data(name: str, data_dir: Path | None, train_samples: int | None = None):
     """``prunekit.data.load`` behind the CLI's data options."""
     from .data import load
@@ -238,7 +264,11 @@ def _train(out: Output, *, model: str, data: str, data_dir: Path | None, train_s
     if resume and not state_path.is_file():
         raise CheckpointError(f"cannot resume: training state file not found: {state_path}")
     train_set, test_set = load_data(data, data_dir, train_samples)
+    from .utils import seed_everything
+
+    seed_everything(seed)  # the initial weights are part of a seeded run
     net = create(model, num_classes=train_set.num_classes, in_channels=train_set.in_channels)
+    check_forward(net, train_set.example_input(1), model)
     out.note(f"training {model} on {data} ({len(train_set)} images, {epochs} epoch(s)); "
              f"state file {state_path}")
     result = fit(net, train_set, cfg, test_set=test_set, checkpoint_path=state_path, resume=resume)
@@ -426,6 +456,9 @@ def prune_(
     steps: Annotated[int | None, typer.Option("--steps", min=1, help="taylor: pruning iterations.")] = None,
     finetune_epochs_per_step: Annotated[int | None, typer.Option(
         "--finetune-epochs-per-step", min=0, help="taylor: fine-tuning epochs between steps.")] = None,
+    input_shape: InputShapeOpt = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="csgd: continue the centripetal phase from <out>.state.")] = False,
     expand: Annotated[bool, typer.Option("--expand", help="curl: expand the training set.")] = False,
     refine_labels: Annotated[bool, typer.Option("--refine-labels", help="curl: refine soft labels.")] = False,
     seed: SeedOpt = 0,
@@ -444,10 +477,16 @@ def prune_(
         check_budget(ratio, target_macs)
         _methods.get(method)  # unknown method: fail before loading anything
         check_output_path(out)
+        state_path = Path(f"{out}.state")
+        if resume and method != "csgd":
+            raise ConfigError("--resume applies to --method csgd (its centripetal training)")
+        if resume and not state_path.is_file():
+            raise CheckpointError(f"cannot resume: state file not found: {state_path}")
         device = check_device(device)
         t0 = time.perf_counter()
         model, meta = load_checkpoint(checkpoint)
-        shape = input_shape_for(meta, None)
+        check_finite(model, checkpoint)
+        shape = input_shape_for(meta, input_shape)
         data_name = data or meta.get("data")
         if data_name is None:
             raise ConfigError("the checkpoint does not record its dataset; pass --data")
@@ -462,6 +501,8 @@ def prune_(
             "finetune_epochs_per_step": finetune_epochs_per_step,
             "expand": expand or None, "refine_labels": refine_labels or None,
             "global_ranking": global_ranking or None}.items() if v is not None}
+        if method == "csgd":
+            options.update(state_path=str(state_path), resume=resume)
         o.note(f"pruning {checkpoint} with {method} ...")
         res = prune(model, example_input(shape), method=method, ratio=ratio, target_macs=target_macs,
                     data=(train_set, test_set), finetune_epochs=finetune_epochs, distill=distill,

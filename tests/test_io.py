@@ -81,8 +81,9 @@ def test_round_trip_identical_outputs(tmp_path) -> None:
     raw = read(path)
     assert raw["format"] == "prunekit" and raw["version"] == 1 and raw["plan"] == {"a": [1]}
     assert raw["shapes"]["features.0"] == {"type": "Conv2d", "in_channels": 3, "out_channels": 8,
-                                           "groups": 1}
-    assert raw["shapes"]["head"] == {"type": "Linear", "in_features": 12, "out_features": 4}
+                                           "groups": 1, "bias": net.features[0].bias is not None}
+    assert raw["shapes"]["head"] == {"type": "Linear", "in_features": 12, "out_features": 4,
+                                     "bias": True}
     assert raw["shapes"]["features.4"] == {"type": "BatchNorm2d", "num_features": 12}
 
 

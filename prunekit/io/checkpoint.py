@@ -53,6 +53,8 @@ def _geometry(module: nn.Module) -> dict[str, Any] | None:
         return {"type": kind, "num_features": module.num_features}
     if isinstance(module, nn.GroupNorm):
         return {"type": kind, "num_groups": module.num_groups, "num_channels": module.num_channels}
+    if isinstance(module, nn.PReLU):
+        return {"type": kind, "num_parameters": module.num_parameters}
     return None
 
 
@@ -118,6 +120,10 @@ def _resize(module: nn.Module, geom: dict[str, Any]) -> None:
         module.num_groups, module.num_channels = groups, n
         module.weight = _new_param(module.weight, (n,))
         module.bias = _new_param(module.bias, (n,))
+    elif isinstance(module, nn.PReLU):
+        n = int(geom["num_parameters"])
+        module.num_parameters = n
+        module.weight = _new_param(module.weight, (n,))
     else:  # pragma: no cover - guarded by the caller
         raise ValueError(f"cannot resize a {type(module).__name__}")
 

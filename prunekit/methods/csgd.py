@@ -75,10 +75,13 @@ DEFAULTS: dict[str, Any] = {
     "momentum": 0.9,
     "weight_decay": 5e-4,
     "tolerance": 1e-5,
+    "stop_when_converged": False,
     "recalibrate_bn": True,
     "recalibrate_samples": 2048,
     "max_steps_per_epoch": None,
     "train_config": None,
+    "state_path": None,
+    "resume": False,
 }
 
 Clusters = list[list[int]]
@@ -1100,17 +1103,21 @@ def run(ctx: PruneContext) -> MethodOutput:
     2. S1 :func:`survey` on the first ``survey_samples`` training images;
     3. S2 :func:`cluster` (``clustering``);
     4. S3 centripetal training with :func:`prunekit.train.fit` and a
-       :class:`CentripetalTransform` for ``centripetal_epochs`` epochs, stopping early once
-       :func:`max_intra_distance` < ``tolerance``; then :func:`recalibrate_bn`;
+       :class:`CentripetalTransform` for ``centripetal_epochs`` epochs (converged members stay
+       identical, so training goes on for the whole budget unless ``stop_when_converged``, which
+       stops once :func:`max_intra_distance` < ``tolerance``); then :func:`recalibrate_bn`;
     5. accuracy right before the merge (with a test set), S4 :func:`merge`, accuracy after.
 
     Options (``ctx.options``): ``centripetal_epochs`` (3), ``epsilon`` ("auto": the smallest
     value that converges on the planned schedule, :func:`auto_epsilon`; or a number),
     ``bn_epsilon_scale`` (0.1), ``survey_samples`` (1000), ``clustering`` ("agglomerative"),
     ``lr`` (0.01, cosine schedule), ``batch_size`` (128), ``momentum`` (0.9, Nesterov),
-    ``weight_decay`` (5e-4, eta), ``tolerance`` (1e-5), ``recalibrate_bn`` (True),
+    ``weight_decay`` (5e-4, eta), ``tolerance`` (1e-5), ``stop_when_converged`` (False),
+    ``recalibrate_bn`` (True),
     ``recalibrate_samples`` (2048), ``max_steps_per_epoch`` (None), ``train_config`` (a
-    :class:`~prunekit.train.TrainConfig` for everything else). The generic ``calib_images``
+    :class:`~prunekit.train.TrainConfig` for everything else), ``state_path`` (a training-state
+    file written after every centripetal epoch) and ``resume`` (continue S3 from it; the result
+    equals an uninterrupted run's). The generic ``calib_images``
     stands for ``survey_samples`` when that is not given.
     """
     o = _options(ctx)
@@ -1168,12 +1175,18 @@ def run(ctx: PruneContext) -> MethodOutput:
         from ..train import Hooks, fit
 
         def on_epoch_end(_epoch: int, _model: nn.Module, record: dict) -> bool:
+            # Members that converged stay identical (they share one mean gradient), so by
+            # default the whole budget is spent training the clustered network; stopping at
+            # convergence is an option.
             record["max_intra_distance"] = transform.max_distance()
-            return record["max_intra_distance"] < o["tolerance"]
+            return bool(o["stop_when_converged"]) and record["max_intra_distance"] < o["tolerance"]
 
         hooks = Hooks(grad_transform=transform, no_weight_decay=transform.parameters(),
                       postfix=lambda: {"dist": transform.max_distance()}, on_epoch_end=on_epoch_end)
-        result = fit(model, ctx.train_set, cfg, hooks=hooks)
+        # S1-S2 are deterministic (seeded), so a resumed run rebuilds the same clusters and
+        # continues S3 from the trainer's state file
+        result = fit(model, ctx.train_set, cfg, hooks=hooks, checkpoint_path=o["state_path"],
+                     resume=bool(o["resume"]))
         epochs_run, history = result.epochs_run, result.history
     if o["recalibrate_bn"] and o["recalibrate_samples"] > 0:
         recalibrate_bn(model, ctx.train_set, o["recalibrate_samples"], o["batch_size"],
