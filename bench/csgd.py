@@ -58,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--epsilon", default="auto", help='"auto" or a number')
     p.add_argument("--survey-samples", type=int, default=1000)
+    p.add_argument("--bn-epsilon-scale", type=float, default=None,
+                   help="epsilon of BN gamma/beta and biases relative to kernels (method default 0.1)")
     p.add_argument("--clustering", default="agglomerative", choices=csgd.CLUSTERING_METHODS)
     p.add_argument("--peers", default=None,
                    help=f"comma-separated; empty for none (default {','.join(PEERS)}; tp:l1 with --quick)")
@@ -141,6 +143,8 @@ def main(argv=None) -> int:
         options["bn_epsilon_scale"] = 1.0  # one short epoch: BN parameters must converge as fast
     else:
         model, meta, train, test = load_baseline(args.checkpoint, train_samples=args.train_samples)
+    if args.bn_epsilon_scale is not None:
+        options["bn_epsilon_scale"] = args.bn_epsilon_scale
     epsilon = args.epsilon if args.epsilon == "auto" else float(args.epsilon)
     budget = {"ratio": args.ratio} if args.ratio is not None else {"target_macs": args.target_macs}
     example = train.example_input(1)

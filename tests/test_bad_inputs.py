@@ -442,9 +442,9 @@ def test_diverging_training_stops_and_keeps_the_last_good_files(fm, tmp_path, ca
     assert "no good checkpoint was written" in line and list(fresh.iterdir()) == []
 
 
-def test_non_finite_weights_stop_fine_tuning(ckpt, fm, work, capsys) -> None:
-    """A checkpoint with an Inf where pruning cannot remove it (the classifier's bias): the
-    fine-tuning after pruning stops with one line and writes nothing."""
+def test_non_finite_weights_are_refused(ckpt, fm, work, capsys) -> None:
+    """A checkpoint with an Inf (here where pruning cannot remove it: the classifier's bias) is
+    refused before any work, with one line naming the tensor, and nothing is written."""
     model, meta = prunekit.load(ckpt)
     with torch.no_grad():
         model.classifier.bias[0] = math.inf
@@ -452,7 +452,8 @@ def test_non_finite_weights_stop_fine_tuning(ckpt, fm, work, capsys) -> None:
     prunekit.save(model, bad, meta=meta)
     before = snapshot(work)
     assert_one_line_error(*run(capsys, "prune", bad, "--method", "l1", "--ratio", "0.5", "--data-dir",
-                               fm, "--finetune-epochs", "1", "--out", work / "out.pt"), "non-finite loss")
+                               fm, "--finetune-epochs", "1", "--out", work / "out.pt"),
+                          "classifier.bias holds NaN or Inf")
     assert snapshot(work) == before
 
 

@@ -333,7 +333,7 @@ def _logits(model: nn.Module, data: ImageDataset, device: torch.device, batch: i
 def finetune_small_data(student: nn.Module, teacher: nn.Module | None, train_set: ImageDataset,
                         epochs: float = 10, expand: bool = True, distill: bool = True,
                         refine_labels: bool = True, *, factor: int = 5, mixup_alpha: float = 0.2,
-                        phase1: float = 0.3, label_lr: float = 0.1,
+                        phase1: float = 0.3, label_lr: float = 0.1, label_anchor: float = 0.0,
                         transforms: Sequence[str] = TRANSFORMS, cfg: TrainConfig | None = None,
                         test_set=None, seed: int = 0) -> SmallDataResult:
     """Fine-tune a pruned ``student`` on a small ``train_set`` (CURL's small-data recipe).
@@ -365,6 +365,10 @@ def finetune_small_data(student: nn.Module, teacher: nn.Module | None, train_set
         Share of the steps spent in step 1 (with ``refine_labels``).
     label_lr : float
         ``eta``, the soft labels' step size.
+    label_anchor : float
+        ``beta``: weight of PENCIL's compatibility term in the soft labels' update, which pulls
+        them toward the given hard label: ``z_i <- z_i - eta * (a*T^2*(p_i - q_i) +
+        beta*(p_i - onehot(y_i)))``. 0 (default) leaves only the seed's KL term.
     transforms : sequence of str
         Expansion transforms (default: crops, rotations, 2x2/3x3/4x4 patch shuffles).
     cfg : TrainConfig, optional
@@ -459,7 +463,12 @@ def finetune_small_data(student: nn.Module, teacher: nn.Module | None, train_set
         return loss
 
     def update_labels(idx):
-        z[idx.to(device)] -= label_lr * pending.pop("grad")
+        i = idx.to(device)
+        step = pending.pop("grad")
+        if label_anchor:
+            p = F.softmax(z[i], dim=1)
+            step = step + label_anchor * (p - F.one_hot(data.targets[idx].to(device), p.shape[1]))
+        z[i] -= label_lr * step
 
     loss = _loop(student, data, steps2, cfg, step2, device, seed + 100, "step 2: label refinement",
                  after_step=update_labels)
