@@ -54,16 +54,15 @@ import torch.nn.functional as F
 
 from ..criteria import Scores
 from ..engine import ChannelGroup, DependencyInfo, PruningPlan, analyse, apply_plan
-from ..engine.budget import Widths, check_fraction, count_macs_params, solve_budget
+from ..engine.budget import check_fraction, count_macs_params, solve_budget
 from ..errors import ConfigError, DataError
 from ..utils import module_device, progress, resolve_device
 from . import MethodOutput, PruneContext
 from .autopruner import consumer_index
-from .oneshot import keep_top
+from .oneshot import NORMALIZE, global_widths, keep_top
 
 __all__ = ["NORMALIZE", "global_widths", "kl_scores", "run"]
 
-NORMALIZE = ("none", "l2", "max")
 
 
 class _ReplicaMask:
@@ -183,38 +182,6 @@ def kl_scores(info: DependencyInfo, data, *, calib_images: int = 128, channel_ba
     return {k: v / n for k, v in sums.items()}
 
 
-def global_widths(info: DependencyInfo, scores: Scores, ratio: float, normalize: str = "l2") -> Widths:
-    """S3: widths after removing the ``ratio`` lowest-scoring channels of the whole network
-    (at least one channel stays in every group).
-
-    Parameters
-    ----------
-    normalize : {"none", "l2", "max"}
-        Per-group rescaling of the scores before the global ranking ("none": raw KL; see the
-        module notes for why "l2" is the default).
-    """
-    if normalize not in NORMALIZE:
-        raise ConfigError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
-    entries: list[tuple[float, int, str]] = []
-    for g in info.groups:
-        s = scores[g.name].double()
-        if normalize == "l2":
-            s = s / s.norm().clamp_min(1e-30)
-        elif normalize == "max":
-            s = s / s.max().clamp_min(1e-30)
-        entries += [(float(v), i, g.name) for i, v in enumerate(s)]
-    entries.sort(key=lambda e: (e[0], e[2], e[1]))
-    widths = {g.name: g.size for g in info.groups}
-    to_remove = int(round(ratio * len(entries)))
-    for _, _, name in entries:
-        if to_remove == 0:
-            break
-        if widths[name] > 1:
-            widths[name] -= 1
-            to_remove -= 1
-    return widths
-
-
 def _one_round(model: nn.Module, x: torch.Tensor, ctx: PruneContext, target: float | None,
                ratio: float | None, opts: dict) -> tuple[nn.Module, PruningPlan, dict]:
     info = analyse(model, x, ignored_layers=ctx.ignored_layers)
@@ -223,9 +190,9 @@ def _one_round(model: nn.Module, x: torch.Tensor, ctx: PruneContext, target: flo
                        device=opts["device"])
     norm = opts["normalize"]
     if target is not None:
-        r, widths, frac = solve_budget(info, target, lambda q: global_widths(info, scores, q, norm))
+        r, widths, frac = solve_budget(info, target, lambda q: global_widths(scores, q, norm))
     else:
-        r, widths, frac = ratio, global_widths(info, scores, ratio, norm), None
+        r, widths, frac = ratio, global_widths(scores, ratio, norm), None
     plan = keep_top(info, scores, widths)
     pruned = apply_plan(model, x, plan)
     return pruned, plan, {"ratio": r, "searched_macs_fraction": frac,

@@ -12,6 +12,7 @@ import torch
 from ..criteria import Scores, score
 from ..engine import DependencyInfo, GroupPlan, PruningPlan, analyse, apply_plan
 from ..engine.budget import Widths, check_fraction, solve_budget, widths_at_ratio
+from ..errors import ConfigError
 from . import MethodOutput, PruneContext
 
 
@@ -27,17 +28,39 @@ def keep_top(info: DependencyInfo, scores: Scores, widths: Widths) -> PruningPla
     return PruningPlan(groups)
 
 
-def global_widths(info: DependencyInfo, scores: Scores, ratio: float) -> Widths:
-    """Widths after removing the ``ratio`` least important channels network-wide."""
-    entries = []
-    for g in info.groups:
-        s = scores[g.name].double()
-        s = s / s.norm().clamp_min(1e-12)
-        entries += [(float(v), g.name) for v in s]
+NORMALIZE = ("l2", "max", "none")
+
+
+def global_widths(scores: Scores, ratio: float, normalize: str = "l2") -> Widths:
+    """Widths after removing the ``round(ratio * N)`` least important of all ``N`` channels,
+    ranked network-wide; every group keeps at least one channel (the next channel elsewhere is
+    taken instead).
+
+    Parameters
+    ----------
+    scores : dict[str, Tensor]
+        Group name -> per-channel scores.
+    ratio : float
+        Fraction of all channels to remove.
+    normalize : {"l2", "max", "none"}
+        Per-group rescaling before the ranking: by the scores' L2 norm (default; Taylor-FO's
+        layer normalisation, seed 004), by their maximum, or none (scores that already compare
+        across layers, such as BN factors after sparsity training).
+    """
+    if normalize not in NORMALIZE:
+        raise ConfigError(f"normalize must be one of {', '.join(NORMALIZE)}, got {normalize!r}")
+    entries: list[tuple[float, str, int]] = []
+    for name, s in scores.items():
+        s = s.double()
+        if normalize == "l2":
+            s = s / s.norm().clamp_min(1e-30)
+        elif normalize == "max":
+            s = s / s.max().clamp_min(1e-30)
+        entries += [(float(v), name, i) for i, v in enumerate(s)]
     entries.sort()
-    widths = {g.name: g.size for g in info.groups}
+    widths = {name: len(s) for name, s in scores.items()}
     to_remove = int(round(ratio * len(entries)))
-    for _, name in entries:
+    for _, name, _ in entries:
         if to_remove == 0:
             break
         if widths[name] > 1:
@@ -50,7 +73,7 @@ def plan_for_budget(ctx: PruneContext, info: DependencyInfo, scores: Scores,
                     global_ranking: bool = False) -> tuple[PruningPlan, dict]:
     """Turn scores and the context's budget (ratio or target MACs) into a plan."""
     def widths_fn(r: float) -> Widths:
-        return global_widths(info, scores, r) if global_ranking else widths_at_ratio(info, r)
+        return global_widths(scores, r) if global_ranking else widths_at_ratio(info, r)
 
     if ctx.target_macs is not None:
         ratio, widths, frac = solve_budget(info, ctx.target_macs, widths_fn)

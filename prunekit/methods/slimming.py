@@ -58,7 +58,7 @@ from ..engine.budget import Widths, check_fraction, count_macs_params, macs_of_w
 from ..errors import ConfigError, DataError
 from ..utils import module_device
 from . import MethodOutput, PruneContext
-from .oneshot import keep_top
+from .oneshot import global_widths, keep_top
 
 Kind = Literal["l1", "polarization"]
 Scope = Literal["layer", "network"]
@@ -585,16 +585,7 @@ def global_threshold_widths(scores: Scores, ratio: float) -> Widths:
     factors compare across layers, and that comparison is what the sparsity training creates.
     A group keeps at least one channel (the next smallest factor elsewhere is taken instead).
     """
-    entries = sorted((float(v), n) for n, s in scores.items() for v in s.abs())
-    widths = {n: len(s) for n, s in scores.items()}
-    to_remove = int(round(float(ratio) * len(entries)))
-    for _, name in entries:
-        if to_remove == 0:
-            break
-        if widths[name] > 1:
-            widths[name] -= 1
-            to_remove -= 1
-    return widths
+    return global_widths({n: s.abs() for n, s in scores.items()}, ratio, normalize="none")
 
 
 def removed_fraction(scores: Scores, widths: Widths) -> float:

@@ -176,12 +176,12 @@ def run(ctx: PruneContext) -> MethodOutput:
         if ctx.target_macs is None:
             n = int(goal) - (total0 - total)
             if n > 0:
-                widths = global_widths(info, scores, n / total)
+                widths = global_widths(scores, n / total)
         else:
             rel = goal * macs0 / count_macs_params(model, x)[0]
             if rel < 1.0:
                 widths = solve_budget(info, rel, lambda r, info=info, scores=scores:
-                                      global_widths(info, scores, r), iters=16)[1]
+                                      global_widths(scores, r), iters=16)[1]
         step_plan = keep_top(info, scores, widths) if widths is not None else PruningPlan()
         if len(step_plan):
             model = apply_plan(model, x, step_plan)
