@@ -78,6 +78,9 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None, method: 
         Epochs of fine-tuning after surgery (0: none).
     distill : bool
         Fine-tune with knowledge distillation from the original model.
+    expand, refine_labels : bool (keyword, in ``method_options``)
+        Fine-tune with CURL's small-data recipe (:func:`prunekit.train.smalldata.finetune_small_data`):
+        training-set expansion and/or soft-label refinement.
     train_config : prunekit.train.TrainConfig, optional
         Fine-tuning settings (epochs are overridden by ``finetune_epochs``).
     **method_options
@@ -97,6 +100,11 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None, method: 
         raise ConfigError(f"finetune_epochs must be a whole number >= 0, got {finetune_epochs}")
     finetune_epochs = int(finetune_epochs)
     run = methods.get(method)
+    # CURL's small-data recipe belongs to the fine-tuning phase, whatever the method
+    expand = bool(method_options.pop("expand", False))
+    refine_labels = bool(method_options.pop("refine_labels", False))
+    if (expand or refine_labels) and finetune_epochs == 0:
+        raise ConfigError("expand / refine_labels apply to fine-tuning: give finetune_epochs > 0")
     model = copy.deepcopy(model).eval()
     times: dict[str, float] = {}
     report: dict[str, Any] = {"method": method, "ratio": ratio, "target_macs": target_macs,
@@ -132,9 +140,14 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None, method: 
         cfg = copy.copy(train_config) if train_config is not None else TrainConfig(lr=0.01)
         cfg.epochs = finetune_epochs
         cfg.seed = seed
-        hooks = Hooks(teacher=model) if distill else None
         t = time.perf_counter()
-        fit(pruned, train_set, cfg, test_set=None, hooks=hooks)
+        if expand or refine_labels:
+            from .train.smalldata import finetune_small_data
+            finetune_small_data(pruned, model if distill else None, train_set, finetune_epochs,
+                                expand=expand, distill=distill, refine_labels=refine_labels,
+                                cfg=cfg, seed=seed)
+        else:
+            fit(pruned, train_set, cfg, test_set=None, hooks=Hooks(teacher=model) if distill else None)
         times["finetune_s"] = time.perf_counter() - t
         pruned.eval()
     if evaluate and test_set is not None:
@@ -147,7 +160,8 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None, method: 
     report.update({
         "macs_before": macs0, "macs_after": macs1, "params_before": params0,
         "params_after": params1, "macs_fraction": macs1 / macs0, "params_fraction": params1 / params0,
-        "finetune_epochs": finetune_epochs, "distill": distill,
+        "finetune_epochs": finetune_epochs, "distill": distill, "expand": expand,
+        "refine_labels": refine_labels,
         "widths": {n: [w, widths1.get(n, 0)] for n, w in widths0.items()},
         "times": times,
     })

@@ -18,13 +18,6 @@ from prunekit.io import load
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on busy shared cores two OpenMP threads stall each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

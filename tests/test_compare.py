@@ -23,13 +23,6 @@ FAST = {"latency_seconds": 0.01, "batch_sizes": (1, 8), "progress": False}
 CSGD = {"survey_samples": 64, "recalibrate_samples": 64}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on busy shared cores two OpenMP threads stall each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def random_images(n: int, seed: int) -> ImageDataset:

@@ -17,24 +17,17 @@ from prunekit.engine import analyse, make_identical
 from prunekit.errors import ConfigError, DataError
 from prunekit.methods import csgd
 from prunekit.models import create
+from prunekit.testing import randomise_bn
 
 torch.set_num_threads(1)
 
 
-def _randomise_bn(model: nn.Module, gen: torch.Generator) -> None:
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.bias.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
-                m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
 
 
 def _model(name: str, seed: int = 0, in_channels: int = 3, **kw) -> nn.Module:
     torch.manual_seed(seed)
     m = create(name, num_classes=10, in_channels=in_channels, **kw).eval()
-    _randomise_bn(m, torch.Generator().manual_seed(seed))
+    randomise_bn(m, torch.Generator().manual_seed(seed))
     return m
 
 

@@ -22,6 +22,7 @@ from prunekit.engine import (
 )
 from prunekit.engine.budget import count_macs_params
 from prunekit.models import create
+from prunekit.testing import randomise_bn
 
 torch.set_num_threads(1)
 
@@ -33,21 +34,12 @@ ZOO = {
 }
 
 
-def _randomise_bn(model: nn.Module, gen: torch.Generator) -> None:
-    """Give BN layers non-trivial statistics so exactness tests are not vacuous."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.bias.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
-                m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
 
 
 def _model(name: str, in_channels: int = 3, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(seed)
     m = create(name, num_classes=10, in_channels=in_channels, **ZOO[name]).eval()
-    _randomise_bn(m, torch.Generator().manual_seed(seed))
+    randomise_bn(m, torch.Generator().manual_seed(seed))
     size = ZOO[name].get("input_size", 16 if name != "densenet40" else 16)
     return m, torch.randn(2, in_channels, size, size)
 

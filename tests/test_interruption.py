@@ -30,14 +30,6 @@ from prunekit.methods import available
 from prunekit.models import create
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _write_idx(path: Path, array: np.ndarray) -> None:
     array = np.asarray(array, dtype=np.uint8)
     header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)

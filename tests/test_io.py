@@ -13,15 +13,6 @@ from prunekit.errors import CheckpointError, ConfigError, PrunekitError
 from prunekit.io import export_onnx, layer_shapes, load, read, save
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on busy shared cores two OpenMP threads stall each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class SmallNet(nn.Module):
     def __init__(self, width: int = 8, num_classes: int = 4) -> None:
         super().__init__()

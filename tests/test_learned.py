@@ -15,6 +15,7 @@ from prunekit.engine import analyse, apply_plan, leftover_hooks
 from prunekit.methods import autopruner as ap
 from prunekit.methods.curl import kl_scores
 from prunekit.models import create
+from prunekit.testing import randomise_bn
 from prunekit.train import TrainConfig
 from prunekit.train.smalldata import expand, finetune_small_data, patch_shuffle, refinement_loss
 
@@ -22,16 +23,6 @@ torch.set_num_threads(1)
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
-def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.bias.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
-                m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-    return model
 
 
 def _synthetic(n: int = 256, size: int = 16, seed: int = 0) -> ImageDataset:
@@ -102,7 +93,7 @@ def test_binary_gates_fold_exactly(name, kw):
     the folded, pruned network give the same outputs (residual trunks, a BN between trunk and
     consumer in pre-activation ResNets, depthwise convs, concatenation, flatten -> Linear)."""
     torch.manual_seed(0)
-    model = _randomise_bn(create(name, num_classes=10, in_channels=3, **kw)).double().eval()
+    model = randomise_bn(create(name, num_classes=10, in_channels=3, **kw)).double().eval()
     x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
     info = analyse(model, x)
     gated = ap.GatedModel(model, info.groups, x)
@@ -196,7 +187,7 @@ class _DoubleData:
 
 def test_batched_kl_equals_one_forward_per_channel():
     torch.manual_seed(0)
-    model = _randomise_bn(create("resnet8", num_classes=10, in_channels=1, width=0.5)).double().eval()
+    model = randomise_bn(create("resnet8", num_classes=10, in_channels=1, width=0.5)).double().eval()
     data = _DoubleData(_synthetic(12, 12))
     info = analyse(model, data.batch([0, 1])[0])
     one = kl_scores(info, data, calib_images=12, channel_batch=1, batch_size=5)
@@ -211,7 +202,7 @@ def test_batched_kl_equals_one_forward_per_channel():
 
 def test_curl_prunes_whole_stage_trunks_consistently():
     torch.manual_seed(0)
-    model = _randomise_bn(create("resnet20", num_classes=10, in_channels=1, width=0.5)).eval()
+    model = randomise_bn(create("resnet20", num_classes=10, in_channels=1, width=0.5)).eval()
     data = _synthetic(16, 16)
     x = data.example_input(2)
     res = prunekit.prune(model, x, method="curl", target_macs=0.5, data=data, calib_images=16,
@@ -278,3 +269,22 @@ def test_finetune_small_data_runs_all_phases():
     assert [p["name"] for p in plain.phases] == ["finetune"] and plain.steps == 2
     with pytest.raises(prunekit.ConfigError):
         finetune_small_data(student, None, train, epochs=1, distill=True)
+
+
+def test_prune_fine_tunes_with_the_small_data_recipe() -> None:
+    """``expand`` / ``refine_labels`` switch prune()'s fine-tuning to CURL's small-data recipe,
+    for any method, and are refused without fine-tuning."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 1, 16, 16), dtype=torch.uint8, generator=g)
+    data = ImageDataset(images, torch.arange(64) % 4, mean=(0.5,), std=(0.25,), num_classes=4,
+                        name="tiny")
+    model = create("resnet8", num_classes=4, in_channels=1, width=0.5).eval()
+    res = prunekit.prune(model, method="l1", ratio=0.5, data=(data, data), finetune_epochs=1,
+                         distill=True, expand=True, refine_labels=True)
+    assert res.report["expand"] and res.report["refine_labels"] and res.report["times"]["finetune_s"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(
+        res.model.state_dict().values(),
+        prunekit.prune(model, data.example_input(1), method="l1", ratio=0.5).model.state_dict().values(),
+        strict=True))
+    with pytest.raises(prunekit.ConfigError):
+        prunekit.prune(model, method="l1", ratio=0.5, data=(data, data), expand=True)

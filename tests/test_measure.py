@@ -13,13 +13,6 @@ from prunekit.measure import compare_latency, count, latency, profile
 QUICK = {"warmup": 1, "min_repeats": 3, "max_seconds": 0.05, "threads": 1}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on busy shared cores two OpenMP threads stall each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class TinyNet(nn.Module):
