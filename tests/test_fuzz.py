@@ -213,19 +213,18 @@ class ChannelShuffle(nn.Module):
         return self.fc(torch.relu(self.c2(y)).mean((2, 3)))
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "Torch-Pruning treats the transpose of a channel shuffle as element-wise, so the engine "
-    "removes c1's output channels and c2's input columns at unshuffled positions: the pruned "
-    "model is silently wrong (it should be refused with UnsupportedLayerError)"))
-def test_channel_shuffle_is_pruned_exactly_or_refused() -> None:
+def test_channel_shuffle_is_refused_naming_the_layer() -> None:
+    """A channel shuffle (view -> transpose -> reshape) reorders channels: pruning through it
+    used to remove the wrong channels silently; now it is a typed error naming the producer,
+    and the rest of the model still prunes exactly once that layer is ignored."""
     from prunekit.testing.fuzz import zero_removed_inputs
 
     torch.manual_seed(0)
     model, x = ChannelShuffle().double().eval(), torch.randn(2, 3, 8, 8, dtype=torch.float64)
-    try:
-        res = prunekit.prune(model, x, method="random", ratio=0.5, seed=1)
-    except UnsupportedLayerError:
-        return
+    with pytest.raises(UnsupportedLayerError, match="'c1'.*transpose"):
+        prunekit.prune(model, x, method="random", ratio=0.5, seed=1)
+    res = prunekit.prune(model, x, method="random", ratio=0.5, seed=1, ignored_layers=["c1"])
+    assert res.model.c1.out_channels == model.c1.out_channels
     zeroed = zero_removed_inputs(model, x, res.plan)
     torch.testing.assert_close(res.model(x), zeroed(x), rtol=1e-9, atol=1e-12)
 

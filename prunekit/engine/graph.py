@@ -51,6 +51,17 @@ def _splits_channels(node) -> bool:
     return dim == 1
 
 
+# Tensor-level transposes (not a Linear's weight ``.t()``, which is ``TBackward0``): in a CNN
+# they reorder channels (e.g. ShuffleNet's channel shuffle, view -> transpose -> reshape), which
+# Torch-Pruning treats as element-wise, so pruning through them would remove the wrong channels.
+_REORDERING_GRAD_FNS = ("TransposeBackward0", "TransposeBackward1", "PermuteBackward0")
+
+
+def _reorders_channels(node) -> bool:
+    """Whether a Torch-Pruning node is a transpose / permute of a feature map."""
+    return node.grad_fn is not None and type(node.grad_fn).__name__ in _REORDERING_GRAD_FNS
+
+
 def is_depthwise(m: nn.Module) -> bool:
     """A conv whose every output channel reads exactly its own input channel."""
     return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
@@ -318,6 +329,13 @@ class DependencyInfo:
                 f"the output channels of layer {name!r} are split by the model's code "
                 f"({type(split.grad_fn).__name__}: torch.split / chunk / unbind or a slice); pruning "
                 f"them would break the split sizes. Pass {name!r} in ignored_layers")
+        shuffle = next((item.dep.target for item in tp_group if _reorders_channels(item.dep.target)),
+                       None)
+        if shuffle is not None:
+            raise UnsupportedLayerError(
+                f"the output channels of layer {name!r} pass through a transpose / permute "
+                f"({type(shuffle.grad_fn).__name__}, e.g. a channel shuffle), which reorders "
+                f"channels the engine cannot follow. Pass {name!r} in ignored_layers")
         for item in tp_group:
             module = item.dep.target.module
             if not isinstance(module, nn.Module) or module not in self.names:
