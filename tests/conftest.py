@@ -1,5 +1,8 @@
 """Shared test settings."""
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
@@ -12,3 +15,19 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def write_image_folder(root: Path, sizes: dict[str, int]) -> Path:
+    """A tiny grayscale image folder under ``root``: classes "dark" and "light", ``sizes[split]``
+    8x8 PNGs per class and split (e.g. ``{"train": 8, "test": 2}``); returns ``root``."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in sizes.items():
+        for label, cls in enumerate(("dark", "light")):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 120, (8, 8)) + 120 * label
+                Image.fromarray(pixels.astype(np.uint8), mode="L").save(d / f"{i}.png")
+    return root

@@ -8,9 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from conftest import write_image_folder
 
 from prunekit import cli
 from prunekit.io import load
@@ -38,17 +38,7 @@ def assert_one_line_error(code: int, out: str, err: str) -> None:
 @pytest.fixture(scope="module")
 def folder_data(tmp_path_factory) -> str:
     """A tiny grayscale image folder: 2 classes, 8 training and 2 test images each."""
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 8), ("test", 2)):
-        for label, cls in enumerate(("dark", "light")):
-            d = root / split / cls
-            d.mkdir(parents=True)
-            for i in range(n):
-                pixels = rng.integers(0, 120, (8, 8)) + 120 * label
-                Image.fromarray(pixels.astype(np.uint8), mode="L").save(d / f"{i}.png")
+    root = write_image_folder(tmp_path_factory.mktemp("imgs"), {"train": 8, "test": 2})
     return f"folder:{root}"
 
 

@@ -7,9 +7,9 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from conftest import write_image_folder
 
 import prunekit
 from prunekit import cli
@@ -171,17 +171,7 @@ def test_unknown_method_fails_before_any_work(model, data, tmp_path) -> None:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A tiny grayscale image folder (2 classes) and an untrained ResNet-8 checkpoint on it."""
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 8), ("test", 4)):
-        for label, cls in enumerate(("dark", "light")):
-            d = root / split / cls
-            d.mkdir(parents=True)
-            for i in range(n):
-                pixels = rng.integers(0, 120, (8, 8)) + 120 * label
-                Image.fromarray(pixels.astype(np.uint8), mode="L").save(d / f"{i}.png")
+    root = write_image_folder(tmp_path_factory.mktemp("imgs"), {"train": 8, "test": 4})
     torch.manual_seed(0)
     net = create("resnet8", num_classes=2, in_channels=1, width=0.5)
     path = root / "base.pt"
