@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -139,6 +140,9 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
                  checkpoint_path=Path(out) / "state.pt")
     torch.save({"state": model.state_dict(), "history": result.history}, Path(out) / f"rank{rank}.pt")
     fit(tiny_cnn(bn=False), synthetic(32), quick(max_steps_per_epoch=1))  # a 2nd fit reuses the group
+    assert dist.is_initialized()  # fit keeps the group it created for later fits
+    dist.barrier()  # leave together (as the atexit hook does) so no rank tears down early
+    dist.destroy_process_group()
 
 
 def _free_port() -> int:

@@ -112,7 +112,14 @@ class DistContext:
         return lo, lo + base + (self.rank < extra)
 
 
-
 def _destroy_at_exit() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the group together: a barrier first, so no rank tears down its gloo pairs while a
+    peer still talks to them (a rank that exits early makes the other abort with
+    ``terminate called without an active exception``)."""
+    if not dist.is_initialized():
+        return
+    try:
+        dist.barrier()
+    except RuntimeError:  # a peer is already gone: nothing left to wait for
+        pass
+    dist.destroy_process_group()
