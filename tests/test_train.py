@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -143,6 +144,13 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
     assert dist.is_initialized()  # fit keeps the group it created for later fits
     dist.barrier()  # leave together (as the atexit hook does) so no rank tears down early
     dist.destroy_process_group()
+    # torch 2.13 + gloo sometimes aborts in a C++ destructor at interpreter shutdown, after all
+    # the work above is done and the group destroyed ("terminate called without an active
+    # exception", no Python frame; ~1 run in 10 on a loaded 2-core machine). Leave without the
+    # C++ teardown so this test checks the training, not torch's shutdown order.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _free_port() -> int:
