@@ -14,7 +14,7 @@ import torch
 
 import prunekit
 from prunekit.data import load
-from prunekit.measure.timing import compare_latency
+from prunekit.measure.timing import LAYOUTS, compare_latency
 from prunekit.utils import atomic_path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -48,15 +48,20 @@ def load_baseline(path: str | os.PathLike, data: str = "fashion-mnist",
 
 
 def latency_ratios(original, pruned, example, batch_sizes: Sequence[int] = (1, 64),
-                   layouts: Sequence[str] = ("nchw", "channels_last"),
-                   max_seconds: float = 3.0) -> dict[str, Any]:
-    """Pruned / original median latency, timed back to back, per batch size and layout."""
+                   layouts: Sequence[str] = LAYOUTS, max_seconds: float = 3.0,
+                   rounds: int = 1) -> dict[str, Any]:
+    """Pruned / original median latency, timed back to back, per batch size and layout
+    (nchw, channels_last, deploy = channels_last with BatchNorm folded); with ``rounds`` > 1
+    each setting is measured that many times and the median ratio is kept (shared machines
+    are noisy), with every round's ratio listed."""
     out: dict[str, Any] = {}
     for b in batch_sizes:
         for layout in layouts:
-            r = compare_latency(original, pruned, example, b, layout, max_seconds=max_seconds)
+            runs = [compare_latency(original, pruned, example, b, layout, max_seconds=max_seconds)
+                    for _ in range(rounds)]
+            r = sorted(runs, key=lambda run: run["ratio"])[len(runs) // 2]
             out[f"b{b}_{layout}"] = {"original_ms": r["median_ms_a"], "pruned_ms": r["median_ms_b"],
-                                     "ratio": r["ratio"]}
+                                     "ratio": r["ratio"], "rounds": [run["ratio"] for run in runs]}
     return out
 
 

@@ -378,7 +378,11 @@ def profile_(
         "--max-seconds", help="Timed seconds per setting.")] = 1.0,
     json_: JsonOpt = False,
 ) -> None:
-    """MACs, parameters, file size and measured latency (NCHW and channels_last) of a checkpoint."""
+    """MACs, parameters, file size and measured latency of a checkpoint.
+
+    Latency is timed in three settings: NCHW, channels_last, and deploy (channels_last with
+    every conv -> BatchNorm pair folded into one conv, as inference runtimes run it).
+    """
     from .measure import profile
 
     with Output(json_) as o:

@@ -64,7 +64,7 @@ def test_results_json(first_run) -> None:
         assert e["budget"] == {**e["budget"], "epochs": 0, "finetune_epochs": 0, "over_budget": False}
         for key in ("b1", "b8"):
             lat = e["latency"][key]
-            assert lat["best"] in ("nchw", "channels_last") and lat[lat["best"]]["ratio"] > 0
+            assert lat["best"] in ("nchw", "channels_last", "deploy") and lat[lat["best"]]["ratio"] > 0
             assert e["onnx"]["latency"][key]["pruned_ms"] > 0
         assert (out / e["onnx"]["file"]).is_file()
         ckpt = out / e["checkpoint"]["file"]

@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 from prunekit.errors import ConfigError
-from prunekit.measure import compare_latency, count, latency, profile
+from prunekit.measure import LAYOUTS, compare_latency, count, latency, profile
+from prunekit.measure.deploy import fold_batchnorm
+from prunekit.testing import randomise_bn
 
 # one thread: on a busy 2-core machine two OpenMP threads stall each other, and timings explode
 QUICK = {"warmup": 1, "min_repeats": 3, "max_seconds": 0.05, "threads": 1}
@@ -120,9 +122,9 @@ def test_profile_structure(tmp_path) -> None:
     assert report["input_shape"] == [3, 16, 16]
     assert set(report["latency"]) == {"b1", "b4"}
     for per in report["latency"].values():
-        assert set(per) == {"nchw", "channels_last", "best"}
-        assert per["best"] == min(("nchw", "channels_last"), key=lambda k: per[k]["median_ms"])
-        for layout in ("nchw", "channels_last"):
+        assert set(per) == {"nchw", "channels_last", "deploy", "best"}
+        assert per["best"] == min(LAYOUTS, key=lambda k: per[k]["median_ms"])
+        for layout in LAYOUTS:
             assert {"median_ms", "p90_ms", "throughput_per_s"} <= set(per[layout])
     assert report["file_size_bytes"] > 0 and "onnx" not in report
     ckpt = tmp_path / "some.bin"
@@ -155,3 +157,46 @@ def test_profile_zoo_resnet20_is_quick() -> None:
     # ResNet-20 for CIFAR: about 41 M MACs and 0.27 M parameters.
     assert 39e6 < report["macs"] < 43e6
     assert 0.26e6 < report["params"] < 0.28e6
+
+
+# ----------------------------------------------------------------------------- deploy: BN folding
+@pytest.mark.parametrize("arch", ["resnet20", "densenet40", "mobilenetv2"])
+def test_fold_batchnorm_is_exact_and_removes_conv_bn_pairs(arch: str) -> None:
+    models = pytest.importorskip("prunekit.models")
+    net = randomise_bn(models.create(arch, num_classes=10, in_channels=3)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    folded = fold_batchnorm(net)
+    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    left = [n for n in folded.graph.nodes
+            if n.op == "call_module" and isinstance(folded.get_submodule(n.target), nn.BatchNorm2d)]
+    if arch == "densenet40":  # pre-activation: every BN reads a concatenation (or a conv output
+        assert len(left) == len(bns)  # that a concatenation reads too): nothing may fold
+    else:
+        assert not left and bns
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), net(x), atol=1e-4, rtol=1e-4)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in net.modules())  # the original is untouched
+
+
+def test_fold_batchnorm_leaves_shared_and_untraceable_models_alone() -> None:
+    class Shared(nn.Module):  # one conv called twice: folding one BN would change the other call
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn1, self.bn2 = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn1(self.conv(x)) + self.bn2(self.conv(x))
+
+    class Branchy(TinyNet):
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: fx cannot trace it
+                x = x * 2
+            return super().forward(x)
+
+    shared = randomise_bn(Shared()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(fold_batchnorm(shared)(x), shared(x))
+    with pytest.warns(RuntimeWarning, match="cannot be traced"):
+        plain = fold_batchnorm(Branchy())
+    assert not isinstance(plain, torch.fx.GraphModule)

@@ -85,8 +85,9 @@ def profile(model: nn.Module, example_inputs: Any, batch_sizes: Sequence[int] = 
     checkpoint_path : path, optional
         The model's checkpoint, whose size is reported; otherwise the model is saved to a
         temporary file with :func:`prunekit.io.save` and that size is reported.
-    layouts : sequence of {"nchw", "channels_last"}
-        Memory layouts to time; ``channels_last`` is skipped for inputs that are not 4-D.
+    layouts : sequence of {"nchw", "channels_last", "deploy"}
+        Settings to time (see :data:`prunekit.measure.LAYOUTS`); ``channels_last`` and
+        ``deploy`` are skipped for inputs that are not 4-D.
     warmup, min_repeats, max_seconds, threads
         Passed to :func:`prunekit.measure.latency` for every (batch size, layout) setting.
 
@@ -94,7 +95,8 @@ def profile(model: nn.Module, example_inputs: Any, batch_sizes: Sequence[int] = 
     -------
     dict
         ``{"macs", "params", "input_shape", "device", "latency": {"b1": {"nchw": {...},
-        "channels_last": {...}, "best": "<layout>"}, "b64": {...}}, "file_size_bytes"}``, plus
+        "channels_last": {...}, "deploy": {...}, "best": "<layout>"}, "b64": {...}},
+        "file_size_bytes"}``, plus
         ``"onnx": {"max_abs_diff", "output_scale", "opset", "exporter", "file_size_bytes",
         "latency": {"b1": {...}, ...}}``
         when ``onnx`` is true. Each timing has ``median_ms``, ``p90_ms``,
@@ -117,9 +119,9 @@ def profile(model: nn.Module, example_inputs: Any, batch_sizes: Sequence[int] = 
     if x.dim() == 3:  # a single [C, H, W] image
         x = x.unsqueeze(0)
     if x.dim() != 4:
-        layouts = [lay for lay in layouts if lay != "channels_last"]
+        layouts = [lay for lay in layouts if lay == "nchw"]
     if not layouts:
-        raise ConfigError("no memory layout left to time (channels_last needs a 4-D input)")
+        raise ConfigError("no memory layout left to time (channels_last and deploy need a 4-D input)")
 
     macs, params = count(model, x)
     report: dict[str, Any] = {
@@ -132,7 +134,7 @@ def profile(model: nn.Module, example_inputs: Any, batch_sizes: Sequence[int] = 
     for b in sizes:
         per_layout: dict[str, Any] = {}
         for layout in layouts:
-            per_layout[layout] = latency(model, x, b, channels_last=layout == "channels_last",
+            per_layout[layout] = latency(model, x, b, layout=layout,
                                          warmup=warmup, min_repeats=min_repeats,
                                          max_seconds=max_seconds, threads=threads)
         per_layout["best"] = min(layouts, key=lambda lay: per_layout[lay]["median_ms"])

@@ -20,11 +20,14 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..utils import module_device
+from .deploy import fold_batchnorm
 
 __all__ = ["LAYOUTS", "latency", "compare_latency", "batched_input", "time_calls", "summarize"]
 
-#: Memory layouts the profiler knows: plain contiguous NCHW, and NHWC via channels_last.
-LAYOUTS = ("nchw", "channels_last")
+#: Settings the profiler times: plain contiguous NCHW; NHWC via channels_last; and "deploy":
+#: channels_last with every conv -> BatchNorm pair folded into one conv
+#: (:func:`prunekit.measure.deploy.fold_batchnorm`), as inference runtimes run a network.
+LAYOUTS = ("nchw", "channels_last", "deploy")
 
 
 def batched_input(example_input: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -55,17 +58,17 @@ def batched_input(example_input: torch.Tensor, batch_size: int) -> torch.Tensor:
 def _check_layout(layout: str, x: torch.Tensor) -> None:
     if layout not in LAYOUTS:
         raise ConfigError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
-    if layout == "channels_last" and x.dim() != 4:
-        raise ConfigError(f"channels_last needs a 4-D [N, C, H, W] input, got shape {tuple(x.shape)}")
+    if layout in ("channels_last", "deploy") and x.dim() != 4:
+        raise ConfigError(f"{layout} needs a 4-D [N, C, H, W] input, got shape {tuple(x.shape)}")
 
 
 def _prepare(model: nn.Module, x: torch.Tensor, layout: str) -> tuple[nn.Module, torch.Tensor]:
     """An eval-mode copy of ``model`` and the input, both in ``layout``, on the model's device."""
     _check_layout(layout, x)
     device = module_device(model)
-    m = copy.deepcopy(model).eval()
+    m = fold_batchnorm(model) if layout == "deploy" else copy.deepcopy(model).eval()
     x = x.to(device)
-    if layout == "channels_last":
+    if layout in ("channels_last", "deploy"):
         m = m.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     return m, x
@@ -157,7 +160,7 @@ def summarize(times: list[float], batch_size: int) -> dict[str, float | int]:
 def latency(model: nn.Module, example_input: torch.Tensor, batch_size: int, *,
             channels_last: bool = False, warmup: int = 3, repeats: int | None = None,
             min_repeats: int = 5, max_seconds: float = 1.0,
-            threads: int | None = None) -> dict[str, float | int]:
+            threads: int | None = None, layout: str | None = None) -> dict[str, float | int]:
     """Time eval-mode inference of ``model`` on a batch of ``batch_size`` samples.
 
     The model is deep-copied (the caller's module, its mode and memory format are untouched)
@@ -185,6 +188,9 @@ def latency(model: nn.Module, example_input: torch.Tensor, batch_size: int, *,
         Timed work to accumulate when adapting (seconds).
     threads : int, optional
         Intra-op CPU threads during the measurement; ``None`` keeps torch's setting.
+    layout : {"nchw", "channels_last", "deploy"}, optional
+        Overrides ``channels_last``; "deploy" also folds BatchNorm into the convs first
+        (see :data:`LAYOUTS`).
 
     Returns
     -------
@@ -192,7 +198,8 @@ def latency(model: nn.Module, example_input: torch.Tensor, batch_size: int, *,
         ``median_ms`` and ``p90_ms`` per batch, ``throughput_per_s`` (samples per second at the
         median), ``repeats`` (timed calls), ``batch_size``, ``layout`` and ``threads``.
     """
-    layout = "channels_last" if channels_last else "nchw"
+    if layout is None:
+        layout = "channels_last" if channels_last else "nchw"
     x = batched_input(example_input, batch_size)
     m, x = _prepare(model, x, layout)
     sync = _sync_for(x.device)
@@ -223,8 +230,8 @@ def compare_latency(model_a: nn.Module, model_b: nn.Module, example_input: torch
         Sample(s) cycled to build the batch (must suit both models).
     batch_size : int
         Samples per forward call.
-    layout : {"nchw", "channels_last"}
-        Memory layout used for both models.
+    layout : {"nchw", "channels_last", "deploy"}
+        Memory layout (and BatchNorm folding for "deploy") used for both models.
     warmup, repeats, min_repeats, max_seconds, threads
         As in :func:`latency`; ``repeats`` and ``min_repeats`` count rounds (one call of each
         model), ``max_seconds`` the timed work of both models together.

@@ -17,7 +17,7 @@ from .plots import figures
 
 __all__ = ["table", "render_markdown", "render_html", "text_table", "write_report"]
 
-_LAYOUT = {"nchw": "nchw", "channels_last": "cl"}
+_LAYOUT = {"nchw": "nchw", "channels_last": "cl", "deploy": "dep"}
 
 _CSS = """
 body{font-family:-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;margin:24px auto;
@@ -107,9 +107,9 @@ def table(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]], list[
     """The comparison table: ``(headers, rows, failed)``; cells are plain text.
 
     Latency columns hold pruned / original median latency, timed back to back in the same
-    layout, for the layout in which the pruned model is fastest (``nchw`` or ``cl`` =
-    channels_last); ORT columns hold the pruned model's ONNX Runtime latency and its ratio to
-    the original's.
+    layout, for the layout in which the pruned model is fastest (``nchw``, ``cl`` =
+    channels_last, or ``dep`` = deploy: channels_last with BatchNorm folded into the convs);
+    ORT columns hold the pruned model's ONNX Runtime latency and its ratio to the original's.
     """
     keys = _batch_keys(results)
     onnx = bool(results.get("settings", {}).get("onnx"))
@@ -174,7 +174,8 @@ def _notes(results: Mapping[str, Any]) -> list[str]:
         "original's.",
         f"latency {'/'.join(keys)}: pruned / original median CPU latency (PyTorch, batch "
         f"{', '.join(k[1:] for k in keys)}), timed back to back in the same memory layout; shown "
-        "for the layout in which the pruned model is fastest (nchw, or cl = channels_last). "
+        "for the layout in which the pruned model is fastest (nchw; cl = channels_last; dep = "
+        "deploy, channels_last with BatchNorm folded into the convs, as inference runtimes do). "
         "Below 1 is faster.",
     ]
     if results.get("settings", {}).get("onnx"):
