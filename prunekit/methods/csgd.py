@@ -67,7 +67,7 @@ CLUSTERING_METHODS = ("agglomerative", "even", "kmeans")
 DEFAULTS: dict[str, Any] = {
     "centripetal_epochs": 3,
     "epsilon": "auto",
-    "bn_epsilon_scale": 0.1,
+    "bn_epsilon_scale": 1.0,
     "survey_samples": 1000,
     "clustering": "agglomerative",
     "lr": 0.01,
@@ -1110,7 +1110,7 @@ def run(ctx: PruneContext) -> MethodOutput:
 
     Options (``ctx.options``): ``centripetal_epochs`` (3), ``epsilon`` ("auto": the smallest
     value that converges on the planned schedule, :func:`auto_epsilon`; or a number),
-    ``bn_epsilon_scale`` (0.1), ``survey_samples`` (1000), ``clustering`` ("agglomerative"),
+    ``bn_epsilon_scale`` (1.0), ``survey_samples`` (1000), ``clustering`` ("agglomerative"),
     ``lr`` (0.01, cosine schedule), ``batch_size`` (128), ``momentum`` (0.9, Nesterov),
     ``weight_decay`` (5e-4, eta), ``tolerance`` (1e-5), ``stop_when_converged`` (False),
     ``recalibrate_bn`` (True),
