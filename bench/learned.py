@@ -238,7 +238,9 @@ def write(args, out: dict) -> None:
     with atomic_path(args.results / f"{stem}.json") as tmp:
         tmp.write_text(json.dumps(out, indent=2, default=str) + "\n")
     m, s = out["machine"], out["settings"]
-    lines = [f"# Learned pruning: AutoPruner and CURL ({'quick run' if args.quick else 'full run'})", "",
+    kind = ("quick run" if args.quick else "full run" if args.train_samples is None
+            and args.budget_epochs == 10 else "reduced budget, settings below")
+    lines = [f"# Learned pruning: AutoPruner and CURL ({kind})", "",
              f"Baseline: {out['baseline'].get('checkpoint') or out['baseline'].get('model')}, "
              f"{DATASET}, {s['train_images']} training / {s['test_images']} test images. "
              f"Target: {s['target_macs']:.2f} of the MACs. Machine: {m['device']}, {m['cpu_count']} CPUs, "
