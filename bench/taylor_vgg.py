@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calib-images", type=int, default=1024)
     p.add_argument("--finetune-epochs-per-step", type=int, default=1)
     p.add_argument("--finetune-epochs", type=int, default=2, help="after the last iteration")
+    p.add_argument("--train-samples", type=int, default=None,
+                   help="train the baseline on the first N training images (default: all)")
     p.add_argument("--finetune-samples", type=int, default=None,
                    help="fine-tune on the first N training images (default: all)")
     p.add_argument("--lr", type=float, default=0.01)
@@ -72,9 +74,12 @@ def baseline(args: argparse.Namespace, train, test) -> tuple[torch.nn.Module, di
     torch.manual_seed(args.seed)
     model = create("vgg16_bn", num_classes=train.num_classes, in_channels=train.in_channels)
     t0 = time.perf_counter()
+    if args.train_samples:
+        train = train.subset(args.train_samples)
     result = fit(model, train, TrainConfig(epochs=args.train_epochs, lr=0.05, batch_size=args.batch_size,
                                            seed=args.seed, eval_every=0), test_set=test)
     meta = {"dataset": "fashion-mnist", "test_acc": result.test_acc, "epochs": args.train_epochs,
+            "train_samples": len(train), "input_shape": list(train.example_input(1).shape[1:]),
             "train_seconds": time.perf_counter() - t0, "trained_by": "bench/taylor_vgg.py"}
     path.parent.mkdir(parents=True, exist_ok=True)
     prunekit.save(model, path, meta)
@@ -125,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
            "b1_ms_before": lat["b1_nchw"]["original_ms"], "b1_ms_after": lat["b1_nchw"]["pruned_ms"],
            "b1_speedup": 1 / lat["b1_nchw"]["ratio"],
            "b1_speedup_cl": 1 / lat["b1_channels_last"]["ratio"],
+           "b1_speedup_dep": 1 / lat["b1_deploy"]["ratio"],
            "b64_speedup": 1 / lat["b64_nchw"]["ratio"],
            "train_epochs_inside": r["method_train_epochs"], "seconds": seconds}
     print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
@@ -137,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                "figures": [str(out / f"{args.name}_widths.png")]}
     cols = ["model", "acc_before", "acc_pruned", "acc_final", "macs_fraction", "params_fraction",
             "size_mb_before", "size_mb_after", "size_fraction", "b1_ms_before", "b1_ms_after",
-            "b1_speedup", "b1_speedup_cl", "b64_speedup", "train_epochs_inside", "seconds"]
+            "b1_speedup", "b1_speedup_cl", "b1_speedup_dep", "b64_speedup", "train_epochs_inside", "seconds"]
     notes = (f"Iterative Taylor-FO: {args.steps} iterations, {args.calib_images} calibration images "
              f"each, {args.finetune_epochs_per_step} fine-tuning epoch(s) between iterations and "
              f"{args.finetune_epochs} after the last. Accuracies in % on the Fashion-MNIST test set; "
