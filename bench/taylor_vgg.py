@@ -46,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calib-images", type=int, default=1024)
     p.add_argument("--finetune-epochs-per-step", type=int, default=1)
     p.add_argument("--finetune-epochs", type=int, default=2, help="after the last iteration")
+    p.add_argument("--train-lr", type=float, default=0.05, help="learning rate of the baseline training")
     p.add_argument("--train-samples", type=int, default=None,
                    help="train the baseline on the first N training images (default: all)")
     p.add_argument("--finetune-samples", type=int, default=None,
@@ -76,8 +77,9 @@ def baseline(args: argparse.Namespace, train, test) -> tuple[torch.nn.Module, di
     t0 = time.perf_counter()
     if args.train_samples:
         train = train.subset(args.train_samples)
-    result = fit(model, train, TrainConfig(epochs=args.train_epochs, lr=0.05, batch_size=args.batch_size,
-                                           seed=args.seed, eval_every=0), test_set=test)
+    cfg = TrainConfig(epochs=args.train_epochs, lr=args.train_lr, batch_size=args.batch_size,
+                      seed=args.seed, eval_every=0)
+    result = fit(model, train, cfg, test_set=test)
     meta = {"dataset": "fashion-mnist", "test_acc": result.test_acc, "epochs": args.train_epochs,
             "train_samples": len(train), "input_shape": list(train.example_input(1).shape[1:]),
             "train_seconds": time.perf_counter() - t0, "trained_by": "bench/taylor_vgg.py"}

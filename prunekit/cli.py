@@ -173,6 +173,19 @@ def parse_int_list(text: str, option: str) -> list[int]:
     return values
 
 
+def parse_sparsity(text: str | None) -> float | str | None:
+    """``--sparsity``: ``auto``, ``liu`` or a finite number >= 0."""
+    if text is None or text in ("auto", "liu"):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"--sparsity must be a number >= 0, 'auto' or 'liu', got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise ConfigError(f"--sparsity must be a finite number >= 0, got {text!r}")
+    return value
+
+
 def input_shape_for(meta: dict[str, Any], override: str | None) -> list[int]:
     """``--input-shape`` if given, else the checkpoint's ``meta["input_shape"]``."""
     if override is not None:
@@ -453,8 +466,9 @@ def prune_(
         "--prune-trunk", help="thinet/lasso: also prune residual trunk channels.")] = False,
     sparsity_epochs: Annotated[int | None, typer.Option(
         "--sparsity-epochs", min=1, help="slimming/mrts: sparsity-training epochs.")] = None,
-    sparsity: Annotated[float | None, typer.Option(
-        "--sparsity", help="slimming/mrts: regulariser strength.")] = None,
+    sparsity: Annotated[str | None, typer.Option(
+        "--sparsity", help="slimming/mrts: regulariser strength: a number >= 0, 'auto' "
+        "(calibrated to the sparsity phase; the default) or 'liu' (Liu et al.'s values).")] = None,
     delta: Annotated[float | None, typer.Option(
         "--delta", help="mrts: layer-threshold share (eq. 11).")] = None,
     steps: Annotated[int | None, typer.Option("--steps", min=1, help="taylor: pruning iterations.")] = None,
@@ -501,7 +515,7 @@ def prune_(
             "epsilon": epsilon, "survey_samples": survey_samples, "clustering": clustering,
             "samples_per_image": samples_per_image, "prune_trunk": prune_trunk or None,
             "sparsity_epochs": sparsity_epochs,
-            "sparsity": sparsity, "delta": delta, "steps": steps,
+            "sparsity": parse_sparsity(sparsity), "delta": delta, "steps": steps,
             "finetune_epochs_per_step": finetune_epochs_per_step,
             "expand": expand or None, "refine_labels": refine_labels or None,
             "global_ranking": global_ranking or None}.items() if v is not None}

@@ -212,6 +212,8 @@ def _option_cases(fm: Path, tmp: Path) -> dict[str, tuple[list, str]]:
     (header_only / FMNIST_FILES[2]).write_bytes(b"\x00\x00\x08")
     return {
         "unknown-method": (["--method", "l7", "--ratio", "0.5"], "unknown method"),
+        "sparsity-word": (["--method", "slimming", "--ratio", "0.5", "--sparsity", "lots"], "--sparsity"),
+        "sparsity-negative": (["--method", "slimming", "--ratio", "0.5", "--sparsity", "-1"], "--sparsity"),
         "unknown-dataset": (["--method", "l1", "--ratio", "0.5", "--data", "imagenet"], "unknown dataset"),
         "data-dir-missing": (["--method", "l1", "--ratio", "0.5", "--data-dir", tmp / "nowhere"],
                              "nowhere"),
@@ -248,7 +250,8 @@ OPTION_CASES = ["unknown-method", "unknown-dataset", "data-dir-missing", "data-d
                 "idx-truncated", "idx-wrong-count", "idx-file-missing", "idx-header-only",
                 "folder-missing", "train-samples-0", "train-samples-negative", "calib-images-0",
                 "finetune-epochs-negative", "bad-device", "out-under-a-file", "out-dir-missing",
-                "out-is-a-directory", "csgd-bad-epsilon", "csgd-bad-clustering"]
+                "out-is-a-directory", "csgd-bad-epsilon", "csgd-bad-clustering", "sparsity-word",
+                "sparsity-negative"]
 
 
 @pytest.mark.parametrize("case", OPTION_CASES)

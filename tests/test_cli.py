@@ -207,3 +207,14 @@ def test_train_fashion_mnist_quick(tmp_path, capsys) -> None:
     model, meta = load(out)
     assert meta["data"] == "fashion-mnist" and meta["test_acc"] == result["test_acc"]
     assert model(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
+
+
+def test_parse_sparsity_accepts_words_and_numbers() -> None:
+    from prunekit.cli import parse_sparsity
+    from prunekit.errors import ConfigError
+
+    assert parse_sparsity("liu") == "liu" and parse_sparsity("auto") == "auto"
+    assert parse_sparsity("1e-4") == pytest.approx(1e-4) and parse_sparsity(None) is None
+    for bad in ("nan", "-0.1", "lots"):
+        with pytest.raises(ConfigError, match="--sparsity"):
+            parse_sparsity(bad)
