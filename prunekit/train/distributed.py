@@ -21,6 +21,7 @@ from __future__ import annotations
 import atexit
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -119,7 +120,10 @@ def _destroy_at_exit() -> None:
     if not dist.is_initialized():
         return
     try:
-        dist.barrier()
+        if dist.get_backend() == "gloo":  # a bounded wait: a peer that died must not hang exit
+            dist.monitored_barrier(timeout=timedelta(seconds=60))
+        else:
+            dist.barrier()
     except RuntimeError:  # a peer is already gone: nothing left to wait for
         pass
     dist.destroy_process_group()
