@@ -164,18 +164,24 @@ def main(argv=None) -> int:
     r = res.report
     csgd_seconds = time.perf_counter() - t0
     epochs_run = int(r["method_train_epochs"])
-    lat = latency_ratios(model, res.model, example, batch_sizes=(64,),
-                         max_seconds=1.0 if args.quick else 3.0, rounds=1 if args.quick else 3)
+
+    def row(method: str, result, epochs: int, seconds: float) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A table row for a pruned result (accuracies, sizes, batch-64 latency ratios)."""
+        rep, lat = result.report, latency_ratios(model, result.model, example, batch_sizes=(64,),
+                                                max_seconds=1.0 if args.quick else 3.0,
+                                                rounds=1 if args.quick else 3)
+        merged = "method_acc_before_merge" in rep
+        return {"method": method, "acc_before_merge": rep.get("method_acc_before_merge"),
+                "acc_pruned": rep["method_acc_after_merge"] if merged else rep["acc_pruned"],
+                "acc_final": rep["acc_final"], "macs_fraction": rep["macs_fraction"],
+                "params_fraction": rep["params_fraction"], "train_epochs": epochs,
+                "lat_b64_nchw": lat["b64_nchw"]["ratio"], "lat_b64_cl": lat["b64_channels_last"]["ratio"],
+                "lat_b64_dep": lat["b64_deploy"]["ratio"], "seconds": seconds}, lat
+
     rows = [{"method": "unpruned", "acc_final": acc_unpruned, "macs_fraction": 1.0,
              "params_fraction": 1.0, "train_epochs": 0}]
-    rows.append({
-        "method": f"csgd ({args.clustering})", "acc_before_merge": r["method_acc_before_merge"],
-        "acc_pruned": r["method_acc_after_merge"], "acc_final": r["acc_final"],
-        "macs_fraction": r["macs_fraction"], "params_fraction": r["params_fraction"],
-        "train_epochs": epochs_run, "lat_b64_nchw": lat["b64_nchw"]["ratio"],
-        "lat_b64_cl": lat["b64_channels_last"]["ratio"], "lat_b64_dep": lat["b64_deploy"]["ratio"],
-        "seconds": csgd_seconds,
-    })
+    csgd_row, lat = row(f"csgd ({args.clustering})", res, epochs_run, csgd_seconds)
+    rows.append(csgd_row)
     print(f"csgd: acc unpruned {acc_unpruned:.2f}, before merge {r['method_acc_before_merge']:.2f}, "
           f"after merge {r['method_acc_after_merge']:.2f}; MACs {r['macs_fraction']:.3f}; "
           f"latency b64 nchw {lat['b64_nchw']['ratio']:.3f} channels_last "
@@ -197,15 +203,7 @@ def main(argv=None) -> int:
                                 survey_samples=args.survey_samples, clustering=args.clustering,
                                 finetune_epochs=ft, train_config=cfg, **options, **budget)
         s = sp.report
-        sl = latency_ratios(model, sp.model, example, batch_sizes=(64,),
-                            max_seconds=1.0 if args.quick else 3.0, rounds=1 if args.quick else 3)
-        rows.append({
-            "method": f"csgd {args.split_epochs} + {ft} ft", "acc_before_merge": s["method_acc_before_merge"],
-            "acc_pruned": s["method_acc_after_merge"], "acc_final": s["acc_final"],
-            "macs_fraction": s["macs_fraction"], "params_fraction": s["params_fraction"],
-            "train_epochs": args.epochs, "lat_b64_nchw": sl["b64_nchw"]["ratio"],
-            "lat_b64_cl": sl["b64_channels_last"]["ratio"], "lat_b64_dep": sl["b64_deploy"]["ratio"],
-            "seconds": time.perf_counter() - t0})
+        rows.append(row(f"csgd {args.split_epochs} + {ft} ft", sp, args.epochs, time.perf_counter() - t0)[0])
         print(f"csgd {args.split_epochs}+{ft}: before merge {s['method_acc_before_merge']:.2f}, "
               f"after {s['method_acc_after_merge']:.2f}, final {s['acc_final']:.2f}", flush=True)
     for peer in [p for p in args.peers.split(",") if p]:
@@ -213,15 +211,8 @@ def main(argv=None) -> int:
         pr = prunekit.prune(model, example, method=peer, data=(train, test), seed=args.seed,
                             finetune_epochs=peer_epochs, train_config=cfg,
                             calib_images=args.survey_samples, **budget)
-        pl = latency_ratios(model, pr.model, example, batch_sizes=(64,),
-                            max_seconds=1.0 if args.quick else 3.0, rounds=1 if args.quick else 3)
         p = pr.report
-        rows.append({"method": peer, "acc_pruned": p["acc_pruned"], "acc_final": p["acc_final"],
-                     "macs_fraction": p["macs_fraction"], "params_fraction": p["params_fraction"],
-                     "train_epochs": peer_epochs, "lat_b64_nchw": pl["b64_nchw"]["ratio"],
-                     "lat_b64_cl": pl["b64_channels_last"]["ratio"],
-                     "lat_b64_dep": pl["b64_deploy"]["ratio"],
-                     "seconds": time.perf_counter() - t0})
+        rows.append(row(peer, pr, peer_epochs, time.perf_counter() - t0)[0])
         print(f"{peer}: acc pruned {p['acc_pruned']:.2f}, final {p['acc_final']:.2f}, "
               f"MACs {p['macs_fraction']:.3f}", flush=True)
 

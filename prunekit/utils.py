@@ -77,3 +77,18 @@ def module_device(module: torch.nn.Module) -> torch.device:
     for p in module.parameters():
         return p.device
     return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module, handles: Iterable = ()) -> Iterator[torch.nn.Module]:
+    """Run a block with ``model`` in eval mode; afterwards remove ``handles`` (hook handles,
+    the list may still grow inside the block) and restore the model's previous mode, also when
+    the block raises. Gradients are left as they are: wrap in ``torch.no_grad()`` as needed."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)

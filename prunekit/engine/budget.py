@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from ..errors import ConfigError
+from ..utils import eval_mode
 from .graph import DependencyInfo
 from .plan import GroupPlan, PruningPlan
 from .surgery import apply_plan
@@ -29,13 +30,8 @@ def count_macs_params(model: nn.Module, example_inputs) -> tuple[int, int]:
     ``prunekit.measure.count`` calls it."""
     if isinstance(example_inputs, torch.Tensor) and example_inputs.dim() > 0:
         example_inputs = example_inputs[:1]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            macs, params = tp.utils.count_ops_and_params(model, example_inputs)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        macs, params = tp.utils.count_ops_and_params(model, example_inputs)
     return int(round(float(macs))), int(params)
 
 

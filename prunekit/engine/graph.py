@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from ..errors import ModelError, UnsupportedLayerError
+from ..utils import eval_mode
 
 Role = Literal["producer", "channelwise", "consumer"]
 
@@ -128,15 +129,8 @@ def _execution_order(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.
     order: list[nn.Module] = []
     handles = [m.register_forward_hook(lambda mod, _i, _o: order.append(mod))
                for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example_inputs)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    with eval_mode(model, handles), torch.no_grad():
+        model(example_inputs)
     return order
 
 

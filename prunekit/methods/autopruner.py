@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from ..engine import ChannelGroup, DependencyInfo, GroupPlan, PruningPlan, Slot, analyse, apply_plan
 from ..engine.budget import Widths, check_fraction, solve_budget, widths_at_ratio
 from ..errors import ConfigError, DataError, UnsupportedLayerError
-from ..utils import resolve_device
+from ..utils import eval_mode, resolve_device
 from . import MethodOutput, PruneContext
 
 __all__ = ["AutoPrunerOptions", "ChannelGate", "GateController", "GatedModel", "consumer_index",
@@ -259,15 +259,8 @@ def _first_consumers(model: nn.Module, groups: Sequence[ChannelGroup],
 
     for key, m in modules.items():
         handles.append(m.register_forward_pre_hook(recorder(key)))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example_inputs.to(_device_of(model)))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    with eval_mode(model, handles), torch.no_grad():
+        model(example_inputs.to(_device_of(model)))
     out = {}
     for g in groups:
         ran = [s for s in g.consumers if id(s.module) in order]
@@ -534,11 +527,9 @@ def gate_values(model: nn.Module, gated: GatedModel, data, images: int = 512,
     """Gate vector of every gated group averaged over the first ``images`` images of ``data``
     (eval mode, no augmentation), weighted by batch size."""
     dev = _device_of(model)
-    was_training = model.training
-    model.eval()
     sums: dict[str, torch.Tensor] = {}
     n = min(images, len(data))
-    try:
+    with eval_mode(model):
         for start in range(0, n, batch_size):
             idx = torch.arange(start, min(start + batch_size, n))
             x, _ = data.batch(idx)
@@ -546,8 +537,6 @@ def gate_values(model: nn.Module, gated: GatedModel, data, images: int = 512,
             for g, gate in gated.items():
                 v = gate.v.double().cpu() * len(idx)
                 sums[g.name] = sums[g.name] + v if g.name in sums else v
-    finally:
-        model.train(was_training)
     return {k: v / n for k, v in sums.items()}
 
 

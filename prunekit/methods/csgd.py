@@ -50,7 +50,7 @@ from ..engine import DependencyInfo, GroupPlan, PruningPlan, analyse, apply_plan
 from ..engine.budget import check_fraction, solve_budget, widths_at_ratio
 from ..engine.graph import ChannelGroup, Slot
 from ..errors import ConfigError, DataError, ModelError
-from ..utils import module_device, progress, resolve_device
+from ..utils import eval_mode, module_device, progress, resolve_device
 from . import MethodOutput, PruneContext
 
 __all__ = [
@@ -163,15 +163,8 @@ def _following_bn(model: nn.Module, example_inputs: torch.Tensor,
     for m in model.modules():
         if isinstance(m, _BN_TYPES):
             handles.append(m.register_forward_pre_hook(before_bn))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example_inputs.to(module_device(model)))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    with eval_mode(model, handles), torch.no_grad():
+        model(example_inputs.to(module_device(model)))
     return found
 
 
@@ -288,18 +281,11 @@ def survey(model: nn.Module, data: Any, layers: Iterable[Any] | None = None, sam
 
     for m in {s.module for s in sources}:
         handles.append(m.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            n_batches = math.ceil(n / batch_size)
-            for x in progress(batches, desc="S1 survey", total=n_batches):
-                model(x.to(dev))
-                cursor["at"] += x.shape[0]
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    with eval_mode(model, handles), torch.no_grad():
+        n_batches = math.ceil(n / batch_size)
+        for x in progress(batches, desc="S1 survey", total=n_batches):
+            model(x.to(dev))
+            cursor["at"] += x.shape[0]
 
     out: dict[str, torch.Tensor] = {}
     for g in groups:

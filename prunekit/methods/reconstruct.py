@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from ..engine import ChannelGroup, DependencyInfo, GroupPlan, PruningPlan, analyse, apply_group
 from ..engine.budget import Widths, check_fraction, solve_budget
 from ..errors import ConfigError, DataError, UnsupportedLayerError
-from ..utils import module_device, progress
+from ..utils import eval_mode, module_device, progress
 from . import MethodOutput, PruneContext
 
 __all__ = ["ConsumerSamples", "OriginalTargets", "ReconstructOptions", "conv_patches", "eligible_groups",
@@ -535,19 +535,13 @@ def sample_group(model: nn.Module, original: nn.Module | OriginalTargets, group:
         return hook
 
     handles = [work_mods[n].register_forward_pre_hook(pre_hook(n)) for n in cols]
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model, handles):
         for idx in targets.images.split(targets.batch_size):
             seen.clear()
             _forward_until(model, targets.data.batch(idx)[0].to(dev))
             if len(seen) != len(cols):
                 raise UnsupportedLayerError(f"consumers {sorted(set(cols) - seen)} of group "
                                             f"{group.name!r} were not run by the forward pass")
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
     gen = torch.Generator().manual_seed(seed)
     return [c.finish(gen) for c in cols.values()]
 
