@@ -52,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--target-macs", type=float, default=0.4)
     p.add_argument("--ratio", type=float, default=None,
                    help="remove this fraction of every layer's filters instead (0.375 = 5/8 width)")
+    p.add_argument("--round-to", type=int, default=None,
+                   help="round every kept width down to a multiple of this (csgd and peers alike)")
     p.add_argument("--epochs", type=int, default=3, help="centripetal epochs (the peers fine-tune as long)")
     p.add_argument("--train-samples", type=int, default=None, help="use the first N training images")
     p.add_argument("--lr", type=float, default=0.01)
@@ -61,11 +63,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bn-epsilon-scale", type=float, default=None,
                    help="epsilon of BN gamma/beta and biases relative to kernels (method default 1.0)")
     p.add_argument("--clustering", default="agglomerative", choices=csgd.CLUSTERING_METHODS)
+    p.add_argument("--gradient", default="mean", choices=csgd.GRADIENTS,
+                   help="S3's shared gradient (the document's mean, or the sum as an ablation)")
     p.add_argument("--peers", default=None,
                    help=f"comma-separated; empty for none (default {','.join(PEERS)}; tp:l1 with --quick)")
     p.add_argument("--split-epochs", type=int, default=0,
                    help="also run csgd with this many centripetal epochs, merged, then fine-tuned for "
                         "the rest of --epochs (same total budget); 0 = off")
+    p.add_argument("--split-only", action="store_true",
+                   help="run only the split schedule (--split-epochs centripetal, merge, fine-tune the "
+                        "rest), not the all-centripetal run; the peers get --epochs")
     p.add_argument("--layer", default=None, help="group for the heatmap (default: the largest)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default=None, help="results file stem (default csgd / csgd_quick)")
@@ -148,22 +155,33 @@ def main(argv=None) -> int:
         model, meta, train, test = load_baseline(args.checkpoint, train_samples=args.train_samples)
     if args.bn_epsilon_scale is not None:
         options["bn_epsilon_scale"] = args.bn_epsilon_scale
+    if args.gradient != "mean":
+        options["gradient"] = args.gradient
     epsilon = args.epsilon if args.epsilon == "auto" else float(args.epsilon)
     budget = {"ratio": args.ratio} if args.ratio is not None else {"target_macs": args.target_macs}
+    if args.round_to is not None:
+        budget["round_to"] = args.round_to
     example = train.example_input(1)
     RESULTS.mkdir(parents=True, exist_ok=True)
 
+    split = 0 < args.split_epochs < args.epochs
+    if args.split_only and not split:
+        raise SystemExit("--split-only needs 0 < --split-epochs < --epochs")
+    cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, seed=args.seed)  # csgd's optimizer
     t0 = time.perf_counter()
     acc_unpruned = evaluate(model, test)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        cent = args.split_epochs if args.split_only else args.epochs
         res = prunekit.prune(model, example, method="csgd", data=(train, test), seed=args.seed,
-                             centripetal_epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                             centripetal_epochs=cent, lr=args.lr, batch_size=args.batch_size,
                              epsilon=epsilon, survey_samples=args.survey_samples,
-                             clustering=args.clustering, **options, **budget)
+                             clustering=args.clustering, finetune_epochs=args.epochs - cent,
+                             train_config=cfg, **options, **budget)
     r = res.report
     csgd_seconds = time.perf_counter() - t0
-    epochs_run = int(r["method_train_epochs"])
+    cent_run = int(r["method_train_epochs"])
+    epochs_run = cent_run + (args.epochs - cent)
 
     def row(method: str, result, epochs: int, seconds: float) -> tuple[dict[str, Any], dict[str, Any]]:
         """A table row for a pruned result (accuracies, sizes, batch-64 latency ratios)."""
@@ -180,7 +198,8 @@ def main(argv=None) -> int:
 
     rows = [{"method": "unpruned", "acc_final": acc_unpruned, "macs_fraction": 1.0,
              "params_fraction": 1.0, "train_epochs": 0}]
-    csgd_row, lat = row(f"csgd ({args.clustering})", res, epochs_run, csgd_seconds)
+    label = f"csgd {cent} + {args.epochs - cent} ft" if args.split_only else f"csgd ({args.clustering})"
+    csgd_row, lat = row(label, res, epochs_run, csgd_seconds)
     rows.append(csgd_row)
     print(f"csgd: acc unpruned {acc_unpruned:.2f}, before merge {r['method_acc_before_merge']:.2f}, "
           f"after merge {r['method_acc_after_merge']:.2f}; MACs {r['macs_fraction']:.3f}; "
@@ -190,9 +209,8 @@ def main(argv=None) -> int:
           f"{r['method_converged']} (distance {r['method_max_intra_distance']:.2e}, "
           f"epsilon {r['method_epsilon']:.3g})", flush=True)
 
-    cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, seed=args.seed)  # csgd's optimizer
     peer_epochs = max(1, epochs_run)
-    if 0 < args.split_epochs < args.epochs:
+    if split and not args.split_only:
         t0 = time.perf_counter()
         ft = args.epochs - args.split_epochs
         with warnings.catch_warnings():
@@ -233,7 +251,8 @@ def main(argv=None) -> int:
         "max_intra_distance": r["method_max_intra_distance"],
         "initial_max_intra_distance": r["method_initial_max_intra_distance"],
         "epsilon": r["method_epsilon"], "epsilon_bn": r["method_epsilon_bn"],
-        "centripetal_epochs_run": epochs_run, "distance_history": r["method_distance_history"],
+        "centripetal_epochs_run": cent_run, "finetune_epochs_after_merge": args.epochs - cent,
+        "distance_history": r["method_distance_history"],
         "survey_bytes_total": r["method_survey_bytes"], "survey_seconds": r["method_survey_seconds"],
         "clustering_seconds_total": r["method_clustering_seconds"],
         "largest_layer": r["method_largest_group"],
@@ -252,11 +271,14 @@ def main(argv=None) -> int:
                 "quick": args.quick, **{f"option_{k}": v for k, v in options.items()}}
     budget_text = (f"every layer at {1 - args.ratio:.3g} of its filters" if args.ratio is not None
                    else f"target {args.target_macs:.0%} of the MACs")
+    if args.round_to is not None:
+        budget_text += f", widths rounded down to multiples of {args.round_to} (peers at the same widths)"
     notes = "\n".join([
-        f"Budget: {budget_text}. csgd: {epochs_run} centripetal epoch(s) "
+        f"Budget: {budget_text}. csgd: {cent_run} centripetal epoch(s) "
         f"(converged: {r['method_converged']}, max intra-cluster distance "
         f"{r['method_max_intra_distance']:.2e}, epsilon {r['method_epsilon']:.3g}, "
-        f"BN/bias epsilon {r['method_epsilon_bn']:.3g}), no fine-tuning after the merge; "
+        f"BN/bias epsilon {r['method_epsilon_bn']:.3g}), "
+        f"{args.epochs - cent if args.epochs > cent else 'no'} fine-tuning epoch(s) after the merge; "
         f"Torch-Pruning peers fine-tuned {peer_epochs} epoch(s) with the same optimizer and schedule.",
         "",
         f"- accuracy right before the merge {r['method_acc_before_merge']:.2f}, right after "

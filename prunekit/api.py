@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from . import methods
 from .engine import PruningPlan, leftover_hooks
-from .engine.budget import check_fraction, count_macs_params
+from .engine.budget import check_fraction, check_round_to, count_macs_params
 from .errors import ConfigError, PrunekitError
 
 
@@ -57,7 +57,7 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None, method: 
           ratio: float | None = None, target_macs: float | None = None, data: Any = None, *,
           finetune_epochs: int = 0, distill: bool = False, train_config: Any = None,
           ignored_layers: list[nn.Module | str] | None = None, seed: int = 0,
-          evaluate: bool = True, **method_options: Any) -> PruneResult:
+          evaluate: bool = True, round_to: int | None = None, **method_options: Any) -> PruneResult:
     """Prune ``model`` with ``method`` to a ``ratio`` of removed filters or a ``target_macs``
     fraction of the original MACs.
 
@@ -81,6 +81,10 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None, method: 
     expand, refine_labels : bool (keyword, in ``method_options``)
         Fine-tune with CURL's small-data recipe (:func:`prunekit.train.smalldata.finetune_small_data`):
         training-set expansion and/or soft-label refinement.
+    round_to : int, optional
+        Round every pruned group's kept width down to a multiple of this (at least one
+        multiple; e.g. 8), see :func:`prunekit.engine.budget.round_width`; with ``target_macs``
+        the budget search runs over rounded widths.
     train_config : prunekit.train.TrainConfig, optional
         Fine-tuning settings (epochs are overridden by ``finetune_epochs``).
     **method_options
@@ -91,6 +95,7 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None, method: 
     PruneResult
     """
     check_budget(ratio, target_macs)
+    round_to = check_round_to(round_to)
     train_set, test_set = _split_data(data)
     if example_inputs is None:
         if train_set is None:
@@ -100,6 +105,10 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None, method: 
         raise ConfigError(f"finetune_epochs must be a whole number >= 0, got {finetune_epochs}")
     finetune_epochs = int(finetune_epochs)
     run = methods.get(method)
+    if round_to is not None and method in methods.NO_ROUND_TO:
+        raise ConfigError(f"round_to is not supported by {method!r} (its widths come from "
+                          f"thresholds or step-by-step removal); supported by the criteria, the "
+                          f"tp:* peers, csgd, thinet, lasso and autopruner")
     # CURL's small-data recipe belongs to the fine-tuning phase, whatever the method
     expand = bool(method_options.pop("expand", False))
     refine_labels = bool(method_options.pop("refine_labels", False))
@@ -108,6 +117,7 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None, method: 
     model = copy.deepcopy(model).eval()
     times: dict[str, float] = {}
     report: dict[str, Any] = {"method": method, "ratio": ratio, "target_macs": target_macs,
+                              "round_to": round_to,
                               "options": {k: v for k, v in method_options.items()
                                           if isinstance(v, (int, float, str, bool, type(None)))}}
     macs0, params0 = count_macs_params(model, example_inputs)
@@ -119,7 +129,8 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None, method: 
         times["eval_s"] = time.perf_counter() - t
 
     ctx = methods.PruneContext(model, example_inputs, ratio, target_macs, train_set, test_set,
-                               dict(method_options), list(ignored_layers or []), seed)
+                               dict(method_options), list(ignored_layers or []), seed,
+                               round_to=round_to)
     t = time.perf_counter()
     out = run(ctx)
     times["prune_s"] = time.perf_counter() - t

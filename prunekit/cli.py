@@ -441,6 +441,9 @@ def prune_(
         "--ratio", help="Fraction of filters removed in every prunable layer, in (0, 1).")] = None,
     target_macs: Annotated[float | None, typer.Option(
         "--target-macs", help="Keep at most this fraction of the original MACs, in (0, 1).")] = None,
+    round_to: Annotated[int | None, typer.Option(
+        "--round-to", min=1, help="Round every pruned layer's kept width down to a multiple of "
+        "this (e.g. 8: faster kernels); not for slimming, mrts, taylor, curl.")] = None,
     data: DataOptionalOpt = None,
     data_dir: DataDirOpt = None,
     train_samples: TrainSamplesOpt = None,
@@ -494,6 +497,8 @@ def prune_(
     with Output(json_) as o:
         check_budget(ratio, target_macs)
         _methods.get(method)  # unknown method: fail before loading anything
+        if round_to is not None and method in _methods.NO_ROUND_TO:
+            raise ConfigError(f"--round-to is not supported by --method {method}")
         check_output_path(out)
         state_path = Path(f"{out}.state")
         if resume and method != "csgd":
@@ -525,7 +530,7 @@ def prune_(
         res = prune(model, example_input(shape), method=method, ratio=ratio, target_macs=target_macs,
                     data=(train_set, test_set), finetune_epochs=finetune_epochs, distill=distill,
                     train_config=TrainConfig(lr=finetune_lr, seed=seed, device=device), seed=seed,
-                    **options)
+                    round_to=round_to, **options)
         report = res.report
         report["times"]["load_s"] = load_s
         new_meta = {**{k: v for k, v in meta.items() if k in ("data", "input_shape")},

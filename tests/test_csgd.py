@@ -246,6 +246,22 @@ def test_transform_rewrites_every_per_channel_parameter():
             assert torch.equal(p.grad, before[name]), name
 
 
+def test_transform_sum_gradient_ablation():
+    model = _model("resnet8", in_channels=1)
+    x = torch.randn(4, 1, 12, 12)
+    info = analyse(model, x)
+    clusters = {"layer1.0.conv1": [[0, 3, 5], [1, 2]] + [[i] for i in (4, *range(6, 16))]}
+    t = csgd.CentripetalTransform(info, clusters, weight_decay=0.0, epsilon=0.0, gradient="sum")
+    nn.functional.cross_entropy(model(x), torch.arange(4)).backward()
+    g0 = model.layer1[0].conv1.weight.grad.clone()
+    t(model)
+    g = model.layer1[0].conv1.weight.grad
+    torch.testing.assert_close(g[3], g0[[0, 3, 5]].sum(0))
+    torch.testing.assert_close(g[4], g0[4])
+    with pytest.raises(prunekit.ConfigError):
+        csgd.CentripetalTransform(info, clusters, 0.0, 0.0, gradient="median")
+
+
 def test_centripetal_training_shrinks_intra_cluster_distance():
     model = _model("resnet8", in_channels=1)
     x, y = torch.randn(16, 1, 12, 12), torch.randint(0, 10, (16,))

@@ -237,3 +237,41 @@ def test_peer_prunes_to_the_same_budget():
     assert abs(ours.report["macs_fraction"] - peer.report["macs_fraction"]) < 0.03
     assert peer.model(x).shape == (2, 10)
     assert copy.deepcopy(peer.model) is not None
+
+
+def _pruned_widths(model: nn.Module) -> list[int]:
+    """Output widths of every conv except the classifier side (all prunable in resnet20)."""
+    return [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+
+
+def test_round_width_rules():
+    from prunekit.engine.budget import round_width
+    assert round_width(10, 16, 8) == 8       # down to a multiple
+    assert round_width(5, 16, 8) == 8        # but at least one multiple
+    assert round_width(24, 32, 8) == 24      # already a multiple
+    assert round_width(3, 6, 8) == 3         # a group no larger than round_to is left alone
+    assert round_width(10, 16, None) == 10
+
+
+@pytest.mark.parametrize("method", ["l1", "tp:l1"])
+def test_round_to_gives_multiples_within_the_budget(method):
+    model, x = _model("resnet20")
+    res = prunekit.prune(model, x, method=method, target_macs=0.4, round_to=8)
+    widths = _pruned_widths(res.model)
+    assert all(w % 8 == 0 for w in widths), widths
+    assert min(widths) < 16 and max(widths) < 64            # it did prune every stage
+    frac = count_macs_params(res.model, x)[0] / count_macs_params(model, x)[0]
+    assert 0.3 <= frac <= 0.4
+    assert res.report["round_to"] == 8
+    ratio = prunekit.prune(model, x, method="l1", ratio=0.375, round_to=8).model
+    # ratio 0.375: keep 10 / 20 / 40 -> 8 / 16 / 40
+    assert sorted(set(_pruned_widths(ratio))) == [8, 16, 40]
+
+
+def test_round_to_refused_where_it_does_not_apply():
+    model, x = _model("resnet20")
+    for bad in (0, 2.5, -8):
+        with pytest.raises(prunekit.ConfigError):
+            prunekit.prune(model, x, method="l1", ratio=0.5, round_to=bad)
+    with pytest.raises(prunekit.ConfigError, match="round_to"):
+        prunekit.prune(model, x, method="curl", ratio=0.5, round_to=8)

@@ -1,6 +1,9 @@
 """Budgets: from ``--ratio`` or ``--target-macs`` to the number of channels each group keeps.
 
 ``--ratio r`` removes ``round(r * C)`` of the ``C`` channels of every group (at least one stays).
+``round_to=k`` then rounds every kept width down to a multiple of ``k`` (at least ``k``; groups of
+at most ``k`` channels are left as they are): vectorised CPU/GPU kernels run widths that are
+multiples of 8 or 16 markedly faster than the odd widths a uniform ratio gives.
 ``--target-macs f`` searches, by bisection on a monotone knob (the ratio, or a method's own), the
 least pruning whose model keeps at most ``f`` of the original MACs. MACs depend only on the widths,
 not on which channels are kept, so candidates are counted on a copy pruned to the first channels.
@@ -46,9 +49,36 @@ def check_fraction(name: str, value: float) -> float:
     return v
 
 
-def widths_at_ratio(info: DependencyInfo, ratio: float) -> Widths:
-    """Channels kept per group when a fraction ``ratio`` of each group is removed."""
-    return {g.name: max(1, g.size - int(round(ratio * g.size))) for g in info.groups}
+def check_round_to(round_to: int | None) -> int | None:
+    """``None`` / 1 (no rounding) or a whole number >= 2."""
+    if round_to is None:
+        return None
+    if isinstance(round_to, bool) or int(round_to) != round_to or round_to < 1:
+        raise ConfigError(f"round_to must be a whole number >= 1, got {round_to!r}")
+    return None if int(round_to) == 1 else int(round_to)
+
+
+def round_width(width: int, size: int, round_to: int | None) -> int:
+    """``width`` rounded down to a multiple of ``round_to`` (at least ``round_to``); a group of
+    at most ``round_to`` channels keeps ``width``."""
+    if not round_to or size <= round_to:
+        return width
+    return max(round_to, width - width % round_to)
+
+
+def round_widths(info: DependencyInfo, widths: Widths, round_to: int | None) -> Widths:
+    """:func:`round_width` applied to every group of ``widths``."""
+    if not round_to:
+        return dict(widths)
+    sizes = {g.name: g.size for g in info.groups}
+    return {n: round_width(w, sizes.get(n, w), round_to) for n, w in widths.items()}
+
+
+def widths_at_ratio(info: DependencyInfo, ratio: float, round_to: int | None = None) -> Widths:
+    """Channels kept per group when a fraction ``ratio`` of each group is removed (then
+    rounded, see :func:`round_width`)."""
+    return {g.name: round_width(max(1, g.size - int(round(ratio * g.size))), g.size, round_to)
+            for g in info.groups}
 
 
 def width_plan(info: DependencyInfo, widths: Widths) -> PruningPlan:
@@ -64,7 +94,7 @@ def macs_of_widths(info: DependencyInfo, widths: Widths) -> int:
 
 def solve_budget(info: DependencyInfo, target_macs: float,
                  widths_fn: Callable[[float], Widths] | None = None, *,
-                 iters: int = 14) -> tuple[float, Widths, float]:
+                 iters: int = 14, round_to: int | None = None) -> tuple[float, Widths, float]:
     """Smallest knob value ``r`` in (0, 1) whose widths keep at most ``target_macs`` of the MACs.
 
     Parameters
@@ -74,13 +104,20 @@ def solve_budget(info: DependencyInfo, target_macs: float,
         Fraction of the original MACs allowed, in (0, 1).
     widths_fn : callable, optional
         ``r -> widths``, non-increasing in ``r``; default :func:`widths_at_ratio`.
+    round_to : int, optional
+        Round every candidate's widths with :func:`round_widths` (rounding down keeps the
+        knob monotone).
 
     Returns
     -------
     (r, widths, macs_fraction)
     """
     target = check_fraction("target MACs", target_macs)
-    fn = widths_fn or (lambda r: widths_at_ratio(info, r))
+    raw = widths_fn or (lambda r: widths_at_ratio(info, r))
+    round_to = check_round_to(round_to)
+
+    def fn(r: float) -> Widths:
+        return round_widths(info, raw(r), round_to)
     base = count_macs_params(info.model, info.example_inputs)[0]
     lo, hi = 0.0, 0.999
     best = (hi, fn(hi), macs_of_widths(info, fn(hi)) / base)

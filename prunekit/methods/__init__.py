@@ -31,6 +31,7 @@ class PruneContext:
     ignored_layers: list[nn.Module | str] = field(default_factory=list)
     seed: int = 0
     device: str = "auto"
+    round_to: int | None = None    # kept widths rounded down to multiples of this (engine.budget)
 
     def option(self, name: str, default: Any = None) -> Any:
         return self.options.get(name, default)
@@ -50,6 +51,9 @@ _MODULES = {
     "mrts": "slimming", "taylor": "taylor", "autopruner": "autopruner", "curl": "curl",
 }
 PEER_CRITERIA = ("l1", "l2", "taylor", "bn-scale", "random")
+#: methods whose widths come from thresholds or from step-by-step removal: ``round_to`` would
+#: change what they mean, so they refuse it
+NO_ROUND_TO = ("slimming", "mrts", "taylor", "curl")
 
 
 def available() -> list[str]:

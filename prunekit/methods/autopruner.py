@@ -595,10 +595,11 @@ def fold_gates(info: DependencyInfo, values: dict[str, torch.Tensor]) -> None:
 
 def _budget(ctx: PruneContext, info: DependencyInfo) -> tuple[Widths, float, float | None]:
     if ctx.target_macs is not None:
-        ratio, widths, frac = solve_budget(info, ctx.target_macs, lambda r: widths_at_ratio(info, r))
+        ratio, widths, frac = solve_budget(info, ctx.target_macs,
+                                           lambda r: widths_at_ratio(info, r, ctx.round_to))
         return widths, ratio, frac
     ratio = check_fraction("ratio", ctx.ratio)
-    return widths_at_ratio(info, ratio), ratio, None
+    return widths_at_ratio(info, ratio, ctx.round_to), ratio, None
 
 
 def run(ctx: PruneContext) -> MethodOutput:

@@ -54,7 +54,7 @@ from ..utils import eval_mode, module_device, progress, resolve_device
 from . import MethodOutput, PruneContext
 
 __all__ = [
-    "CLUSTERING_METHODS", "CentripetalTransform", "auto_epsilon", "centripetal_gradient",
+    "CLUSTERING_METHODS", "GRADIENTS", "CentripetalTransform", "auto_epsilon", "centripetal_gradient",
     "centripetal_step", "cluster", "max_intra_distance", "merge", "merge_plan", "merge_tree",
     "recalibrate_bn", "run", "similarity", "survey",
 ]
@@ -62,12 +62,16 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CLUSTERING_METHODS = ("agglomerative", "even", "kmeans")
+#: S3's shared gradient: the document's cluster mean, or (an ablation) the cluster sum, which is
+#: the gradient the merged filter would get in the pruned network
+GRADIENTS = ("mean", "sum")
 
 #: Default options of :func:`run` (``ctx.options`` overrides them by name).
 DEFAULTS: dict[str, Any] = {
     "centripetal_epochs": 3,
     "epsilon": "auto",
     "bn_epsilon_scale": 1.0,
+    "gradient": "mean",
     "survey_samples": 1000,
     "clustering": "agglomerative",
     "lr": 0.01,
@@ -701,10 +705,13 @@ def _layout(info: DependencyInfo, clusters: Mapping[str, Clusters], *, buffers: 
     return entries, base
 
 
-def _label_mean(x: torch.Tensor, e: _Entry) -> torch.Tensor:
-    """Mean of ``x`` (rows already gathered) over each label, shape ``[n_labels, ...]``."""
+def _label_mean(x: torch.Tensor, e: _Entry, total: bool = False) -> torch.Tensor:
+    """Mean (or with ``total`` the sum) of ``x`` (rows already gathered) over each label,
+    shape ``[n_labels, ...]``."""
     sums = torch.zeros((e.n_labels, *x.shape[1:]), dtype=x.dtype, device=x.device)
     sums.index_add_(0, e.labels, x)
+    if total:
+        return sums
     counts = torch.bincount(e.labels, minlength=e.n_labels).to(x.dtype)
     return sums / counts.view(-1, *([1] * (x.dim() - 1)))
 
@@ -761,6 +768,10 @@ class CentripetalTransform:
         ``eps``, the centripetal strength.
     bn_epsilon_scale : float
         Factor on ``epsilon`` for biases and normalisation parameters.
+    gradient : {"mean", "sum"}
+        The shared gradient: the document's ``mean_{k in H(i)} g_k`` (default) or, as an
+        ablation, the cluster sum ``|H(i)| * mean`` (what the merged filter's gradient would be
+        in the pruned network, where it feeds all the members' consumer slices).
     example_inputs : Tensor, optional
         Needed when a model is passed.
 
@@ -773,7 +784,10 @@ class CentripetalTransform:
 
     def __init__(self, info_or_model: DependencyInfo | nn.Module, clusters: Mapping[Any, Any],
                  weight_decay: float, epsilon: float, bn_epsilon_scale: float = 0.1, *,
-                 example_inputs: torch.Tensor | None = None) -> None:
+                 gradient: str = "mean", example_inputs: torch.Tensor | None = None) -> None:
+        if gradient not in GRADIENTS:
+            raise ConfigError(f"gradient must be one of {', '.join(GRADIENTS)}, got {gradient!r}")
+        self.gradient = gradient
         for label, value in (("weight_decay", weight_decay), ("epsilon", epsilon),
                              ("bn_epsilon_scale", bn_epsilon_scale)):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
@@ -804,7 +818,7 @@ class CentripetalTransform:
             e.on(p.device)
             w, g = p.detach(), p.grad
             w_rows, g_rows = w.index_select(0, e.rows), g.index_select(0, e.rows)
-            mean_g = _label_mean(g_rows, e).index_select(0, e.labels)
+            mean_g = _label_mean(g_rows, e, self.gradient == "sum").index_select(0, e.labels)
             mean_w = _label_mean(w_rows, e).index_select(0, e.labels)
             eps = self.epsilon * e.eps_scale
             new_rows = mean_g + wd * w_rows + eps * (w_rows - mean_w)
@@ -1033,6 +1047,9 @@ def _options(ctx: PruneContext) -> dict[str, Any]:
         raise ConfigError(f"csgd option momentum must be in [0, 1), got {o['momentum']}")
     if o["epsilon"] != "auto":
         number("epsilon", 0)
+    if o["gradient"] not in GRADIENTS:
+        raise ConfigError(f"csgd option gradient must be one of {', '.join(GRADIENTS)}, "
+                          f"got {o['gradient']!r}")
     if o["clustering"] not in CLUSTERING_METHODS:
         raise ConfigError(f"csgd option clustering must be one of {', '.join(CLUSTERING_METHODS)}, "
                           f"got {o['clustering']!r}")
@@ -1075,17 +1092,18 @@ def _planned_lrs(cfg, n_train: int) -> list[float]:
 
 def _budget_widths(ctx: PruneContext, info: DependencyInfo) -> tuple[dict[str, int], dict[str, Any]]:
     if ctx.target_macs is not None:
-        ratio, widths, frac = solve_budget(info, ctx.target_macs)
+        ratio, widths, frac = solve_budget(info, ctx.target_macs, round_to=ctx.round_to)
         return widths, {"ratio": ratio, "searched_macs_fraction": frac}
     ratio = check_fraction("ratio", ctx.ratio)
-    return widths_at_ratio(info, ratio), {"ratio": ratio}
+    return widths_at_ratio(info, ratio, ctx.round_to), {"ratio": ratio}
 
 
 def run(ctx: PruneContext) -> MethodOutput:
     """Similarity-learning centripetal pruning (seed 000, S1-S4) of a copy of ``ctx.model``.
 
     1. clusters per group: ``C - round(r C)`` for ``ratio=r``; for ``target_macs`` the widths
-       found by :func:`~prunekit.engine.budget.solve_budget`;
+       found by :func:`~prunekit.engine.budget.solve_budget` (both rounded down to multiples
+       of ``ctx.round_to`` when it is set);
     2. S1 :func:`survey` on the first ``survey_samples`` training images;
     3. S2 :func:`cluster` (``clustering``);
     4. S3 centripetal training with :func:`prunekit.train.fit` and a
@@ -1096,7 +1114,8 @@ def run(ctx: PruneContext) -> MethodOutput:
 
     Options (``ctx.options``): ``centripetal_epochs`` (3), ``epsilon`` ("auto": the smallest
     value that converges on the planned schedule, :func:`auto_epsilon`; or a number),
-    ``bn_epsilon_scale`` (1.0), ``survey_samples`` (1000), ``clustering`` ("agglomerative"),
+    ``bn_epsilon_scale`` (1.0), ``gradient`` ("mean"; "sum" is an ablation, see
+    :class:`CentripetalTransform`), ``survey_samples`` (1000), ``clustering`` ("agglomerative"),
     ``lr`` (0.01, cosine schedule), ``batch_size`` (128), ``momentum`` (0.9, Nesterov),
     ``weight_decay`` (5e-4, eta), ``tolerance`` (1e-5), ``stop_when_converged`` (False),
     ``recalibrate_bn`` (True),
@@ -1137,7 +1156,8 @@ def run(ctx: PruneContext) -> MethodOutput:
 
     # S3
     cfg = _train_config(o, ctx)
-    transform = CentripetalTransform(info, clusters, cfg.weight_decay, 0.0, o["bn_epsilon_scale"])
+    transform = CentripetalTransform(info, clusters, cfg.weight_decay, 0.0, o["bn_epsilon_scale"],
+                                     gradient=o["gradient"])
     d0 = transform.max_distance()
     epsilon, reachable = o["epsilon"], True
     if epsilon == "auto":

@@ -3,6 +3,11 @@ criteria, run in-process on the same model, data and budget as ours (``--method 
 
 This is the reference prunekit must beat; it is deliberately Torch-Pruning's code path end to
 end (its grouping, its importance, its group reduction and normalisation), not ours.
+
+Widths: with a plain ``ratio`` / ``target_macs`` the peer uses Torch-Pruning's own uniform ratio
+(bisected for a MACs target). With ``round_to`` the peer is given exactly the rounded widths our
+budget gives every other method (one per-group ratio each, via ``pruning_ratio_dict``), so that
+rounded comparisons are at identical shapes; Torch-Pruning still chooses which channels go.
 """
 
 from __future__ import annotations
@@ -13,8 +18,8 @@ import torch
 import torch.nn.functional as F
 import torch_pruning as tp
 
-from ..engine import find_classifier
-from ..engine.budget import check_fraction, count_macs_params
+from ..engine import analyse, find_classifier
+from ..engine.budget import Widths, check_fraction, count_macs_params, solve_budget, widths_at_ratio
 from ..errors import ConfigError, DataError
 from . import MethodOutput, PruneContext
 
@@ -45,7 +50,20 @@ def _accumulate_gradients(model, data, samples: int, batch_size: int = 64) -> No
         F.cross_entropy(model(x), y).backward()
 
 
-def _prune_copy(ctx: PruneContext, criterion: str, ratio: float):
+def _ratio_dict(model, info, widths: Widths) -> dict:
+    """Per-module ratios that make Torch-Pruning keep exactly ``widths[g]`` channels of each
+    group: it keeps ``int(C * (1 - ratio))``, so ``ratio = 1 - (w + 0.5) / C``; every producer of
+    the group carries the ratio, whichever of them Torch-Pruning takes as the group's root."""
+    named = dict(model.named_modules())
+    out = {}
+    for g in info.groups:
+        w = widths.get(g.name, g.size)
+        for slot in g.producers:
+            out[named[slot.name]] = max(0.0, 1.0 - (w + 0.5) / g.size)
+    return out
+
+
+def _prune_copy(ctx: PruneContext, criterion: str, ratio: float, widths: Widths | None = None):
     model = copy.deepcopy(ctx.model)
     torch.manual_seed(ctx.seed)
     if criterion == "taylor":
@@ -53,9 +71,12 @@ def _prune_copy(ctx: PruneContext, criterion: str, ratio: float):
     named = dict(model.named_modules())
     ignored = [named[n] if isinstance(n, str) else n for n in ctx.ignored_layers]
     clf = find_classifier(model)
+    ratio_dict = None
+    if widths is not None:
+        ratio_dict = _ratio_dict(model, analyse(model, ctx.example_inputs, ignored_layers=ignored), widths)
     pruner = tp.pruner.MetaPruner(
         model, ctx.example_inputs, importance=_importance(criterion), pruning_ratio=ratio,
-        ignored_layers=ignored + ([clf] if clf is not None else []),
+        pruning_ratio_dict=ratio_dict, ignored_layers=ignored + ([clf] if clf is not None else []),
         global_pruning=bool(ctx.option("global_ranking", False)))
     pruner.step()
     model.zero_grad(set_to_none=True)
@@ -65,6 +86,22 @@ def _prune_copy(ctx: PruneContext, criterion: str, ratio: float):
 def run(ctx: PruneContext, criterion: str) -> MethodOutput:
     """Prune a copy of ``ctx.model`` with Torch-Pruning's MetaPruner and ``criterion``."""
     _importance(criterion)  # validate early
+    if ctx.round_to is not None:
+        if ctx.option("global_ranking", False):
+            raise ConfigError("round_to gives the peer fixed per-group widths; it cannot be "
+                              "combined with global ranking")
+        info = analyse(ctx.model, ctx.example_inputs, ignored_layers=ctx.ignored_layers)
+        if ctx.target_macs is not None:
+            ratio, widths, frac = solve_budget(info, ctx.target_macs, round_to=ctx.round_to)
+        else:
+            ratio, frac = check_fraction("ratio", ctx.ratio), None
+            widths = widths_at_ratio(info, ratio, ctx.round_to)
+        model = _prune_copy(ctx, criterion, 0.0, widths)
+        got = {g.name: g.size for g in analyse(model, ctx.example_inputs).groups}
+        if sorted(got.values()) != sorted(widths.values()):
+            raise ConfigError(f"Torch-Pruning did not reproduce the rounded widths {widths} (got {got})")
+        return MethodOutput(model, None, {"ratio": ratio, "searched_macs_fraction": frac,
+                                          "widths": widths})
     if ctx.target_macs is None:
         ratio = check_fraction("ratio", ctx.ratio)
         return MethodOutput(_prune_copy(ctx, criterion, ratio), None, {"ratio": ratio})
