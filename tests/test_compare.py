@@ -258,3 +258,13 @@ def test_demo_bad_input_before_training(tmp_path, capsys) -> None:
     a_file.write_text("x")
     line = assert_one_line_error(*run(capsys, "demo", "--out-dir", a_file))
     assert "not a directory" in line
+
+
+def test_round_to_for_every_method_via_star_options(model, data, tmp_path) -> None:
+    res = compare(model, None, ["l1", "curl"], target_macs=TARGET, data=data, finetune_epochs=0,
+                  out_dir=tmp_path, onnx=False, method_options={"*": {"round_to": 4}}, **FAST)
+    l1, curl = res["methods"]
+    assert l1["status"] == "ok"
+    after = [w[1] for w in l1["widths"].values()]
+    assert all(w % 4 == 0 for w in after) and l1["macs_fraction"] <= TARGET
+    assert curl["status"] == "failed" and "round_to" in curl["error"]
