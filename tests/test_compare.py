@@ -118,8 +118,8 @@ def test_rerun_skips_finished_and_redoes_changed(first_run, model, data) -> None
 
 
 def test_budget_rule() -> None:
-    assert fit_budget("csgd", 2, {}) == {"centripetal_epochs": 2}
-    assert fit_budget("csgd", 10, {}) == {"centripetal_epochs": 3}  # the method's default
+    assert fit_budget("csgd", 2, {}) == {"centripetal_epochs": 1}   # the method's default
+    assert fit_budget("csgd", 0, {}) == {"centripetal_epochs": 0}   # no budget: merge at once
     assert fit_budget("csgd", 2, {"centripetal_epochs": 5}) == {}    # the caller's value wins
     assert fit_budget("taylor", 2, {}) == {"finetune_epochs_per_step": 0}  # 4 gaps, 2 epochs
     assert fit_budget("taylor", 8, {}) == {"finetune_epochs_per_step": 1}

@@ -68,7 +68,8 @@ GRADIENTS = ("mean", "sum")
 
 #: Default options of :func:`run` (``ctx.options`` overrides them by name).
 DEFAULTS: dict[str, Any] = {
-    "centripetal_epochs": 3,
+    # one epoch: measured best wherever training continues after the merge (docs/csgd.md)
+    "centripetal_epochs": 1,
     "epsilon": "auto",
     "bn_epsilon_scale": 1.0,
     "gradient": "mean",
@@ -1112,7 +1113,7 @@ def run(ctx: PruneContext) -> MethodOutput:
        stops once :func:`max_intra_distance` < ``tolerance``); then :func:`recalibrate_bn`;
     5. accuracy right before the merge (with a test set), S4 :func:`merge`, accuracy after.
 
-    Options (``ctx.options``): ``centripetal_epochs`` (3), ``epsilon`` ("auto": the smallest
+    Options (``ctx.options``): ``centripetal_epochs`` (1), ``epsilon`` ("auto": the smallest
     value that converges on the planned schedule, :func:`auto_epsilon`; or a number),
     ``bn_epsilon_scale`` (1.0), ``gradient`` ("mean"; "sum" is an ablation, see
     :class:`CentripetalTransform`), ``survey_samples`` (1000), ``clustering`` ("agglomerative"),
