@@ -457,7 +457,8 @@ def prune_(
     global_ranking: Annotated[bool, typer.Option(
         "--global", help="Rank channels across layers instead of per layer.")] = False,
     centripetal_epochs: Annotated[int | None, typer.Option(
-        "--centripetal-epochs", min=1, help="csgd: centripetal training epochs.")] = None,
+        "--centripetal-epochs", min=1, help="csgd: centripetal training epochs (default 1; "
+        "--finetune-epochs adds plain fine-tuning after the exact merge).")] = None,
     epsilon: Annotated[float | None, typer.Option("--epsilon", help="csgd: centripetal strength.")] = None,
     survey_samples: Annotated[int | None, typer.Option(
         "--survey-samples", min=2, help="csgd: survey images (S1).")] = None,
