@@ -105,10 +105,7 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None, method: 
         raise ConfigError(f"finetune_epochs must be a whole number >= 0, got {finetune_epochs}")
     finetune_epochs = int(finetune_epochs)
     run = methods.get(method)
-    if round_to is not None and method in methods.NO_ROUND_TO:
-        raise ConfigError(f"round_to is not supported by {method!r} (its widths come from "
-                          f"thresholds or step-by-step removal); supported by the criteria, the "
-                          f"tp:* peers, csgd, thinet, lasso and autopruner")
+    methods.check_round_to_supported(method, round_to)
     # CURL's small-data recipe belongs to the fine-tuning phase, whatever the method
     expand = bool(method_options.pop("expand", False))
     refine_labels = bool(method_options.pop("refine_labels", False))

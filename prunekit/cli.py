@@ -498,8 +498,7 @@ def prune_(
     with Output(json_) as o:
         check_budget(ratio, target_macs)
         _methods.get(method)  # unknown method: fail before loading anything
-        if round_to is not None and method in _methods.NO_ROUND_TO:
-            raise ConfigError(f"--round-to is not supported by --method {method}")
+        _methods.check_round_to_supported(method, round_to)
         check_output_path(out)
         state_path = Path(f"{out}.state")
         if resume and method != "csgd":

@@ -74,11 +74,9 @@ def round_widths(info: DependencyInfo, widths: Widths, round_to: int | None) -> 
     return {n: round_width(w, sizes.get(n, w), round_to) for n, w in widths.items()}
 
 
-def widths_at_ratio(info: DependencyInfo, ratio: float, round_to: int | None = None) -> Widths:
-    """Channels kept per group when a fraction ``ratio`` of each group is removed (then
-    rounded, see :func:`round_width`)."""
-    return {g.name: round_width(max(1, g.size - int(round(ratio * g.size))), g.size, round_to)
-            for g in info.groups}
+def widths_at_ratio(info: DependencyInfo, ratio: float) -> Widths:
+    """Channels kept per group when a fraction ``ratio`` of each group is removed."""
+    return {g.name: max(1, g.size - int(round(ratio * g.size))) for g in info.groups}
 
 
 def width_plan(info: DependencyInfo, widths: Widths) -> PruningPlan:
@@ -138,3 +136,25 @@ def solve_budget(info: DependencyInfo, target_macs: float,
         else:
             lo = mid
     return best
+
+
+def budget_widths(info: DependencyInfo, ratio: float | None, target_macs: float | None,
+                  widths_fn: Callable[[float], Widths] | None = None, *,
+                  round_to: int | None = None) -> tuple[float, Widths, float | None]:
+    """The widths of a ``--ratio`` or ``--target-macs`` budget, the one place where every
+    method's widths are rounded (``round_to``).
+
+    With ``target_macs`` this is :func:`solve_budget`; with ``ratio`` the widths
+    ``widths_fn(ratio)`` (default :func:`widths_at_ratio`), rounded by :func:`round_widths`.
+
+    Returns
+    -------
+    (r, widths, macs_fraction)
+        ``macs_fraction`` is ``None`` for a ratio budget (not counted).
+    """
+    if target_macs is not None:
+        return solve_budget(info, target_macs, widths_fn, round_to=round_to)
+    r = check_fraction("ratio", ratio)
+    fn = widths_fn or (lambda q: widths_at_ratio(info, q))
+    return r, round_widths(info, fn(r), check_round_to(round_to)), None
+

@@ -56,6 +56,14 @@ PEER_CRITERIA = ("l1", "l2", "taylor", "bn-scale", "random")
 NO_ROUND_TO = ("slimming", "mrts", "taylor", "curl")
 
 
+def check_round_to_supported(method: str, round_to: int | None) -> None:
+    """:class:`ConfigError` when ``round_to`` is given to a method in :data:`NO_ROUND_TO`."""
+    if round_to is not None and method in NO_ROUND_TO:
+        raise ConfigError(f"round_to (--round-to) is not supported by {method!r} (its widths come "
+                          f"from thresholds or step-by-step removal); supported by the criteria, "
+                          f"the tp:* peers, csgd, thinet, lasso and autopruner")
+
+
 def available() -> list[str]:
     """Method names accepted by ``prunekit.prune`` (those implemented in this build)."""
     names = [c for c in CRITERIA if c != "taylor"]

@@ -57,7 +57,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..engine import ChannelGroup, DependencyInfo, GroupPlan, PruningPlan, Slot, analyse, apply_plan
-from ..engine.budget import Widths, check_fraction, solve_budget, widths_at_ratio
+from ..engine.budget import Widths, budget_widths
 from ..errors import ConfigError, DataError, UnsupportedLayerError
 from ..utils import eval_mode, resolve_device
 from . import MethodOutput, PruneContext
@@ -594,12 +594,8 @@ def fold_gates(info: DependencyInfo, values: dict[str, torch.Tensor]) -> None:
 
 
 def _budget(ctx: PruneContext, info: DependencyInfo) -> tuple[Widths, float, float | None]:
-    if ctx.target_macs is not None:
-        ratio, widths, frac = solve_budget(info, ctx.target_macs,
-                                           lambda r: widths_at_ratio(info, r, ctx.round_to))
-        return widths, ratio, frac
-    ratio = check_fraction("ratio", ctx.ratio)
-    return widths_at_ratio(info, ratio, ctx.round_to), ratio, None
+    ratio, widths, frac = budget_widths(info, ctx.ratio, ctx.target_macs, round_to=ctx.round_to)
+    return widths, ratio, frac
 
 
 def run(ctx: PruneContext) -> MethodOutput:

@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 
 from ..engine import DependencyInfo, GroupPlan, PruningPlan, analyse, apply_plan
-from ..engine.budget import check_fraction, solve_budget, widths_at_ratio
+from ..engine.budget import budget_widths
 from ..engine.graph import ChannelGroup, Slot
 from ..errors import ConfigError, DataError, ModelError
 from ..utils import eval_mode, module_device, progress, resolve_device
@@ -1092,11 +1092,10 @@ def _planned_lrs(cfg, n_train: int) -> list[float]:
 
 
 def _budget_widths(ctx: PruneContext, info: DependencyInfo) -> tuple[dict[str, int], dict[str, Any]]:
-    if ctx.target_macs is not None:
-        ratio, widths, frac = solve_budget(info, ctx.target_macs, round_to=ctx.round_to)
-        return widths, {"ratio": ratio, "searched_macs_fraction": frac}
-    ratio = check_fraction("ratio", ctx.ratio)
-    return widths_at_ratio(info, ratio, ctx.round_to), {"ratio": ratio}
+    ratio, widths, frac = budget_widths(info, ctx.ratio, ctx.target_macs, round_to=ctx.round_to)
+    if ctx.target_macs is None:
+        return widths, {"ratio": ratio}
+    return widths, {"ratio": ratio, "searched_macs_fraction": frac}
 
 
 def run(ctx: PruneContext) -> MethodOutput:

@@ -11,7 +11,7 @@ import torch
 
 from ..criteria import Scores, score
 from ..engine import DependencyInfo, GroupPlan, PruningPlan, analyse, apply_plan
-from ..engine.budget import Widths, check_fraction, round_widths, solve_budget, widths_at_ratio
+from ..engine.budget import Widths, budget_widths, widths_at_ratio
 from ..errors import ConfigError
 from . import MethodOutput, PruneContext
 
@@ -73,14 +73,9 @@ def plan_for_budget(ctx: PruneContext, info: DependencyInfo, scores: Scores,
                     global_ranking: bool = False) -> tuple[PruningPlan, dict]:
     """Turn scores and the context's budget (ratio or target MACs) into a plan."""
     def widths_fn(r: float) -> Widths:
-        widths = global_widths(scores, r) if global_ranking else widths_at_ratio(info, r)
-        return round_widths(info, widths, ctx.round_to)
+        return global_widths(scores, r) if global_ranking else widths_at_ratio(info, r)
 
-    if ctx.target_macs is not None:
-        ratio, widths, frac = solve_budget(info, ctx.target_macs, widths_fn)
-    else:
-        ratio = check_fraction("ratio", ctx.ratio)
-        widths, frac = widths_fn(ratio), None
+    ratio, widths, frac = budget_widths(info, ctx.ratio, ctx.target_macs, widths_fn, round_to=ctx.round_to)
     return keep_top(info, scores, widths), {"ratio": ratio, "searched_macs_fraction": frac}
 
 

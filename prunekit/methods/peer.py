@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 
 from ..engine import analyse, find_classifier
-from ..engine.budget import Widths, check_fraction, count_macs_params, solve_budget, widths_at_ratio
+from ..engine.budget import Widths, budget_widths, check_fraction, count_macs_params
 from ..errors import ConfigError, DataError
 from . import MethodOutput, PruneContext
 
@@ -50,20 +50,17 @@ def _accumulate_gradients(model, data, samples: int, batch_size: int = 64) -> No
         F.cross_entropy(model(x), y).backward()
 
 
-def _ratio_dict(model, info, widths: Widths) -> dict:
-    """Per-module ratios that make Torch-Pruning keep exactly ``widths[g]`` channels of each
-    group: it keeps ``int(C * (1 - ratio))``, so ``ratio = 1 - (w + 0.5) / C``; every producer of
-    the group carries the ratio, whichever of them Torch-Pruning takes as the group's root."""
-    named = dict(model.named_modules())
-    out = {}
-    for g in info.groups:
-        w = widths.get(g.name, g.size)
-        for slot in g.producers:
-            out[named[slot.name]] = max(0.0, 1.0 - (w + 0.5) / g.size)
-    return out
+def _layer_ratios(info, widths: Widths) -> dict[str, float]:
+    """Per-layer ratios (by module name) that make Torch-Pruning keep exactly ``widths[g]``
+    channels of each group: it keeps ``int(C * (1 - ratio))``, so ``ratio = 1 - (w + 0.5) / C``;
+    every producer of the group carries the ratio, whichever of them Torch-Pruning takes as the
+    group's root."""
+    return {slot.name: max(0.0, 1.0 - (widths.get(g.name, g.size) + 0.5) / g.size)
+            for g in info.groups for slot in g.producers}
 
 
-def _prune_copy(ctx: PruneContext, criterion: str, ratio: float, widths: Widths | None = None):
+def _prune_copy(ctx: PruneContext, criterion: str, ratio: float,
+                layer_ratios: dict[str, float] | None = None):
     model = copy.deepcopy(ctx.model)
     torch.manual_seed(ctx.seed)
     if criterion == "taylor":
@@ -71,9 +68,7 @@ def _prune_copy(ctx: PruneContext, criterion: str, ratio: float, widths: Widths 
     named = dict(model.named_modules())
     ignored = [named[n] if isinstance(n, str) else n for n in ctx.ignored_layers]
     clf = find_classifier(model)
-    ratio_dict = None
-    if widths is not None:
-        ratio_dict = _ratio_dict(model, analyse(model, ctx.example_inputs, ignored_layers=ignored), widths)
+    ratio_dict = {named[n]: r for n, r in layer_ratios.items()} if layer_ratios is not None else None
     pruner = tp.pruner.MetaPruner(
         model, ctx.example_inputs, importance=_importance(criterion), pruning_ratio=ratio,
         pruning_ratio_dict=ratio_dict, ignored_layers=ignored + ([clf] if clf is not None else []),
@@ -91,12 +86,8 @@ def run(ctx: PruneContext, criterion: str) -> MethodOutput:
             raise ConfigError("round_to gives the peer fixed per-group widths; it cannot be "
                               "combined with global ranking")
         info = analyse(ctx.model, ctx.example_inputs, ignored_layers=ctx.ignored_layers)
-        if ctx.target_macs is not None:
-            ratio, widths, frac = solve_budget(info, ctx.target_macs, round_to=ctx.round_to)
-        else:
-            ratio, frac = check_fraction("ratio", ctx.ratio), None
-            widths = widths_at_ratio(info, ratio, ctx.round_to)
-        model = _prune_copy(ctx, criterion, 0.0, widths)
+        ratio, widths, frac = budget_widths(info, ctx.ratio, ctx.target_macs, round_to=ctx.round_to)
+        model = _prune_copy(ctx, criterion, 0.0, _layer_ratios(info, widths))
         got = {g.name: g.size for g in analyse(model, ctx.example_inputs).groups}
         if sorted(got.values()) != sorted(widths.values()):
             raise ConfigError(f"Torch-Pruning did not reproduce the rounded widths {widths} (got {got})")

@@ -55,7 +55,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..engine import ChannelGroup, DependencyInfo, GroupPlan, PruningPlan, analyse, apply_group
-from ..engine.budget import Widths, check_fraction, round_width, solve_budget
+from ..engine.budget import Widths, budget_widths
 from ..errors import ConfigError, DataError, UnsupportedLayerError
 from ..utils import eval_mode, module_device, progress
 from . import MethodOutput, PruneContext
@@ -681,13 +681,10 @@ def _budget(ctx: PruneContext, info: DependencyInfo, names: list[str]) -> tuple[
     sizes = {g.name: g.size for g in info.groups if g.name in set(names)}
 
     def widths_fn(r: float) -> Widths:
-        return {n: round_width(max(1, c - int(round(r * c))), c, ctx.round_to) for n, c in sizes.items()}
+        return {n: max(1, c - int(round(r * c))) for n, c in sizes.items()}
 
-    if ctx.target_macs is not None:
-        ratio, widths, frac = solve_budget(info, ctx.target_macs, widths_fn)
-        return widths, ratio, frac
-    ratio = check_fraction("ratio", ctx.ratio)
-    return widths_fn(ratio), ratio, None
+    ratio, widths, frac = budget_widths(info, ctx.ratio, ctx.target_macs, widths_fn, round_to=ctx.round_to)
+    return widths, ratio, frac
 
 
 def _finetune(model: nn.Module, ctx: PruneContext, epochs: float, lr: float, step: int) -> None:
