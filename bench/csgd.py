@@ -65,6 +65,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clustering", default="agglomerative", choices=csgd.CLUSTERING_METHODS)
     p.add_argument("--gradient", default="mean", choices=csgd.GRADIENTS,
                    help="S3's shared gradient (the document's mean, or the sum as an ablation)")
+    p.add_argument("--distill", action="store_true",
+                   help="fine-tune (csgd after the merge, and every peer) with distillation from the "
+                        "unpruned model")
+    p.add_argument("--centripetal-distill", action="store_true",
+                   help="also distil from the unpruned model during csgd's centripetal epochs")
     p.add_argument("--peers", default=None,
                    help=f"comma-separated; empty for none (default {','.join(PEERS)}; tp:l1 with --quick)")
     p.add_argument("--split-epochs", type=int, default=0,
@@ -157,6 +162,8 @@ def main(argv=None) -> int:
         options["bn_epsilon_scale"] = args.bn_epsilon_scale
     if args.gradient != "mean":
         options["gradient"] = args.gradient
+    if args.centripetal_distill:
+        options["centripetal_distill"] = True
     epsilon = args.epsilon if args.epsilon == "auto" else float(args.epsilon)
     budget = {"ratio": args.ratio} if args.ratio is not None else {"target_macs": args.target_macs}
     if args.round_to is not None:
@@ -177,7 +184,7 @@ def main(argv=None) -> int:
                              centripetal_epochs=cent, lr=args.lr, batch_size=args.batch_size,
                              epsilon=epsilon, survey_samples=args.survey_samples,
                              clustering=args.clustering, finetune_epochs=args.epochs - cent,
-                             train_config=cfg, **options, **budget)
+                             distill=args.distill, train_config=cfg, **options, **budget)
     r = res.report
     csgd_seconds = time.perf_counter() - t0
     cent_run = int(r["method_train_epochs"])
@@ -219,7 +226,8 @@ def main(argv=None) -> int:
                                 centripetal_epochs=args.split_epochs, lr=args.lr,
                                 batch_size=args.batch_size, epsilon=epsilon,
                                 survey_samples=args.survey_samples, clustering=args.clustering,
-                                finetune_epochs=ft, train_config=cfg, **options, **budget)
+                                finetune_epochs=ft, distill=args.distill, train_config=cfg,
+                                **options, **budget)
         s = sp.report
         rows.append(row(f"csgd {args.split_epochs} + {ft} ft", sp, args.epochs, time.perf_counter() - t0)[0])
         print(f"csgd {args.split_epochs}+{ft}: before merge {s['method_acc_before_merge']:.2f}, "
@@ -227,7 +235,7 @@ def main(argv=None) -> int:
     for peer in [p for p in args.peers.split(",") if p]:
         t0 = time.perf_counter()
         pr = prunekit.prune(model, example, method=peer, data=(train, test), seed=args.seed,
-                            finetune_epochs=peer_epochs, train_config=cfg,
+                            finetune_epochs=peer_epochs, distill=args.distill, train_config=cfg,
                             calib_images=args.survey_samples, **budget)
         p = pr.report
         rows.append(row(peer, pr, peer_epochs, time.perf_counter() - t0)[0])
@@ -265,7 +273,7 @@ def main(argv=None) -> int:
     settings = {"checkpoint": None if args.quick else args.checkpoint, "meta": meta, **budget,
                 "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
                 "epsilon": args.epsilon, "survey_samples": args.survey_samples,
-                "split_epochs": args.split_epochs,
+                "split_epochs": args.split_epochs, "distill": args.distill,
                 "clustering": args.clustering, "train_samples": len(train), "test_samples": len(test),
                 "peers": args.peers, "peer_finetune_epochs": peer_epochs, "seed": args.seed,
                 "quick": args.quick, **{f"option_{k}": v for k, v in options.items()}}

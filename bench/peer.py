@@ -37,6 +37,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--calib-images", type=int, default=1000)
     p.add_argument("--round-to", type=int, default=None, help="as bench/csgd.py --round-to")
+    p.add_argument("--distill", action="store_true",
+                   help="fine-tune with distillation from the unpruned model (as bench/csgd.py --distill)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default=None)
     args = p.parse_args(argv)
@@ -47,7 +49,7 @@ def main(argv=None) -> int:
                        seed=args.seed, finetune_epochs=args.epochs,
                        train_config=TrainConfig(lr=args.lr, batch_size=128, seed=args.seed),
                        calib_images=args.calib_images, target_macs=args.target_macs,
-                       round_to=args.round_to).report
+                       round_to=args.round_to, distill=args.distill).report
     row = {"method": args.method, "acc_before": r["acc_before"], "acc_pruned": r["acc_pruned"],
            "acc_final": r["acc_final"], "macs_fraction": r["macs_fraction"],
            "finetune_epochs": args.epochs, "seconds": time.perf_counter() - t0}

@@ -408,6 +408,35 @@ def test_end_to_end_merge_keeps_accuracy(fmnist):
     assert res.model(x).shape == (2, 10)
 
 
+def test_centripetal_distill_trains_s3_against_the_original(fmnist, monkeypatch):
+    """``centripetal_distill`` routes S3's loss through distillation from the unpruned model
+    (called on every step, with the original's logits) and the merge stays exact."""
+    import prunekit.train.loop as loop
+
+    train, test = fmnist
+    model = _model("resnet8", in_channels=1).eval()
+    x = train.example_input(2)
+    seen: list[tuple[int, ...]] = []
+    real = loop.distillation_loss
+
+    def spy(student, teacher, *args, **kwargs):
+        assert not teacher.requires_grad  # the frozen original, not the student
+        seen.append(tuple(teacher.shape))
+        return real(student, teacher, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "distillation_loss", spy)
+    kw = dict(ratio=0.375, data=(train, test), centripetal_epochs=1, batch_size=32, lr=0.05,
+              survey_samples=64, recalibrate_samples=128)
+    res = prunekit.prune(model, x, method="csgd", centripetal_distill=True, **kw)
+    assert seen == [(32, 10)] * (len(train) // 32)
+    r = res.report
+    assert r["method_converged"]
+    assert abs(r["method_acc_after_merge"] - r["method_acc_before_merge"]) <= 0.05
+    plain = prunekit.prune(model, x, method="csgd", **kw)
+    assert len(seen) == len(train) // 32  # no distillation without the option
+    assert not torch.equal(res.model(x), plain.model(x))
+
+
 def test_target_macs_and_warning_when_not_converged(fmnist):
     train, _ = fmnist
     model = _model("resnet8", in_channels=1)
@@ -424,7 +453,7 @@ def test_method_options_are_validated(fmnist):
     model = _model("resnet8", in_channels=1)
     x = train.example_input(1)
     for bad in ({"clustering": "spectral"}, {"epsilon": -1.0}, {"centripetal_epochs": 1.5},
-                {"tolerance": 0}, {"centripetl_epochs": 2}):
+                {"tolerance": 0}, {"centripetl_epochs": 2}, {"centripetal_distill": "yes"}):
         with pytest.raises(ConfigError):
             prunekit.prune(model, x, method="csgd", ratio=0.5, data=train, **bad)
     with pytest.raises(DataError):

@@ -73,6 +73,8 @@ DEFAULTS: dict[str, Any] = {
     "epsilon": "auto",
     "bn_epsilon_scale": 1.0,
     "gradient": "mean",
+    # S3 with knowledge distillation from the original model (not in the document; a recipe)
+    "centripetal_distill": False,
     "survey_samples": 1000,
     "clustering": "agglomerative",
     "lr": 0.01,
@@ -1051,6 +1053,9 @@ def _options(ctx: PruneContext) -> dict[str, Any]:
     if o["gradient"] not in GRADIENTS:
         raise ConfigError(f"csgd option gradient must be one of {', '.join(GRADIENTS)}, "
                           f"got {o['gradient']!r}")
+    if not isinstance(o["centripetal_distill"], bool):
+        raise ConfigError("csgd option centripetal_distill must be true or false, "
+                          f"got {o['centripetal_distill']!r}")
     if o["clustering"] not in CLUSTERING_METHODS:
         raise ConfigError(f"csgd option clustering must be one of {', '.join(CLUSTERING_METHODS)}, "
                           f"got {o['clustering']!r}")
@@ -1115,7 +1120,10 @@ def run(ctx: PruneContext) -> MethodOutput:
     Options (``ctx.options``): ``centripetal_epochs`` (1), ``epsilon`` ("auto": the smallest
     value that converges on the planned schedule, :func:`auto_epsilon`; or a number),
     ``bn_epsilon_scale`` (1.0), ``gradient`` ("mean"; "sum" is an ablation, see
-    :class:`CentripetalTransform`), ``survey_samples`` (1000), ``clustering`` ("agglomerative"),
+    :class:`CentripetalTransform`), ``centripetal_distill`` (False; True trains S3 with
+    knowledge distillation from the original model, ``TrainConfig.distill_alpha`` /
+    ``distill_temperature``: a recipe, not the document's), ``survey_samples`` (1000),
+    ``clustering`` ("agglomerative"),
     ``lr`` (0.01, cosine schedule), ``batch_size`` (128), ``momentum`` (0.9, Nesterov),
     ``weight_decay`` (5e-4, eta), ``tolerance`` (1e-5), ``stop_when_converged`` (False),
     ``recalibrate_bn`` (True),
@@ -1187,8 +1195,10 @@ def run(ctx: PruneContext) -> MethodOutput:
             record["max_intra_distance"] = transform.max_distance()
             return bool(o["stop_when_converged"]) and record["max_intra_distance"] < o["tolerance"]
 
+        teacher = copy.deepcopy(ctx.model).eval() if o["centripetal_distill"] else None
         hooks = Hooks(grad_transform=transform, no_weight_decay=transform.parameters(),
-                      postfix=lambda: {"dist": transform.max_distance()}, on_epoch_end=on_epoch_end)
+                      postfix=lambda: {"dist": transform.max_distance()}, on_epoch_end=on_epoch_end,
+                      teacher=teacher)
         # S1-S2 are deterministic (seeded), so a resumed run rebuilds the same clusters and
         # continues S3 from the trainer's state file
         result = fit(model, ctx.train_set, cfg, hooks=hooks, checkpoint_path=o["state_path"],
