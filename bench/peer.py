@@ -33,6 +33,8 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", default="bench/baselines/resnet20_fashion-mnist.pt")
     p.add_argument("--method", default="tp:l1")
     p.add_argument("--target-macs", type=float, default=0.4)
+    p.add_argument("--ratio", type=float, default=None,
+                   help="remove this fraction of every layer's filters instead (as bench/csgd.py --ratio)")
     p.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--calib-images", type=int, default=1000)
@@ -45,10 +47,11 @@ def main(argv=None) -> int:
     warnings.simplefilter("ignore")
     model, meta, train, test = load_baseline(args.checkpoint)
     t0 = time.perf_counter()
+    budget = {"ratio": args.ratio} if args.ratio is not None else {"target_macs": args.target_macs}
     r = prunekit.prune(model, train.example_input(1), method=args.method, data=(train, test),
                        seed=args.seed, finetune_epochs=args.epochs,
                        train_config=TrainConfig(lr=args.lr, batch_size=128, seed=args.seed),
-                       calib_images=args.calib_images, target_macs=args.target_macs,
+                       calib_images=args.calib_images, **budget,
                        round_to=args.round_to, distill=args.distill).report
     row = {"method": args.method, "acc_before": r["acc_before"], "acc_pruned": r["acc_pruned"],
            "acc_final": r["acc_final"], "macs_fraction": r["macs_fraction"],
