@@ -2,14 +2,17 @@
 
 bench/csgd.py runs its peers one after the other after csgd; on a 2-core machine a long budget
 is faster as two processes: ``bench/csgd.py --peers ""`` on one core and this script on the
-other. Same settings as csgd.py's peers: target MACs, SGD Nesterov lr ``--lr`` cosine, batch
-128, ``--calib-images`` calibration images, the full training set, seed 0.
+other. Same settings as csgd.py's peers: target MACs (or ``--ratio``), ``--round-to``, SGD
+Nesterov lr ``--lr`` cosine, batch 128, ``--calib-images`` calibration images, the full
+training set, ``--seed`` (0), plain or (``--distill``) distilled fine-tuning.
 
 Results: ``bench/results/<name>.{json,md}``.
 
 Example
 -------
     OMP_NUM_THREADS=1 .venv/bin/python bench/peer.py --method tp:l1 --epochs 10 --name peer_tp-l1_10ep
+    OMP_NUM_THREADS=1 .venv/bin/python bench/peer.py --method tp:l1 --epochs 10 --round-to 8 \
+        --distill --name peer_tp-l1_r8_10ep_kd
 """
 
 from __future__ import annotations
