@@ -47,6 +47,16 @@ def load_baseline(path: str | os.PathLike, data: str = "fashion-mnist",
     return model, meta, train, test
 
 
+def budget_kwargs(ratio: float | None, target_macs: float | None,
+                  round_to: int | None = None) -> dict[str, Any]:
+    """``prunekit.prune``'s budget keywords: ``ratio`` when given, else ``target_macs``, and
+    ``round_to`` when given."""
+    budget: dict[str, Any] = {"ratio": ratio} if ratio is not None else {"target_macs": target_macs}
+    if round_to is not None:
+        budget["round_to"] = round_to
+    return budget
+
+
 def latency_ratios(original, pruned, example, batch_sizes: Sequence[int] = (1, 64),
                    layouts: Sequence[str] = LAYOUTS, max_seconds: float = 3.0,
                    rounds: int = 1) -> dict[str, Any]:

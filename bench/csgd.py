@@ -36,7 +36,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, latency_ratios, load_baseline, write_results  # noqa: E402
+from common import RESULTS, budget_kwargs, latency_ratios, load_baseline, write_results  # noqa: E402
 
 import prunekit  # noqa: E402
 from prunekit.data import load  # noqa: E402
@@ -167,9 +167,7 @@ def main(argv=None) -> int:
     if args.centripetal_distill:
         options["centripetal_distill"] = True
     epsilon = args.epsilon if args.epsilon == "auto" else float(args.epsilon)
-    budget = {"ratio": args.ratio} if args.ratio is not None else {"target_macs": args.target_macs}
-    if args.round_to is not None:
-        budget["round_to"] = args.round_to
+    budget = budget_kwargs(args.ratio, args.target_macs, args.round_to)
     example = train.example_input(1)
     RESULTS.mkdir(parents=True, exist_ok=True)
 
@@ -177,16 +175,22 @@ def main(argv=None) -> int:
     if args.split_only and not split:
         raise SystemExit("--split-only needs 0 < --split-epochs < --epochs")
     cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, seed=args.seed)  # csgd's optimizer
+
+    def prune_csgd(centripetal_epochs: int):
+        """csgd with this many centripetal epochs, then fine-tuning for the rest of --epochs."""
+        return prunekit.prune(model, example, method="csgd", data=(train, test), seed=args.seed,
+                              centripetal_epochs=centripetal_epochs, lr=args.lr,
+                              batch_size=args.batch_size, epsilon=epsilon,
+                              survey_samples=args.survey_samples, clustering=args.clustering,
+                              finetune_epochs=args.epochs - centripetal_epochs, distill=args.distill,
+                              train_config=cfg, **options, **budget)
+
     t0 = time.perf_counter()
     acc_unpruned = evaluate(model, test)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cent = args.split_epochs if args.split_only else args.epochs
-        res = prunekit.prune(model, example, method="csgd", data=(train, test), seed=args.seed,
-                             centripetal_epochs=cent, lr=args.lr, batch_size=args.batch_size,
-                             epsilon=epsilon, survey_samples=args.survey_samples,
-                             clustering=args.clustering, finetune_epochs=args.epochs - cent,
-                             distill=args.distill, train_config=cfg, **options, **budget)
+        res = prune_csgd(cent)
     r = res.report
     csgd_seconds = time.perf_counter() - t0
     cent_run = int(r["method_train_epochs"])
@@ -224,12 +228,7 @@ def main(argv=None) -> int:
         ft = args.epochs - args.split_epochs
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            sp = prunekit.prune(model, example, method="csgd", data=(train, test), seed=args.seed,
-                                centripetal_epochs=args.split_epochs, lr=args.lr,
-                                batch_size=args.batch_size, epsilon=epsilon,
-                                survey_samples=args.survey_samples, clustering=args.clustering,
-                                finetune_epochs=ft, distill=args.distill, train_config=cfg,
-                                **options, **budget)
+            sp = prune_csgd(args.split_epochs)
         s = sp.report
         rows.append(row(f"csgd {args.split_epochs} + {ft} ft", sp, args.epochs, time.perf_counter() - t0)[0])
         print(f"csgd {args.split_epochs}+{ft}: before merge {s['method_acc_before_merge']:.2f}, "

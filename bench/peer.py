@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import load_baseline, write_results  # noqa: E402
+from common import budget_kwargs, load_baseline, write_results  # noqa: E402
 
 import prunekit  # noqa: E402
 from prunekit.train import TrainConfig  # noqa: E402
@@ -50,12 +50,11 @@ def main(argv=None) -> int:
     warnings.simplefilter("ignore")
     model, meta, train, test = load_baseline(args.checkpoint)
     t0 = time.perf_counter()
-    budget = {"ratio": args.ratio} if args.ratio is not None else {"target_macs": args.target_macs}
     r = prunekit.prune(model, train.example_input(1), method=args.method, data=(train, test),
                        seed=args.seed, finetune_epochs=args.epochs,
                        train_config=TrainConfig(lr=args.lr, batch_size=128, seed=args.seed),
-                       calib_images=args.calib_images, **budget,
-                       round_to=args.round_to, distill=args.distill).report
+                       calib_images=args.calib_images, distill=args.distill,
+                       **budget_kwargs(args.ratio, args.target_macs, args.round_to)).report
     row = {"method": args.method, "acc_before": r["acc_before"], "acc_pruned": r["acc_pruned"],
            "acc_final": r["acc_final"], "macs_fraction": r["macs_fraction"],
            "finetune_epochs": args.epochs, "seconds": time.perf_counter() - t0}
