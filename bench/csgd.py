@@ -13,6 +13,8 @@ similarity heatmap with the S2 dendrogram of one layer, and the per-layer cluste
     .venv/bin/python bench/csgd.py --quick              # smoke test on a briefly trained ResNet-8
     .venv/bin/python bench/csgd.py --epochs 10 --split-epochs 1 --split-only --round-to 8 \
         --distill --centripetal-distill --peers "" --name csgd_r8_1p9_kd   # distilled recipe
+    .venv/bin/python bench/csgd.py --checkpoint bench/baselines/resnet20_fashion-mnist_30ep.pt \
+        --epochs 10 --split-epochs 1 --split-only --round-to 8 --peers "" --name csgd30_r8_1p9
 
 Writes ``bench/results/csgd.json``, ``csgd.md``, ``csgd_similarity.png`` and
 ``csgd_clusters.png`` (``csgd_quick.*`` with ``--quick``).
