@@ -10,11 +10,14 @@ Nesterov, lr ``--lr``, cosine, batch 128) and ``--epochs`` epochs of training ea
   centripetal *dynamics* (members sharing one mean gradient);
 - ``tp:l1``: Torch-Pruning's L1 pruner, fine-tuned as long.
 
-Results: ``bench/results/csgd_ablation.{json,md}``.
+Results: ``bench/results/<--name>.{json,md}`` (default ``csgd_ablation``).
 
 Example
 -------
     OMP_NUM_THREADS=1 .venv/bin/python bench/csgd_ablation.py --epochs 1
+    OMP_NUM_THREADS=1 .venv/bin/python bench/csgd_ablation.py --epochs 1 --round-to 8 \
+        --clusterings agglomerative --checkpoint bench/baselines/resnet20_fashion-mnist_30ep.pt \
+        --name csgd30_ablation
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import load_baseline, write_results  # noqa: E402
+from common import budget_kwargs, load_baseline, write_results  # noqa: E402
 
 import prunekit  # noqa: E402
 from prunekit.engine import analyse  # noqa: E402
@@ -48,7 +51,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--survey-samples", type=int, default=1000)
+    p.add_argument("--round-to", type=int, default=None,
+                   help="round every width down to a multiple of N (as bench/csgd.py --round-to)")
+    p.add_argument("--clusterings", default=",".join(csgd.CLUSTERING_METHODS),
+                   help="comma-separated S2 methods for the csgd rows (default: all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", default="csgd_ablation", help="results file stem")
     return p.parse_args(argv)
 
 
@@ -74,12 +82,13 @@ def main(argv=None) -> int:
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=128, seed=args.seed, eval_every=0)
     rows = [{"variant": "unpruned", "acc_final": evaluate(model, test)}]
 
-    for clustering in csgd.CLUSTERING_METHODS:
+    budget = budget_kwargs(None, args.target_macs, args.round_to)
+    for clustering in args.clusterings.split(","):
         t0 = time.perf_counter()
         r = prunekit.prune(model, example, method="csgd", data=(train, test), seed=args.seed,
                            centripetal_epochs=args.epochs, lr=args.lr, batch_size=128,
                            survey_samples=args.survey_samples, clustering=clustering,
-                           target_macs=args.target_macs).report
+                           **budget).report
         rows.append({"variant": f"csgd ({clustering})", "acc_start": r["method_acc_after_merge"],
                      "acc_final": r["acc_final"], "macs_fraction": r["macs_fraction"],
                      "epsilon": r["method_epsilon"], "seconds": time.perf_counter() - t0})
@@ -88,7 +97,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     work = prunekit.load(args.checkpoint)[0]
     info = analyse(work, example)
-    _, widths, _ = solve_budget(info, args.target_macs)
+    _, widths, _ = solve_budget(info, args.target_macs, round_to=args.round_to)
     targets = {g.name: widths[g.name] for g in info.groups if widths[g.name] < g.size}
     vectors = csgd.survey(work, train, list(targets), samples=args.survey_samples, info=info)
     clusters = {n: csgd.cluster(vectors[n], k, "agglomerative", seed=args.seed) for n, k in targets.items()}
@@ -106,17 +115,18 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     r = prunekit.prune(model, example, method="tp:l1", data=(train, test), seed=args.seed,
                        finetune_epochs=args.epochs, train_config=cfg, calib_images=args.survey_samples,
-                       target_macs=args.target_macs).report
+                       **budget).report
     rows.append({"variant": "tp:l1 + ft", "acc_start": r["acc_pruned"], "acc_final": r["acc_final"],
                  "macs_fraction": r["macs_fraction"], "seconds": time.perf_counter() - t0})
     print(rows[-1], flush=True)
 
+    rounded = f" (widths rounded down to multiples of {args.round_to})" if args.round_to else ""
     notes = (f"ResNet-20 on Fashion-MNIST (60,000 training images), {args.target_macs:.0%} of the "
-             f"MACs, {args.epochs} epoch(s) of training per variant, SGD lr {args.lr} cosine, "
+             f"MACs{rounded}, {args.epochs} epoch(s) of training per variant, SGD lr {args.lr} cosine, "
              "batch 128. acc_start: accuracy of the pruned network before its training (for csgd: "
              "after S3 and the merge, i.e. equal to acc_final).")
     settings = {**vars(args), "meta": meta}
-    js, md = write_results("csgd_ablation", {"settings": settings}, rows,
+    js, md = write_results(args.name, {"settings": settings}, rows,
                            ["variant", "acc_start", "acc_final", "macs_fraction", "epsilon", "seconds"],
                            "Centripetal pruning on a short budget: an ablation", notes)
     print(f"wrote {js} and {md}")
