@@ -23,7 +23,7 @@ Compare with the unscaled runs (``bench/csgd.py --epochs 3 --split-epochs 1 --sp
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import json
 import sys
 import time
@@ -87,9 +87,7 @@ def main(argv=None) -> int:
     acc_pruned = evaluate(net, test)
     rescale(net, model, x, args.mode)
     acc_rescaled = evaluate(net, test)
-    ft = copy.copy(cfg)
-    ft.epochs = args.ft
-    fit(net, train, ft)
+    fit(net, train, dataclasses.replace(cfg, epochs=args.ft))
     row = {"method": args.method, "mode": args.mode, "train_epochs": args.ft + (args.method == "csgd"),
            "acc_pruned": acc_pruned, "acc_rescaled": acc_rescaled, "acc_final": evaluate(net, test),
            "seconds": time.perf_counter() - t0}
@@ -99,8 +97,9 @@ def main(argv=None) -> int:
     rows = [r for r in rows if (r["method"], r["mode"]) != (row["method"], row["mode"])] + [row]
     write_results("norm_rescale", {"settings": {**vars(args), "meta": meta}}, rows, list(row),
                   "Filter-norm rescaling before fine-tuning (outputs unchanged)",
-                  "See bench/norm_rescale.py's docstring; lr cosine, batch 128, seed 0, full "
-                  "Fashion-MNIST, widths rounded to 8 at 40% of the MACs.")
+                  f"See bench/norm_rescale.py's docstring; lr {args.lr} cosine, batch 128, seed "
+                  f"{args.seed}, full Fashion-MNIST, widths rounded to {args.round_to} at "
+                  f"{args.target_macs:.0%} of the MACs.")
     return 0
 
 

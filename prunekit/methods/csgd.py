@@ -1195,7 +1195,8 @@ def run(ctx: PruneContext) -> MethodOutput:
             record["max_intra_distance"] = transform.max_distance()
             return bool(o["stop_when_converged"]) and record["max_intra_distance"] < o["tolerance"]
 
-        teacher = copy.deepcopy(ctx.model).eval() if o["centripetal_distill"] else None
+        # ctx.model is the untouched original (S3 trains the copy), as prune()'s fine-tuning teacher
+        teacher = ctx.model if o["centripetal_distill"] else None
         hooks = Hooks(grad_transform=transform, no_weight_decay=transform.parameters(),
                       postfix=lambda: {"dist": transform.max_distance()}, on_epoch_end=on_epoch_end,
                       teacher=teacher)
