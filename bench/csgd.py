@@ -64,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--epsilon", default="auto", help='"auto" or a number')
     p.add_argument("--survey-samples", type=int, default=1000)
+    p.add_argument("--survey-statistic", default="relu-gap", choices=csgd.STATISTICS,
+                   help="S1: GAP of the rectified map (method default) or before the non-linearity")
     p.add_argument("--bn-epsilon-scale", type=float, default=None,
                    help="epsilon of BN gamma/beta and biases relative to kernels (method default 1.0)")
     p.add_argument("--clustering", default="agglomerative", choices=csgd.CLUSTERING_METHODS)
@@ -98,7 +100,7 @@ def quick_baseline(seed: int):
     return model.eval(), {"note": "quick: resnet8, 4 epochs on 4000 images"}, train, test.subset(1000)
 
 
-def figures(model, train, layer: str | None, samples: int, stem: str,
+def figures(model, train, layer: str | None, samples: int, statistic: str, stem: str,
             sizes: dict[str, list[int]]) -> dict[str, Any]:
     """Similarity heatmap + S2 dendrogram of one layer (of the unpruned model), and the
     per-group cluster sizes (``sizes``: group -> size of each cluster)."""
@@ -107,7 +109,8 @@ def figures(model, train, layer: str | None, samples: int, stem: str,
     x = train.example_input(1)
     info = analyse(model, x)
     group = info.group_of(layer) if layer else max(info.groups, key=lambda g: (g.size, -len(g.producers)))
-    vectors = csgd.survey(model, train, [group.name], samples=samples, info=info)[group.name]
+    vectors = csgd.survey(model, train, [group.name], samples=samples, info=info,
+                          statistic=statistic)[group.name]
     sim = csgd.similarity(vectors).numpy()
     tree = csgd.merge_tree(vectors)
     fig = plt.figure(figsize=(11, 6))
@@ -119,7 +122,7 @@ def figures(model, train, layer: str | None, samples: int, stem: str,
     order = leaves[::-1]  # dendrogram leaves run bottom-up
     im = ax_h.imshow(sim[np.ix_(order, order)], cmap="RdBu_r", vmin=-1, vmax=1)
     ax_h.set_title(f"{group.name}: Pearson similarity of GAP survey vectors "
-                   f"({group.size} channels, {len(group.producers)} producer(s))", fontsize=9)
+                   f"({statistic}; {group.size} channels, {len(group.producers)} producer(s))", fontsize=9)
     ax_h.set_xticks([])
     ax_h.set_yticks([])
     fig.colorbar(im, cax=fig.add_axes([0.84, 0.1, 0.02, 0.8]))
@@ -184,6 +187,7 @@ def main(argv=None) -> int:
                               centripetal_epochs=centripetal_epochs, lr=args.lr,
                               batch_size=args.batch_size, epsilon=epsilon,
                               survey_samples=args.survey_samples, clustering=args.clustering,
+                              survey_statistic=args.survey_statistic,
                               finetune_epochs=args.epochs - centripetal_epochs, distill=args.distill,
                               train_config=cfg, **options, **budget)
 
@@ -248,7 +252,8 @@ def main(argv=None) -> int:
     peers = [row for row in rows if row["method"].startswith("tp:")]
     best_peer = max(peers, key=lambda row: row["acc_final"]) if peers else None
     sizes = r["method_cluster_sizes"]
-    fig_info = figures(model, train, args.layer, args.survey_samples, stem, sizes)
+    fig_info = figures(model, train, args.layer, args.survey_samples, args.survey_statistic, stem,
+                       sizes)
     merge_gap = abs(r["method_acc_after_merge"] - r["method_acc_before_merge"])
     summary = {
         "acc_unpruned": acc_unpruned,
@@ -276,6 +281,7 @@ def main(argv=None) -> int:
     settings = {"checkpoint": None if args.quick else args.checkpoint, "meta": meta, **budget,
                 "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
                 "epsilon": args.epsilon, "survey_samples": args.survey_samples,
+                "survey_statistic": args.survey_statistic,
                 "split_epochs": args.split_epochs, "distill": args.distill,
                 "clustering": args.clustering, "train_samples": len(train), "test_samples": len(test),
                 "peers": args.peers, "peer_finetune_epochs": peer_epochs, "seed": args.seed,
@@ -299,7 +305,8 @@ def main(argv=None) -> int:
         f"deploy (channels_last, BatchNorm folded into the convs) {lat['b64_deploy']['ratio']:.3f} "
         f"(median of {1 if args.quick else 3} round(s) each); MACs ratio {r['macs_fraction']:.3f}; "
         f"target: speed-up >= 0.8 x the MACs reduction, i.e. latency ratio <= {r['macs_fraction'] / 0.8:.3f}",
-        f"- survey: {r['method_survey_samples']} images, {r['method_survey_bytes'] / 2**20:.2f} MiB of "
+        f"- survey: {r['method_survey_samples']} images ({r['method_survey_statistic']}), "
+        f"{r['method_survey_bytes'] / 2**20:.2f} MiB of "
         f"GAP vectors in all; largest layer {r['method_largest_group']} "
         f"({r['method_largest_group_channels']} channels): "
         f"{r['method_largest_group_survey_bytes'] / 2**10:.1f} KiB, clustered in "

@@ -51,6 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--survey-samples", type=int, default=1000)
+    p.add_argument("--survey-statistic", default="relu-gap", choices=csgd.STATISTICS)
     p.add_argument("--round-to", type=int, default=None,
                    help="round every width down to a multiple of N (as bench/csgd.py --round-to)")
     p.add_argument("--clusterings", default=",".join(csgd.CLUSTERING_METHODS),
@@ -88,6 +89,7 @@ def main(argv=None) -> int:
         r = prunekit.prune(model, example, method="csgd", data=(train, test), seed=args.seed,
                            centripetal_epochs=args.epochs, lr=args.lr, batch_size=128,
                            survey_samples=args.survey_samples, clustering=clustering,
+                           survey_statistic=args.survey_statistic,
                            **budget).report
         rows.append({"variant": f"csgd ({clustering})", "acc_start": r["method_acc_after_merge"],
                      "acc_final": r["acc_final"], "macs_fraction": r["macs_fraction"],
@@ -99,7 +101,8 @@ def main(argv=None) -> int:
     info = analyse(work, example)
     _, widths, _ = solve_budget(info, args.target_macs, round_to=args.round_to)
     targets = {g.name: widths[g.name] for g in info.groups if widths[g.name] < g.size}
-    vectors = csgd.survey(work, train, list(targets), samples=args.survey_samples, info=info)
+    vectors = csgd.survey(work, train, list(targets), samples=args.survey_samples, info=info,
+                          statistic=args.survey_statistic)
     clusters = {n: csgd.cluster(vectors[n], k, "agglomerative", seed=args.seed) for n, k in targets.items()}
     set_to_cluster_means(info, clusters)
     merged = csgd.merge(work, example, clusters, info=info)

@@ -464,6 +464,9 @@ def prune_(
         "--survey-samples", min=2, help="csgd: survey images (S1).")] = None,
     clustering: Annotated[str | None, typer.Option(
         "--clustering", help="csgd: agglomerative, even or kmeans.")] = None,
+    survey_statistic: Annotated[str | None, typer.Option(
+        "--survey-statistic", help="csgd: S1 statistic, relu-gap (GAP of the rectified map; "
+        "default) or gap (before the non-linearity).")] = None,
     samples_per_image: Annotated[int | None, typer.Option(
         "--samples-per-image", min=1, help="thinet/lasso: sampled points per image.")] = None,
     prune_trunk: Annotated[bool, typer.Option(
@@ -518,6 +521,7 @@ def prune_(
         options = {k: v for k, v in {
             "calib_images": calib_images, "centripetal_epochs": centripetal_epochs,
             "epsilon": epsilon, "survey_samples": survey_samples, "clustering": clustering,
+            "survey_statistic": survey_statistic,
             "samples_per_image": samples_per_image, "prune_trunk": prune_trunk or None,
             "sparsity_epochs": sparsity_epochs,
             "sparsity": parse_sparsity(sparsity), "delta": delta, "steps": steps,

@@ -156,33 +156,38 @@ def test_agglomerative_scales_to_2048_channels():
 
 
 # ------------------------------------------------------------------------------ S1 survey
-def _manual_gap(model: nn.Module, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _manual_gap(model: nn.Module, module: nn.Module, x: torch.Tensor, relu: bool = True) -> torch.Tensor:
     maps = []
     h = module.register_forward_hook(lambda _m, _i, out: maps.append(out.detach()))
     with torch.no_grad():
         model(x)
     h.remove()
-    return maps[0].mean((2, 3)).t()  # [C, N]
+    m = maps[0].clamp_min(0) if relu else maps[0]
+    return m.mean((2, 3)).t()  # [C, N]
 
 
-def test_survey_is_the_gap_of_each_producers_batchnorm():
+@pytest.mark.parametrize("statistic", csgd.STATISTICS)
+def test_survey_is_the_gap_of_each_producers_batchnorm(statistic):
     model = _model("resnet8", in_channels=1)
     x = torch.randn(37, 1, 12, 12)
     info = analyse(model, x[:2])
     stats: dict = {}
-    raw = csgd.survey(model, x, samples=37, batch_size=8, info=info, standardize=False, stats=stats)
+    raw = csgd.survey(model, x, samples=37, batch_size=8, info=info, standardize=False, stats=stats,
+                      statistic=statistic)
+    relu = statistic == "relu-gap"
     # a plain layer: layer1.0.conv1 -> layer1.0.bn1, vectors [C, N]
-    expect = _manual_gap(model, model.layer1[0].bn1, x)
+    expect = _manual_gap(model, model.layer1[0].bn1, x, relu)
     torch.testing.assert_close(raw["layer1.0.conv1"], expect, atol=1e-5, rtol=1e-5)
+    assert (raw["layer1.0.conv1"].min() >= 0) == relu
     # the coupled stage-1 trunk: stem and block output, each through its own BatchNorm
     trunk = info.group_of("conv1")
     assert raw[trunk.name].shape == (16, 37 * len(trunk.producers))
-    torch.testing.assert_close(raw[trunk.name][:, :37], _manual_gap(model, model.bn1, x),
+    torch.testing.assert_close(raw[trunk.name][:, :37], _manual_gap(model, model.bn1, x, relu),
                                atol=1e-5, rtol=1e-5)
     assert stats["bytes"] == sum(g.size * 37 * 4 * len(g.producers) for g in info.groups)
     assert stats["samples"] == 37
     # standardised blocks: the correlation of a coupled group is the mean per-producer correlation
-    std = csgd.survey(model, x, samples=37, batch_size=16, info=info)[trunk.name]
+    std = csgd.survey(model, x, samples=37, batch_size=16, info=info, statistic=statistic)[trunk.name]
     blocks = raw[trunk.name].double().split(37, dim=1)
     per_producer = torch.stack([csgd.similarity(b) for b in blocks]).mean(0)
     torch.testing.assert_close(csgd.similarity(std), per_producer, atol=1e-5, rtol=0)
@@ -197,6 +202,8 @@ def test_survey_without_a_following_batchnorm_hooks_the_producer():
     out = csgd.survey(model, x, layers=[conv.module], samples=6, info=info, standardize=False)
     assert list(out) == [info.groups[1].name]
     torch.testing.assert_close(out[info.groups[1].name], _manual_gap(model, conv.module, x))
+    with pytest.raises(ConfigError, match="statistic"):
+        csgd.survey(model, x, layers=[conv.module], samples=6, info=info, statistic="max")
 
 
 # ------------------------------------------------------------------------------ S3
@@ -453,7 +460,8 @@ def test_method_options_are_validated(fmnist):
     model = _model("resnet8", in_channels=1)
     x = train.example_input(1)
     for bad in ({"clustering": "spectral"}, {"epsilon": -1.0}, {"centripetal_epochs": 1.5},
-                {"tolerance": 0}, {"centripetl_epochs": 2}, {"centripetal_distill": "yes"}):
+                {"tolerance": 0}, {"centripetl_epochs": 2}, {"centripetal_distill": "yes"},
+                {"survey_statistic": "max"}):
         with pytest.raises(ConfigError):
             prunekit.prune(model, x, method="csgd", ratio=0.5, data=train, **bad)
     with pytest.raises(DataError):

@@ -4,7 +4,7 @@ The method reads like the document's four steps:
 
 S1 survey
     :func:`survey` streams a survey set through the network and keeps, for every channel,
-    the global average pool (GAP) of its output for each image: a survey vector
+    the global average pool (GAP) of its rectified output for each image: a survey vector
     ``g^(p)`` in R^N. Only ``N x C`` numbers per layer are stored, never a feature map.
 S2 clustering
     :func:`similarity` is the Pearson correlation of two survey vectors,
@@ -54,14 +54,17 @@ from ..utils import eval_mode, module_device, progress, resolve_device
 from . import MethodOutput, PruneContext
 
 __all__ = [
-    "CLUSTERING_METHODS", "GRADIENTS", "CentripetalTransform", "auto_epsilon", "centripetal_gradient",
-    "centripetal_step", "cluster", "max_intra_distance", "merge", "merge_plan", "merge_tree",
-    "recalibrate_bn", "run", "similarity", "survey",
+    "CLUSTERING_METHODS", "GRADIENTS", "STATISTICS", "CentripetalTransform", "auto_epsilon",
+    "centripetal_gradient", "centripetal_step", "cluster", "max_intra_distance", "merge",
+    "merge_plan", "merge_tree", "recalibrate_bn", "run", "similarity", "survey",
 ]
 
 log = logging.getLogger(__name__)
 
 CLUSTERING_METHODS = ("agglomerative", "even", "kmeans")
+#: S1's statistic of a channel's map: the GAP of the rectified map ``max(0, x)`` (the feature
+#: after the layer's ReLU; default) or of the map itself (before the non-linearity)
+STATISTICS = ("relu-gap", "gap")
 #: S3's shared gradient: the document's cluster mean, or (an ablation) the cluster sum, which is
 #: the gradient the merged filter would get in the pruned network
 GRADIENTS = ("mean", "sum")
@@ -76,6 +79,8 @@ DEFAULTS: dict[str, Any] = {
     # S3 with knowledge distillation from the original model (not in the document; a recipe)
     "centripetal_distill": False,
     "survey_samples": 1000,
+    # GAP of the rectified map: measured far better clusters than the pre-activation GAP
+    "survey_statistic": "relu-gap",
     "clustering": "agglomerative",
     "lr": 0.01,
     "batch_size": 128,
@@ -196,7 +201,8 @@ def _standardise(block: torch.Tensor) -> torch.Tensor:
 def survey(model: nn.Module, data: Any, layers: Iterable[Any] | None = None, samples: int = 1000,
            batch_size: int = 128, *, example_inputs: torch.Tensor | None = None,
            info: DependencyInfo | None = None, standardize: bool = True,
-           device: str | torch.device | None = None, stats: dict[str, Any] | None = None
+           statistic: str = "relu-gap", device: str | torch.device | None = None,
+           stats: dict[str, Any] | None = None
            ) -> dict[str, torch.Tensor]:
     """S1: the survey vectors of every channel group (GAP of each channel per survey image).
 
@@ -205,11 +211,17 @@ def survey(model: nn.Module, data: Any, layers: Iterable[Any] | None = None, sam
     floats per layer and no feature map is ever stored (seed 000, S1: the document's
     ResNet-50 example would need 41 GB of feature maps).
 
-    Which tensor: the output of the BatchNorm that directly follows each producer (what the
-    rest of the network sees, before the non-linearity), else the producer's own output (a
-    DenseNet conv, whose BatchNorms sit behind concatenations). Pearson correlation is
-    invariant to a per-channel affine map with positive scale, so the two choices differ only
-    where a BatchNorm scale ``gamma`` is negative.
+    Which tensor: the output of the BatchNorm that directly follows each producer, else the
+    producer's own output (a DenseNet conv, whose BatchNorms sit behind concatenations),
+    rectified: ``statistic="relu-gap"`` (default) averages ``max(0, x)``, the feature the layer's
+    ReLU passes on. Before the non-linearity (``statistic="gap"``) the GAP of a convolution is,
+    up to the zero padding at the borders, a linear function of its input channels' GAPs
+    weighted by the kernels' spatial sums: filters that differ only in their spatial pattern
+    (edge detectors, whose kernels sum to about zero) get nearly the same vectors. Measured on
+    the ResNet-20 benchmark (docs/csgd.md), the rectified statistic gives clusters whose merge
+    costs far less accuracy. (Pearson correlation is invariant to a per-channel affine map with
+    positive scale, so with ``"gap"`` hooking the BatchNorm or the conv differs only where a
+    BatchNorm scale ``gamma`` is negative.)
 
     Coupled groups (several producers tied by residual adds or concatenations) are clustered
     once: their vector is the concatenation, along the sample axis, of each producer's
@@ -238,6 +250,8 @@ def survey(model: nn.Module, data: Any, layers: Iterable[Any] | None = None, sam
     standardize : bool
         Standardise each producer's block as described above (default). With ``False`` the
         raw GAP values are returned (concatenated for coupled groups).
+    statistic : {"relu-gap", "gap"}
+        GAP of the rectified map (default) or of the map itself (see above).
     device : str or torch.device, optional
         Where to run (default: where the model is).
     stats : dict, optional
@@ -259,6 +273,9 @@ def survey(model: nn.Module, data: Any, layers: Iterable[Any] | None = None, sam
     samples, batch_size = int(samples), int(batch_size)
     if samples < 1 or batch_size < 1:
         raise ConfigError(f"samples and batch_size must be >= 1, got {samples} and {batch_size}")
+    if statistic not in STATISTICS:
+        raise ConfigError(f"unknown survey statistic {statistic!r}; choose from {', '.join(STATISTICS)}")
+    rectify = statistic == "relu-gap"
     if info is None:
         x0 = example_inputs if example_inputs is not None else _example_input(data)
         info = analyse(model, x0)
@@ -279,7 +296,8 @@ def survey(model: nn.Module, data: Any, layers: Iterable[Any] | None = None, sam
     handles = []
 
     def hook(module, _inp, out):
-        gap = out.detach().flatten(2).mean(2) if out.dim() > 2 else out.detach()
+        o = out.detach().clamp_min(0) if rectify else out.detach()
+        gap = o.flatten(2).mean(2) if o.dim() > 2 else o
         buf = store.get(module)
         if buf is None:
             buf = store[module] = torch.empty(gap.shape[1], n, dtype=torch.float32)
@@ -1056,6 +1074,9 @@ def _options(ctx: PruneContext) -> dict[str, Any]:
     if not isinstance(o["centripetal_distill"], bool):
         raise ConfigError("csgd option centripetal_distill must be true or false, "
                           f"got {o['centripetal_distill']!r}")
+    if o["survey_statistic"] not in STATISTICS:
+        raise ConfigError(f"csgd option survey_statistic must be one of {', '.join(STATISTICS)}, "
+                          f"got {o['survey_statistic']!r}")
     if o["clustering"] not in CLUSTERING_METHODS:
         raise ConfigError(f"csgd option clustering must be one of {', '.join(CLUSTERING_METHODS)}, "
                           f"got {o['clustering']!r}")
@@ -1123,6 +1144,7 @@ def run(ctx: PruneContext) -> MethodOutput:
     :class:`CentripetalTransform`), ``centripetal_distill`` (False; True trains S3 with
     knowledge distillation from the original model, ``TrainConfig.distill_alpha`` /
     ``distill_temperature``: a recipe, not the document's), ``survey_samples`` (1000),
+    ``survey_statistic`` ("relu-gap"; "gap": before the non-linearity, see :func:`survey`),
     ``clustering`` ("agglomerative"),
     ``lr`` (0.01, cosine schedule), ``batch_size`` (128), ``momentum`` (0.9, Nesterov),
     ``weight_decay`` (5e-4, eta), ``tolerance`` (1e-5), ``stop_when_converged`` (False),
@@ -1152,7 +1174,8 @@ def run(ctx: PruneContext) -> MethodOutput:
     model.to(device)
     s_stats: dict[str, Any] = {}
     vectors = survey(model, ctx.train_set, list(targets), samples=o["survey_samples"],
-                     batch_size=o["batch_size"], info=info, device=device, stats=s_stats)
+                     batch_size=o["batch_size"], info=info, statistic=o["survey_statistic"],
+                     device=device, stats=s_stats)
     # S2
     clusters: dict[str, Clusters] = {}
     seconds: dict[str, float] = {}
@@ -1239,7 +1262,7 @@ def run(ctx: PruneContext) -> MethodOutput:
         "clusters_per_group": {k: len(v) for k, v in clusters.items()},
         "cluster_sizes": {k: [len(c) for c in v] for k, v in clusters.items()},
         "survey_bytes": s_stats.get("bytes"), "survey_seconds": s_stats.get("seconds"),
-        "survey_samples": s_stats.get("samples"),
+        "survey_samples": s_stats.get("samples"), "survey_statistic": o["survey_statistic"],
         "clustering": o["clustering"], "clustering_seconds": float(sum(seconds.values())),
         "largest_group": largest, "largest_group_channels": int(vectors[largest].shape[0]),
         "largest_group_clustering_seconds": seconds[largest],
