@@ -64,8 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--epsilon", default="auto", help='"auto" or a number')
     p.add_argument("--survey-samples", type=int, default=1000)
-    p.add_argument("--survey-statistic", default="relu-gap", choices=csgd.STATISTICS,
-                   help="S1: GAP of the rectified map (method default) or before the non-linearity")
+    p.add_argument("--survey-statistic", default="gap", choices=csgd.STATISTICS,
+                   help="S1: GAP before the non-linearity (method default) or of the rectified map")
     p.add_argument("--bn-epsilon-scale", type=float, default=None,
                    help="epsilon of BN gamma/beta and biases relative to kernels (method default 1.0)")
     p.add_argument("--clustering", default="agglomerative", choices=csgd.CLUSTERING_METHODS)

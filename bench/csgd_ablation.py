@@ -51,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--survey-samples", type=int, default=1000)
-    p.add_argument("--survey-statistic", default="relu-gap", choices=csgd.STATISTICS)
+    p.add_argument("--survey-statistic", default="gap", choices=csgd.STATISTICS)
     p.add_argument("--round-to", type=int, default=None,
                    help="round every width down to a multiple of N (as bench/csgd.py --round-to)")
     p.add_argument("--clusterings", default=",".join(csgd.CLUSTERING_METHODS),

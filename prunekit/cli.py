@@ -465,8 +465,8 @@ def prune_(
     clustering: Annotated[str | None, typer.Option(
         "--clustering", help="csgd: agglomerative, even or kmeans.")] = None,
     survey_statistic: Annotated[str | None, typer.Option(
-        "--survey-statistic", help="csgd: S1 statistic, relu-gap (GAP of the rectified map; "
-        "default) or gap (before the non-linearity).")] = None,
+        "--survey-statistic", help="csgd: S1 statistic, gap (GAP of each channel's map before "
+        "the non-linearity; default) or relu-gap (of the rectified map).")] = None,
     samples_per_image: Annotated[int | None, typer.Option(
         "--samples-per-image", min=1, help="thinet/lasso: sampled points per image.")] = None,
     prune_trunk: Annotated[bool, typer.Option(

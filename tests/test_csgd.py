@@ -156,7 +156,7 @@ def test_agglomerative_scales_to_2048_channels():
 
 
 # ------------------------------------------------------------------------------ S1 survey
-def _manual_gap(model: nn.Module, module: nn.Module, x: torch.Tensor, relu: bool = True) -> torch.Tensor:
+def _manual_gap(model: nn.Module, module: nn.Module, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
     maps = []
     h = module.register_forward_hook(lambda _m, _i, out: maps.append(out.detach()))
     with torch.no_grad():
@@ -174,6 +174,8 @@ def test_survey_is_the_gap_of_each_producers_batchnorm(statistic):
     stats: dict = {}
     raw = csgd.survey(model, x, samples=37, batch_size=8, info=info, standardize=False, stats=stats,
                       statistic=statistic)
+    if statistic == "gap":  # the default
+        torch.testing.assert_close(raw, csgd.survey(model, x, samples=37, info=info, standardize=False))
     relu = statistic == "relu-gap"
     # a plain layer: layer1.0.conv1 -> layer1.0.bn1, vectors [C, N]
     expect = _manual_gap(model, model.layer1[0].bn1, x, relu)

@@ -4,7 +4,7 @@ The method reads like the document's four steps:
 
 S1 survey
     :func:`survey` streams a survey set through the network and keeps, for every channel,
-    the global average pool (GAP) of its rectified output for each image: a survey vector
+    the global average pool (GAP) of its output for each image: a survey vector
     ``g^(p)`` in R^N. Only ``N x C`` numbers per layer are stored, never a feature map.
 S2 clustering
     :func:`similarity` is the Pearson correlation of two survey vectors,
@@ -62,9 +62,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CLUSTERING_METHODS = ("agglomerative", "even", "kmeans")
-#: S1's statistic of a channel's map: the GAP of the rectified map ``max(0, x)`` (the feature
-#: after the layer's ReLU; default) or of the map itself (before the non-linearity)
-STATISTICS = ("relu-gap", "gap")
+#: S1's statistic of a channel's map: the GAP of the map itself (before the non-linearity; the
+#: document's reading and the default) or of the rectified map ``max(0, x)``
+STATISTICS = ("gap", "relu-gap")
 #: S3's shared gradient: the document's cluster mean, or (an ablation) the cluster sum, which is
 #: the gradient the merged filter would get in the pruned network
 GRADIENTS = ("mean", "sum")
@@ -79,8 +79,8 @@ DEFAULTS: dict[str, Any] = {
     # S3 with knowledge distillation from the original model (not in the document; a recipe)
     "centripetal_distill": False,
     "survey_samples": 1000,
-    # GAP of the rectified map: measured far better clusters than the pre-activation GAP
-    "survey_statistic": "relu-gap",
+    # "relu-gap": better right after the merge, worse after fine-tuning (docs/csgd.md)
+    "survey_statistic": "gap",
     "clustering": "agglomerative",
     "lr": 0.01,
     "batch_size": 128,
@@ -201,7 +201,7 @@ def _standardise(block: torch.Tensor) -> torch.Tensor:
 def survey(model: nn.Module, data: Any, layers: Iterable[Any] | None = None, samples: int = 1000,
            batch_size: int = 128, *, example_inputs: torch.Tensor | None = None,
            info: DependencyInfo | None = None, standardize: bool = True,
-           statistic: str = "relu-gap", device: str | torch.device | None = None,
+           statistic: str = "gap", device: str | torch.device | None = None,
            stats: dict[str, Any] | None = None
            ) -> dict[str, torch.Tensor]:
     """S1: the survey vectors of every channel group (GAP of each channel per survey image).
@@ -211,17 +211,19 @@ def survey(model: nn.Module, data: Any, layers: Iterable[Any] | None = None, sam
     floats per layer and no feature map is ever stored (seed 000, S1: the document's
     ResNet-50 example would need 41 GB of feature maps).
 
-    Which tensor: the output of the BatchNorm that directly follows each producer, else the
-    producer's own output (a DenseNet conv, whose BatchNorms sit behind concatenations),
-    rectified: ``statistic="relu-gap"`` (default) averages ``max(0, x)``, the feature the layer's
-    ReLU passes on. Before the non-linearity (``statistic="gap"``) the GAP of a convolution is,
-    up to the zero padding at the borders, a linear function of its input channels' GAPs
-    weighted by the kernels' spatial sums: filters that differ only in their spatial pattern
-    (edge detectors, whose kernels sum to about zero) get nearly the same vectors. Measured on
-    the ResNet-20 benchmark (docs/csgd.md), the rectified statistic gives clusters whose merge
-    costs far less accuracy. (Pearson correlation is invariant to a per-channel affine map with
-    positive scale, so with ``"gap"`` hooking the BatchNorm or the conv differs only where a
-    BatchNorm scale ``gamma`` is negative.)
+    Which tensor: the output of the BatchNorm that directly follows each producer (what the
+    rest of the network sees, before the non-linearity), else the producer's own output (a
+    DenseNet conv, whose BatchNorms sit behind concatenations). Pearson correlation is
+    invariant to a per-channel affine map with positive scale, so the two choices differ only
+    where a BatchNorm scale ``gamma`` is negative.
+
+    Which statistic: ``"gap"`` (default) averages that map; ``"relu-gap"`` averages the
+    rectified map ``max(0, x)``, the feature a following ReLU passes on. Before the
+    non-linearity the GAP of a convolution is, up to the zero padding at the borders, a linear
+    function of its input channels' GAPs weighted by the kernels' spatial sums, so filters that
+    differ only in their spatial pattern get similar vectors; the rectified statistic tells
+    them apart. Measured on the ResNet-20 benchmark (docs/csgd.md): its clusters cost less at
+    the merge, but the network ends lower after fine-tuning.
 
     Coupled groups (several producers tied by residual adds or concatenations) are clustered
     once: their vector is the concatenation, along the sample axis, of each producer's
@@ -250,8 +252,8 @@ def survey(model: nn.Module, data: Any, layers: Iterable[Any] | None = None, sam
     standardize : bool
         Standardise each producer's block as described above (default). With ``False`` the
         raw GAP values are returned (concatenated for coupled groups).
-    statistic : {"relu-gap", "gap"}
-        GAP of the rectified map (default) or of the map itself (see above).
+    statistic : {"gap", "relu-gap"}
+        GAP of the map itself (default) or of the rectified map (see above).
     device : str or torch.device, optional
         Where to run (default: where the model is).
     stats : dict, optional
@@ -1144,7 +1146,7 @@ def run(ctx: PruneContext) -> MethodOutput:
     :class:`CentripetalTransform`), ``centripetal_distill`` (False; True trains S3 with
     knowledge distillation from the original model, ``TrainConfig.distill_alpha`` /
     ``distill_temperature``: a recipe, not the document's), ``survey_samples`` (1000),
-    ``survey_statistic`` ("relu-gap"; "gap": before the non-linearity, see :func:`survey`),
+    ``survey_statistic`` ("gap"; "relu-gap": the rectified map, see :func:`survey`),
     ``clustering`` ("agglomerative"),
     ``lr`` (0.01, cosine schedule), ``batch_size`` (128), ``momentum`` (0.9, Nesterov),
     ``weight_decay`` (5e-4, eta), ``tolerance`` (1e-5), ``stop_when_converged`` (False),
