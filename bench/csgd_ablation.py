@@ -61,6 +61,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def clustered_copy(checkpoint: str, example: torch.Tensor, train, target_macs: float,
+                   round_to: int | None, samples: int, statistic: str, clustering: str, seed: int):
+    """(model, info, clusters): a fresh copy of the checkpoint, its analysis, and S1 + S2 of
+    every group the budget narrows, at the budget's widths (as ``prune(method="csgd")``)."""
+    work = prunekit.load(checkpoint)[0]
+    info = analyse(work, example)
+    _, widths, _ = solve_budget(info, target_macs, round_to=round_to)
+    targets = {g.name: widths[g.name] for g in info.groups if widths[g.name] < g.size}
+    vectors = csgd.survey(work, train, list(targets), samples=samples, info=info, statistic=statistic)
+    return work, info, {n: csgd.cluster(vectors[n], k, clustering, seed=seed) for n, k in targets.items()}
+
+
 @torch.no_grad()
 def set_to_cluster_means(info, clusters: dict[str, list[list[int]]]) -> None:
     """Every member's per-channel tensors (all producers and channel-wise layers) := the mean."""
@@ -97,13 +109,9 @@ def main(argv=None) -> int:
         print(rows[-1], flush=True)
 
     t0 = time.perf_counter()
-    work = prunekit.load(args.checkpoint)[0]
-    info = analyse(work, example)
-    _, widths, _ = solve_budget(info, args.target_macs, round_to=args.round_to)
-    targets = {g.name: widths[g.name] for g in info.groups if widths[g.name] < g.size}
-    vectors = csgd.survey(work, train, list(targets), samples=args.survey_samples, info=info,
-                          statistic=args.survey_statistic)
-    clusters = {n: csgd.cluster(vectors[n], k, "agglomerative", seed=args.seed) for n, k in targets.items()}
+    work, info, clusters = clustered_copy(args.checkpoint, example, train, args.target_macs, args.round_to,
+                                          args.survey_samples, args.survey_statistic, "agglomerative",
+                                          args.seed)
     set_to_cluster_means(info, clusters)
     merged = csgd.merge(work, example, clusters, info=info)
     csgd.recalibrate_bn(merged, train, samples=2048)

@@ -35,11 +35,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import budget_kwargs, load_baseline, write_results  # noqa: E402
-from csgd_ablation import set_to_cluster_means  # noqa: E402
+from csgd_ablation import clustered_copy, set_to_cluster_means  # noqa: E402
 
 import prunekit  # noqa: E402
-from prunekit.engine import analyse  # noqa: E402
-from prunekit.engine.budget import solve_budget  # noqa: E402
 from prunekit.engine.surgery import _per_channel_tensors  # noqa: E402
 from prunekit.methods import csgd  # noqa: E402
 from prunekit.train import TrainConfig, evaluate, fit  # noqa: E402
@@ -101,14 +99,9 @@ def main(argv=None) -> int:
         for clustering in args.clusterings.split(","):
             for centre in args.centres.split(","):
                 t0 = time.perf_counter()
-                work = prunekit.load(args.checkpoint)[0]
-                info = analyse(work, example)
-                _, widths, _ = solve_budget(info, args.target_macs, round_to=args.round_to)
-                targets = {g.name: widths[g.name] for g in info.groups if widths[g.name] < g.size}
-                vectors = csgd.survey(work, train, list(targets), samples=args.survey_samples,
-                                      info=info, statistic=statistic)
-                clusters = {n: csgd.cluster(vectors[n], k, clustering, seed=args.seed)
-                            for n, k in targets.items()}
+                work, info, clusters = clustered_copy(args.checkpoint, example, train, args.target_macs,
+                                                      args.round_to, args.survey_samples, statistic,
+                                                      clustering, args.seed)
                 centre_fns[centre](info, clusters)
                 merged = csgd.merge(work, example, clusters, info=info)
                 acc_merged, acc_steps = finish(merged, train, test, cfg)
