@@ -243,6 +243,8 @@ def _option_cases(fm: Path, tmp: Path) -> dict[str, tuple[list, str]]:
         "csgd-bad-epsilon": (["--method", "csgd", "--ratio", "0.5", "--epsilon", "-1"], "epsilon"),
         "csgd-bad-clustering": (["--method", "csgd", "--ratio", "0.5", "--clustering", "psychic"],
                                 "clustering"),
+        "csgd-bad-survey-statistic": (["--method", "csgd", "--ratio", "0.5", "--survey-statistic",
+                                       "median"], "survey_statistic"),
         "round-to-0": (["--method", "l1", "--ratio", "0.5", "--round-to", "0"], "--round-to"),
         "round-to-curl": (["--method", "curl", "--ratio", "0.5", "--round-to", "8"], "--round-to"),
     }
@@ -252,7 +254,8 @@ OPTION_CASES = ["unknown-method", "unknown-dataset", "data-dir-missing", "data-d
                 "idx-truncated", "idx-wrong-count", "idx-file-missing", "idx-header-only",
                 "folder-missing", "train-samples-0", "train-samples-negative", "calib-images-0",
                 "finetune-epochs-negative", "bad-device", "out-under-a-file", "out-dir-missing",
-                "out-is-a-directory", "csgd-bad-epsilon", "csgd-bad-clustering", "sparsity-word",
+                "out-is-a-directory", "csgd-bad-epsilon", "csgd-bad-clustering",
+                "csgd-bad-survey-statistic", "sparsity-word",
                 "sparsity-negative", "round-to-0", "round-to-curl"]
 
 
