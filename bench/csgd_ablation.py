@@ -74,17 +74,34 @@ def clustered_copy(checkpoint: str, example: torch.Tensor, train, target_macs: f
 
 
 @torch.no_grad()
-def set_to_cluster_means(info, clusters: dict[str, list[list[int]]]) -> None:
-    """Every member's per-channel tensors (all producers and channel-wise layers) := the mean."""
+def set_to_centres(info, clusters: dict[str, list[list[int]]], centre: str = "mean") -> None:
+    """Every member's per-channel tensors (all producers and channel-wise layers) := the
+    cluster's centre: the members' ``"mean"`` (S3's end point), or those of the ``"strongest"``
+    member (largest L1 norm of its producer kernels, summed over the group's producers)."""
     groups = {g.name: g for g in info.groups}
     for name, partition in clusters.items():
         g = groups[name]
         for members in partition:
+            best = None
+            if centre == "strongest":
+                norms = sum(torch.stack([_per_channel_tensors(s)[0][s.positions[m]].abs().sum()
+                                         for m in members]) for s in g.producers)
+                best = members[int(norms.argmax())]
             for slot in g.producers + g.channelwise:
                 for t in _per_channel_tensors(slot):
-                    mean = torch.stack([t[slot.positions[m]] for m in members]).mean(0)
+                    c = (torch.stack([t[slot.positions[m]] for m in members]).mean(0) if best is None
+                         else t[slot.positions[best]].clone())
                     for m in members:
-                        t[slot.positions[m]] = mean
+                        t[slot.positions[m]] = c
+
+
+def recalibrate_and_train(model, train, test, cfg) -> tuple[float, float]:
+    """Re-estimate BatchNorm statistics, evaluate, train with ``cfg``, evaluate again:
+    (accuracy before training, after)."""
+    csgd.recalibrate_bn(model, train, samples=2048)
+    start = evaluate(model, test)
+    fit(model, train, cfg)
+    return start, evaluate(model, test)
 
 
 def main(argv=None) -> int:
@@ -112,14 +129,12 @@ def main(argv=None) -> int:
     work, info, clusters = clustered_copy(args.checkpoint, example, train, args.target_macs, args.round_to,
                                           args.survey_samples, args.survey_statistic, "agglomerative",
                                           args.seed)
-    set_to_cluster_means(info, clusters)
+    set_to_centres(info, clusters)
     merged = csgd.merge(work, example, clusters, info=info)
-    csgd.recalibrate_bn(merged, train, samples=2048)
-    start = evaluate(merged, test)
-    fit(merged, train, dataclasses.replace(cfg, epochs=args.epochs))
+    start, final = recalibrate_and_train(merged, train, test, dataclasses.replace(cfg, epochs=args.epochs))
     macs = count(merged, example)[0] / count(model, example)[0]
     rows.append({"variant": "mean-merge + ft (agglomerative)", "acc_start": start,
-                 "acc_final": evaluate(merged, test), "macs_fraction": macs,
+                 "acc_final": final, "macs_fraction": macs,
                  "seconds": time.perf_counter() - t0})
     print(rows[-1], flush=True)
 

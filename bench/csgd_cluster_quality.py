@@ -30,17 +30,14 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import budget_kwargs, load_baseline, write_results  # noqa: E402
-from csgd_ablation import clustered_copy, set_to_cluster_means  # noqa: E402
+from csgd_ablation import clustered_copy, recalibrate_and_train, set_to_centres  # noqa: E402
 
 import prunekit  # noqa: E402
-from prunekit.engine.surgery import _per_channel_tensors  # noqa: E402
 from prunekit.methods import csgd  # noqa: E402
-from prunekit.train import TrainConfig, evaluate, fit  # noqa: E402
+from prunekit.train import TrainConfig, evaluate  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,33 +55,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-@torch.no_grad()
-def set_to_strongest(info, clusters: dict[str, list[list[int]]]) -> None:
-    """Every member's per-channel tensors := those of the member whose producer kernels have
-    the largest L1 norm (summed over the group's producers)."""
-    groups = {g.name: g for g in info.groups}
-    for name, partition in clusters.items():
-        g = groups[name]
-        for members in partition:
-            norms = torch.zeros(len(members))
-            for slot in g.producers:
-                kernel = _per_channel_tensors(slot)[0]
-                norms += torch.stack([kernel[slot.positions[m]].abs().sum() for m in members])
-            best = members[int(norms.argmax())]
-            for slot in g.producers + g.channelwise:
-                for t in _per_channel_tensors(slot):
-                    for m in members:
-                        t[slot.positions[m]] = t[slot.positions[best]]
-
-
-def finish(model, train, test, cfg) -> tuple[float, float]:
-    """Recalibrate BatchNorm, evaluate, fine-tune ``cfg``'s steps, evaluate again."""
-    csgd.recalibrate_bn(model, train, samples=2048)
-    merged = evaluate(model, test)
-    fit(model, train, cfg)
-    return merged, evaluate(model, test)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     warnings.simplefilter("ignore")
@@ -93,7 +63,6 @@ def main(argv=None) -> int:
     cfg = TrainConfig(epochs=1, lr=0.01, batch_size=128, seed=args.seed, eval_every=0,
                       max_steps_per_epoch=args.steps)
     rows = [{"variant": "unpruned", "acc_steps": evaluate(model, test)}]
-    centre_fns = {"mean": set_to_cluster_means, "strongest": set_to_strongest}
 
     for statistic in args.statistics.split(","):
         for clustering in args.clusterings.split(","):
@@ -102,9 +71,9 @@ def main(argv=None) -> int:
                 work, info, clusters = clustered_copy(args.checkpoint, example, train, args.target_macs,
                                                       args.round_to, args.survey_samples, statistic,
                                                       clustering, args.seed)
-                centre_fns[centre](info, clusters)
+                set_to_centres(info, clusters, centre)
                 merged = csgd.merge(work, example, clusters, info=info)
-                acc_merged, acc_steps = finish(merged, train, test, cfg)
+                acc_merged, acc_steps = recalibrate_and_train(merged, train, test, cfg)
                 rows.append({"variant": f"{statistic} / {clustering} / {centre}",
                              "acc_merged": acc_merged, "acc_steps": acc_steps,
                              "largest_cluster": max(len(c) for p in clusters.values() for c in p),
@@ -115,7 +84,7 @@ def main(argv=None) -> int:
     pruned = prunekit.prune(model, example, method="tp:l1", data=(train, test), seed=args.seed,
                             finetune_epochs=0, calib_images=args.survey_samples,
                             **budget_kwargs(None, args.target_macs, args.round_to)).model
-    acc_merged, acc_steps = finish(pruned, train, test, cfg)
+    acc_merged, acc_steps = recalibrate_and_train(pruned, train, test, cfg)
     rows.append({"variant": "tp:l1 (reference)", "acc_merged": acc_merged, "acc_steps": acc_steps,
                  "seconds": time.perf_counter() - t0})
     print(rows[-1], flush=True)
