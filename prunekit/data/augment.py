@@ -30,8 +30,11 @@ def random_crop_flip(x: torch.Tensor, padding: int = 4, flip: bool = True,
         cols = (dx.view(b, 1) + torch.arange(w).view(1, w)).to(x.device)  # [B, W]
         bi = torch.arange(b, device=x.device).view(b, 1, 1)
         xp = xp.permute(0, 2, 3, 1)  # [B, H', W', C]
-        x = xp[bi, rows.view(b, h, 1), cols.view(b, 1, w)].permute(0, 3, 1, 2).contiguous()
+        x = xp[bi, rows.view(b, h, 1), cols.view(b, 1, w)].permute(0, 3, 1, 2)
     if flip:
         mask = (torch.rand(b, generator=generator) < 0.5).to(x.device)
         x = torch.where(mask.view(b, 1, 1, 1), x.flip(3), x)
-    return x
+    # Plain NCHW strides: with one channel, the permuted copy is "contiguous" in both layouts
+    # with a channel stride of 1, and torch 2.13's CPU convolution backward corrupts the heap
+    # on such an input (double free, seen on this project's CI machines).
+    return x.clone(memory_format=torch.contiguous_format)
