@@ -25,6 +25,8 @@ class PruneResult:
     model: nn.Module
     plan: PruningPlan | None
     report: dict[str, Any] = field(default_factory=dict)
+    #: the method's figure data (e.g. csgd's ``"dendrogram"``, slimming's ``"bn_factors"``)
+    figures: dict[str, Any] = field(default_factory=dict)
 
 
 def layer_widths(model: nn.Module) -> dict[str, int]:
@@ -33,33 +35,104 @@ def layer_widths(model: nn.Module) -> dict[str, int]:
             for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
 
 
-def _split_data(data: Any) -> tuple[Any, Any]:
+def split_data(data: Any, pair_only: bool = False) -> tuple[Any, Any]:
+    """``(train, test)`` from ``data``: ``None``, one dataset (training / calibration only) or a
+    ``(train, test)`` pair (``pair_only``: nothing else is accepted)."""
     if data is None:
         return None, None
     if isinstance(data, (tuple, list)):
         if len(data) != 2:
             raise ConfigError("data must be a dataset or a (train, test) pair")
         return data[0], data[1]
+    if pair_only:
+        raise ConfigError("data must be a (train, test) pair of datasets (either may be None)")
     return data, None
 
 
-def check_budget(ratio: float | None, target_macs: float | None) -> None:
-    """Exactly one of ``ratio`` / ``target_macs``, each strictly inside (0, 1)."""
-    if (ratio is None) == (target_macs is None):
+def check_budget(ratio: float | None, target_macs: float | None, optional: bool = False) -> None:
+    """Exactly one of ``ratio`` / ``target_macs`` (at most one when ``optional``: a method that
+    chooses its widths itself), each strictly inside (0, 1)."""
+    if ratio is not None and target_macs is not None:
+        raise ConfigError("give exactly one of ratio or target_macs")
+    if ratio is None and target_macs is None and not optional:
         raise ConfigError("give exactly one of ratio or target_macs")
     if ratio is not None:
         check_fraction("ratio", ratio)
-    else:
+    elif target_macs is not None:
         check_fraction("target MACs", target_macs)
 
 
-def prune(model: nn.Module, example_inputs: torch.Tensor | None = None, method: str = "l1",
+#: :func:`prune`'s own keywords (offered as suggestions for a misspelt method option)
+PRUNE_KEYWORDS = ("model", "example_inputs", "method", "ratio", "target_macs", "data",
+                  "finetune_epochs", "distill", "train_config", "ignored_layers", "seed",
+                  "evaluate", "round_to", "expand", "refine_labels")
+
+
+def finetune(model: nn.Module, train_set: Any, epochs: int, *, teacher: nn.Module | None = None,
+             train_config: Any = None, seed: int = 0, expand: bool = False,
+             refine_labels: bool = False) -> float:
+    """Fine-tune ``model`` in place for ``epochs`` epochs; returns the seconds spent.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The pruned network.
+    train_set : dataset
+        Training data.
+    epochs : int
+        Epochs (0: nothing happens).
+    teacher : nn.Module, optional
+        Distil from this network (read only).
+    train_config : prunekit.train.TrainConfig, optional
+        Settings (default ``TrainConfig(lr=0.01)``); epochs and seed are set here.
+    seed : int
+        Seed of the run.
+    expand, refine_labels : bool
+        The small-data recipe (:func:`prunekit.train.smalldata.finetune_small_data`):
+        training-set expansion and/or soft-label refinement.
+    """
+    if epochs <= 0:
+        return 0.0
+    if train_set is None:
+        raise ConfigError("fine-tuning needs training data")
+    from .train import Hooks, TrainConfig, fit
+
+    cfg = copy.copy(train_config) if train_config is not None else TrainConfig(lr=0.01)
+    cfg.epochs, cfg.seed = int(epochs), seed
+    t = time.perf_counter()
+    if expand or refine_labels:
+        from .train.smalldata import finetune_small_data
+        finetune_small_data(model, teacher, train_set, epochs, expand=expand,
+                            distill=teacher is not None, refine_labels=refine_labels, cfg=cfg, seed=seed)
+    else:
+        fit(model, train_set, cfg, test_set=None,
+            hooks=Hooks(teacher=teacher) if teacher is not None else None)
+    model.eval()
+    return time.perf_counter() - t
+
+
+def measure(original: nn.Module, pruned: nn.Module, example_inputs: torch.Tensor) -> dict[str, Any]:
+    """MACs, params and per-layer widths of ``original`` and ``pruned``, and their fractions."""
+    macs0, params0 = count_macs_params(original, example_inputs)
+    macs1, params1 = count_macs_params(pruned, example_inputs)
+    widths0, widths1 = layer_widths(original), layer_widths(pruned)
+    return {"macs_before": macs0, "macs_after": macs1, "params_before": params0,
+            "params_after": params1, "macs_fraction": macs1 / macs0, "params_fraction": params1 / params0,
+            "widths": {n: [w, widths1.get(n, 0)] for n, w in widths0.items()}}
+
+
+def prune(model: nn.Module, example_inputs: torch.Tensor | None = None,
+          method: str = methods.DEFAULT_METHOD,
           ratio: float | None = None, target_macs: float | None = None, data: Any = None, *,
           finetune_epochs: int = 0, distill: bool = False, train_config: Any = None,
           ignored_layers: list[nn.Module | str] | None = None, seed: int = 0,
-          evaluate: bool = True, round_to: int | None = None, **method_options: Any) -> PruneResult:
+          evaluate: bool = True, round_to: int | None = None, expand: bool = False,
+          refine_labels: bool = False, **method_options: Any) -> PruneResult:
     """Prune ``model`` with ``method`` to a ``ratio`` of removed filters or a ``target_macs``
     fraction of the original MACs.
+
+    The stages are :func:`prunekit.methods` ``run`` (the method), :func:`finetune` and
+    :func:`measure`; :func:`prunekit.report.compare` composes the same stages.
 
     Parameters
     ----------
@@ -71,16 +144,16 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None, method: 
         A criterion (``l1``, ``apoz`` ...: one-shot), a method (``csgd``, ``thinet`` ...) or a
         peer (``tp:l1`` ...). See :func:`prunekit.methods.available`.
     ratio, target_macs : float
-        Exactly one: fraction of filters removed per layer, or fraction of MACs kept.
+        Exactly one: fraction of filters removed per layer, or fraction of MACs kept (a method
+        that chooses its widths itself, such as ``mrts``, also runs with neither).
     data : ImageDataset or (train, test), optional
         Calibration / training data; the test set, when given, is used for the accuracies.
     finetune_epochs : int
         Epochs of fine-tuning after surgery (0: none).
     distill : bool
         Fine-tune with knowledge distillation from the original model.
-    expand, refine_labels : bool (keyword, in ``method_options``)
-        Fine-tune with CURL's small-data recipe (:func:`prunekit.train.smalldata.finetune_small_data`):
-        training-set expansion and/or soft-label refinement.
+    expand, refine_labels : bool
+        Fine-tune with the small-data recipe (:func:`finetune`).
     round_to : int, optional
         Round every pruned group's kept width down to a multiple of this (at least one
         multiple; e.g. 8), see :func:`prunekit.engine.budget.round_width`; with ``target_macs``
@@ -88,48 +161,46 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None, method: 
     train_config : prunekit.train.TrainConfig, optional
         Fine-tuning settings (epochs are overridden by ``finetune_epochs``).
     **method_options
-        Passed to the method (e.g. ``calib_images``, ``global_ranking``, ``epsilon``).
+        The method's options (``prunekit methods NAME`` lists them); an unknown or misspelt
+        one raises :class:`~prunekit.errors.ConfigError` naming the closest valid name.
 
     Returns
     -------
     PruneResult
     """
-    check_budget(ratio, target_macs)
+    spec = methods.spec(method)
+    check_budget(ratio, target_macs, optional=spec.chooses_widths)
     round_to = check_round_to(round_to)
-    train_set, test_set = _split_data(data)
+    methods.check_round_to_supported(method, round_to)
+    spec.parse_options(method_options, also_valid=PRUNE_KEYWORDS)  # fail before any work
+    train_set, test_set = split_data(data)
     if example_inputs is None:
         if train_set is None:
             raise ConfigError("example_inputs or data is required")
         example_inputs = train_set.example_input(1)
-    if int(finetune_epochs) != finetune_epochs or finetune_epochs < 0:
+    if isinstance(finetune_epochs, bool) or int(finetune_epochs) != finetune_epochs or finetune_epochs < 0:
         raise ConfigError(f"finetune_epochs must be a whole number >= 0, got {finetune_epochs}")
     finetune_epochs = int(finetune_epochs)
-    run = methods.get(method)
-    methods.check_round_to_supported(method, round_to)
-    # CURL's small-data recipe belongs to the fine-tuning phase, whatever the method
-    expand = bool(method_options.pop("expand", False))
-    refine_labels = bool(method_options.pop("refine_labels", False))
     if (expand or refine_labels) and finetune_epochs == 0:
         raise ConfigError("expand / refine_labels apply to fine-tuning: give finetune_epochs > 0")
-    model = copy.deepcopy(model).eval()
+    original = model
+    work = copy.deepcopy(model).eval()
     times: dict[str, float] = {}
     report: dict[str, Any] = {"method": method, "ratio": ratio, "target_macs": target_macs,
                               "round_to": round_to,
                               "options": {k: v for k, v in method_options.items()
                                           if isinstance(v, (int, float, str, bool, type(None)))}}
-    macs0, params0 = count_macs_params(model, example_inputs)
-    widths0 = layer_widths(model)
     if evaluate and test_set is not None:
         from .train import evaluate as eval_acc
         t = time.perf_counter()
-        report["acc_before"] = eval_acc(model, test_set)
+        report["acc_before"] = eval_acc(work, test_set)
         times["eval_s"] = time.perf_counter() - t
 
-    ctx = methods.PruneContext(model, example_inputs, ratio, target_macs, train_set, test_set,
+    ctx = methods.PruneContext(work, example_inputs, ratio, target_macs, train_set, test_set,
                                dict(method_options), list(ignored_layers or []), seed,
-                               round_to=round_to)
+                               round_to=round_to, original=original)
     t = time.perf_counter()
-    out = run(ctx)
+    out = spec.run(ctx)
     times["prune_s"] = time.perf_counter() - t
     pruned = out.model.eval()
     if leftover_hooks(pruned):
@@ -140,37 +211,16 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None, method: 
     if evaluate and test_set is not None:
         from .train import evaluate as eval_acc
         report["acc_pruned"] = eval_acc(pruned, test_set)
-
     if finetune_epochs > 0:
-        if train_set is None:
-            raise ConfigError("fine-tuning needs training data")
-        from .train import Hooks, TrainConfig, fit
-        cfg = copy.copy(train_config) if train_config is not None else TrainConfig(lr=0.01)
-        cfg.epochs = finetune_epochs
-        cfg.seed = seed
-        t = time.perf_counter()
-        if expand or refine_labels:
-            from .train.smalldata import finetune_small_data
-            finetune_small_data(pruned, model if distill else None, train_set, finetune_epochs,
-                                expand=expand, distill=distill, refine_labels=refine_labels,
-                                cfg=cfg, seed=seed)
-        else:
-            fit(pruned, train_set, cfg, test_set=None, hooks=Hooks(teacher=model) if distill else None)
-        times["finetune_s"] = time.perf_counter() - t
-        pruned.eval()
+        times["finetune_s"] = finetune(pruned, train_set, finetune_epochs,
+                                       teacher=copy.deepcopy(original).eval() if distill else None,
+                                       train_config=train_config, seed=seed, expand=expand,
+                                       refine_labels=refine_labels)
     if evaluate and test_set is not None:
         from .train import evaluate as eval_acc
         report["acc_final"] = (eval_acc(pruned, test_set) if finetune_epochs > 0
                                else report["acc_pruned"])
-
-    macs1, params1 = count_macs_params(pruned, example_inputs)
-    widths1 = layer_widths(pruned)
-    report.update({
-        "macs_before": macs0, "macs_after": macs1, "params_before": params0,
-        "params_after": params1, "macs_fraction": macs1 / macs0, "params_fraction": params1 / params0,
-        "finetune_epochs": finetune_epochs, "distill": distill, "expand": expand,
-        "refine_labels": refine_labels,
-        "widths": {n: [w, widths1.get(n, 0)] for n, w in widths0.items()},
-        "times": times,
-    })
-    return PruneResult(pruned, out.plan, report)
+    report.update(measure(original, pruned, example_inputs))
+    report.update({"finetune_epochs": finetune_epochs, "distill": distill, "expand": expand,
+                   "refine_labels": refine_labels, "times": times})
+    return PruneResult(pruned, out.plan, report, out.figures)

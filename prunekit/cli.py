@@ -430,12 +430,25 @@ def export(
                   f"max abs diff vs PyTorch {info['max_abs_diff']:.2g})"])
 
 
-@app.command("prune")
+def method_options_from_cli(method: str, words: Sequence[str]) -> dict[str, Any]:
+    """The method options given on the command line as ``--name value`` / ``--opt name=value``
+    (checked against the method's options dataclass; a misspelt flag gets a suggestion)."""
+    from . import methods as _methods
+
+    spec = _methods.spec(method)
+    flags = [p.opts[0] for p in typer.main.get_command(app).commands["prune"].params if p.opts]
+    return spec.options.parse_cli(list(words), method, also_valid=[f[2:].replace("-", "_") for f in flags])
+
+
+@app.command("prune", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             epilog="Method options: `prunekit methods METHOD` lists them; give them as "
+                    "--name value (e.g. --calib-images 256) or --opt name=value.")
 def prune_(
+    ctx: typer.Context,
     checkpoint: CheckpointArg,
-    method: Annotated[str, typer.Option("--method", help="A criterion (l1, apoz, ...), a method "
-                                        "(csgd, thinet, lasso, slimming, mrts, taylor, autopruner, "
-                                        "curl) or a peer (tp:l1, tp:taylor, tp:bn-scale).")],
+    method: Annotated[str, typer.Option("--method", help="A method: `prunekit methods` lists them "
+                                        "(criteria such as l1 prune in one shot; tp:* are "
+                                        "Torch-Pruning's own pruner).")],
     out: Annotated[Path, typer.Option("--out", help="Pruned checkpoint to write (.pt).")],
     ratio: Annotated[float | None, typer.Option(
         "--ratio", help="Fraction of filters removed in every prunable layer, in (0, 1).")] = None,
@@ -443,7 +456,7 @@ def prune_(
         "--target-macs", help="Keep at most this fraction of the original MACs, in (0, 1).")] = None,
     round_to: Annotated[int | None, typer.Option(
         "--round-to", min=1, help="Round every pruned layer's kept width down to a multiple of "
-        "this (e.g. 8: faster kernels); not for slimming, mrts, taylor, curl.")] = None,
+        "this (e.g. 8: faster kernels); `prunekit methods` says which methods take it.")] = None,
     data: DataOptionalOpt = None,
     data_dir: DataDirOpt = None,
     train_samples: TrainSamplesOpt = None,
@@ -452,40 +465,14 @@ def prune_(
     finetune_lr: Annotated[float, typer.Option("--finetune-lr", min=0.0)] = 0.01,
     distill: Annotated[bool, typer.Option(
         "--distill", help="Fine-tune with distillation from the original model.")] = False,
-    calib_images: Annotated[int | None, typer.Option(
-        "--calib-images", min=1, help="Calibration images for data criteria / reconstruction.")] = None,
-    global_ranking: Annotated[bool, typer.Option(
-        "--global", help="Rank channels across layers instead of per layer.")] = False,
-    centripetal_epochs: Annotated[int | None, typer.Option(
-        "--centripetal-epochs", min=1, help="csgd: centripetal training epochs (default 1; "
-        "--finetune-epochs adds plain fine-tuning after the exact merge).")] = None,
-    epsilon: Annotated[float | None, typer.Option("--epsilon", help="csgd: centripetal strength.")] = None,
-    survey_samples: Annotated[int | None, typer.Option(
-        "--survey-samples", min=2, help="csgd: survey images (S1).")] = None,
-    clustering: Annotated[str | None, typer.Option(
-        "--clustering", help="csgd: agglomerative, even or kmeans.")] = None,
-    survey_statistic: Annotated[str | None, typer.Option(
-        "--survey-statistic", help="csgd: S1 statistic, gap (GAP of each channel's map before "
-        "the non-linearity; default) or relu-gap (of the rectified map).")] = None,
-    samples_per_image: Annotated[int | None, typer.Option(
-        "--samples-per-image", min=1, help="thinet/lasso: sampled points per image.")] = None,
-    prune_trunk: Annotated[bool, typer.Option(
-        "--prune-trunk", help="thinet/lasso: also prune residual trunk channels.")] = False,
-    sparsity_epochs: Annotated[int | None, typer.Option(
-        "--sparsity-epochs", min=1, help="slimming/mrts: sparsity-training epochs.")] = None,
-    sparsity: Annotated[str | None, typer.Option(
-        "--sparsity", help="slimming/mrts: regulariser strength: a number >= 0, 'auto' "
-        "(calibrated to the sparsity phase; the default) or 'liu' (Liu et al.'s values).")] = None,
-    delta: Annotated[float | None, typer.Option(
-        "--delta", help="mrts: layer-threshold share (eq. 11).")] = None,
-    steps: Annotated[int | None, typer.Option("--steps", min=1, help="taylor: pruning iterations.")] = None,
-    finetune_epochs_per_step: Annotated[int | None, typer.Option(
-        "--finetune-epochs-per-step", min=0, help="taylor: fine-tuning epochs between steps.")] = None,
     input_shape: InputShapeOpt = None,
     resume: Annotated[bool, typer.Option(
-        "--resume", help="csgd: continue the centripetal phase from <out>.state.")] = False,
-    expand: Annotated[bool, typer.Option("--expand", help="curl: expand the training set.")] = False,
-    refine_labels: Annotated[bool, typer.Option("--refine-labels", help="curl: refine soft labels.")] = False,
+        "--resume", help="Continue the method's own training from <out>.state (methods that "
+        "checkpoint it).")] = False,
+    expand: Annotated[bool, typer.Option(
+        "--expand", help="Small-data fine-tuning: expand the training set.")] = False,
+    refine_labels: Annotated[bool, typer.Option(
+        "--refine-labels", help="Small-data fine-tuning: refine soft labels.")] = False,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     json_: JsonOpt = False,
@@ -499,13 +486,17 @@ def prune_(
     from .train import TrainConfig
 
     with Output(json_) as o:
-        check_budget(ratio, target_macs)
-        _methods.get(method)  # unknown method: fail before loading anything
+        spec = _methods.spec(method)  # unknown method: fail before loading anything
+        options = method_options_from_cli(method, ctx.args)
+        check_budget(ratio, target_macs, optional=spec.chooses_widths)
         _methods.check_round_to_supported(method, round_to)
+        spec.parse_options(options)
         check_output_path(out)
         state_path = Path(f"{out}.state")
-        if resume and method != "csgd":
-            raise ConfigError("--resume applies to --method csgd (its centripetal training)")
+        if resume and not spec.resumable:
+            resumable = ", ".join(n for n, s in _methods.specs().items() if s.resumable)
+            raise ConfigError(f"--resume applies to methods that checkpoint their own training "
+                              f"({resumable}), not {method!r}")
         if resume and not state_path.is_file():
             raise CheckpointError(f"cannot resume: state file not found: {state_path}")
         device = check_device(device)
@@ -518,23 +509,13 @@ def prune_(
             raise ConfigError("the checkpoint does not record its dataset; pass --data")
         train_set, test_set = load_data(data_name, data_dir, train_samples)
         load_s = time.perf_counter() - t0
-        options = {k: v for k, v in {
-            "calib_images": calib_images, "centripetal_epochs": centripetal_epochs,
-            "epsilon": epsilon, "survey_samples": survey_samples, "clustering": clustering,
-            "survey_statistic": survey_statistic,
-            "samples_per_image": samples_per_image, "prune_trunk": prune_trunk or None,
-            "sparsity_epochs": sparsity_epochs,
-            "sparsity": parse_sparsity(sparsity), "delta": delta, "steps": steps,
-            "finetune_epochs_per_step": finetune_epochs_per_step,
-            "expand": expand or None, "refine_labels": refine_labels or None,
-            "global_ranking": global_ranking or None}.items() if v is not None}
-        if method == "csgd":
+        if spec.resumable:
             options.update(state_path=str(state_path), resume=resume)
         o.note(f"pruning {checkpoint} with {method} ...")
         res = prune(model, example_input(shape), method=method, ratio=ratio, target_macs=target_macs,
                     data=(train_set, test_set), finetune_epochs=finetune_epochs, distill=distill,
                     train_config=TrainConfig(lr=finetune_lr, seed=seed, device=device), seed=seed,
-                    round_to=round_to, **options)
+                    round_to=round_to, expand=expand, refine_labels=refine_labels, **options)
         report = res.report
         report["times"]["load_s"] = load_s
         new_meta = {**{k: v for k, v in meta.items() if k in ("data", "input_shape")},
@@ -552,6 +533,30 @@ def prune_(
             f"accuracy: before {report['acc_before']:.2f}%, right after pruning "
             f"{report['acc_pruned']:.2f}%, final {report['acc_final']:.2f}%",
             f"saved {out}"])
+
+
+@app.command("methods")
+def methods_(
+    name: Annotated[str | None, typer.Argument(help="One method: list its options.")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """List the pruning methods, or one method's options (generated from its registration)."""
+    from . import methods as _methods
+
+    with Output(json_) as o:
+        if name is None:
+            table = {n: {"summary": s.summary, "needs_data": s.needs_data, "round_to": s.round_to,
+                         "chooses_widths": s.chooses_widths, "resumable": s.resumable}
+                     for n, s in _methods.specs().items()}
+            o.result({"methods": table}, [f"{n:<12} {t['summary']}" for n, t in table.items()])
+            return
+        spec = _methods.spec(name)
+        opts = [{"name": i.name, "flag": i.flag, "default": i.default, "help": i.help,
+                 "accepts": i.constraint} for i in spec.options.describe()]
+        lines = [f"{name}: {spec.summary}", ""]
+        lines += [f"  {i['flag']:<28} {i['help']} ({i['accepts']}; default {i['default']!r})"
+                  for i in opts if i["flag"]]
+        o.result({"method": name, "summary": spec.summary, "options": opts}, lines)
 
 
 def _compare_summary(results: dict[str, Any]) -> dict[str, Any]:
@@ -686,8 +691,7 @@ def demo(
         if out_dir.exists() and not out_dir.is_dir():
             raise ConfigError(f"--out-dir {out_dir} is not a directory")
         if methods is None:
-            have = _methods.available()
-            names = [m for m in ("l1", "tp:l1", "csgd", "thinet") if m in have]
+            names = list(_methods.DEMO_METHODS)
         else:
             names = parse_methods(methods, "--methods")
         names = check_methods(names)

@@ -47,7 +47,6 @@ deep model inference". Pattern Recognition 107, 2020 (arXiv:1805.08941, 2018).
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -58,39 +57,18 @@ import torch.nn.functional as F
 
 from ..engine import ChannelGroup, DependencyInfo, GroupPlan, PruningPlan, Slot, analyse, apply_plan
 from ..engine.budget import Widths, budget_widths
+from ..engine.ranking import consumer_index
 from ..errors import ConfigError, DataError, UnsupportedLayerError
 from ..utils import eval_mode, resolve_device
 from . import MethodOutput, PruneContext
+from .options import MethodOptions, option
+from .registry import register_method
 
 __all__ = ["AutoPrunerOptions", "ChannelGate", "GateController", "GatedModel", "consumer_index",
            "fold_gates", "gate_plan", "run", "train_gates"]
 
 
 # ----------------------------------------------------------------------------- channel indexing
-def consumer_index(slot: Slot, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flatten a consumer slot's positions: ``(cols, chans)`` with ``cols[i]`` the consumer's
-    input column that carries the group's root channel ``chans[i]``.
-
-    Parameters
-    ----------
-    slot : Slot
-        A consumer slot of a group (``slot.positions``: root channel -> input columns).
-    size : int
-        Channels of the group.
-
-    Returns
-    -------
-    cols, chans : LongTensor [M]
-    """
-    cols: list[int] = []
-    chans: list[int] = []
-    for c in range(size):
-        for p in slot.positions.get(c, ()):
-            cols.append(p)
-            chans.append(c)
-    return torch.tensor(cols, dtype=torch.long), torch.tensor(chans, dtype=torch.long)
-
-
 def feature_index(slot: Slot, size: int) -> torch.Tensor | None:
     """``[C, P]`` input columns of a consumer that carries all ``size`` channels (``P`` positions
     per channel, truncated to the smallest count), or ``None`` when some channel is missing."""
@@ -272,7 +250,7 @@ def _first_consumers(model: nn.Module, groups: Sequence[ChannelGroup],
 
 # ----------------------------------------------------------------------------- training (S2, S3)
 @dataclass
-class AutoPrunerOptions:
+class AutoPrunerOptions(MethodOptions):
     """Options of :func:`run` (CLI/API names in parentheses where they differ).
 
     Attributes
@@ -313,52 +291,32 @@ class AutoPrunerOptions:
         Random crop and flip during gate training (the trainer's augmentation).
     """
 
-    epochs: int = 2
-    lam: float = 4.0
-    lr: float = 0.05
-    base_lr: float | None = None
-    weight_decay: float = 5e-4
-    batch_size: int = 64
-    alpha0: float = 1.0
-    alpha_max: float = 100.0
-    alpha_growth: float = 1.5
-    window: int | None = None
-    move_tol: float = 0.01
-    rate_tol: float = 0.01
-    pool_size: int = 2
-    calib_images: int = 512
-    enforce_budget: bool = True
-    max_steps_per_epoch: int | None = None
-    augment: bool = True
-    device: str = "auto"
-
-    @classmethod
-    def from_options(cls, options: dict) -> AutoPrunerOptions:
-        known = {f for f in cls.__dataclass_fields__}
-        kw = {}
-        for k, v in options.items():
-            key = "lam" if k in ("lambda", "lambda_") else k
-            if key in known:
-                kw[key] = v
-        opts = cls(**kw)
-        opts.validate()
-        return opts
+    epochs: int = option(2, "epochs of joint gate + network training (S2-S3)", min=1)
+    lam: float = option(4.0, "initial weight lambda of the rate penalty, per group", min=0,
+                        aliases=("lambda", "lambda_"), cli="--lambda")
+    lr: float = option(0.05, "learning rate of the gate layers", above=0)
+    base_lr: float | None = option(None, "learning rate of the network's weights during gate "
+                                   "training (None: lr / 10)", kind="float", min=0)
+    weight_decay: float = option(5e-4, "weight decay of the network's weights", min=0)
+    batch_size: int = option(64, "batch size of gate training", min=1)
+    alpha0: float = option(1.0, "start of the sigmoid scale alpha", above=0)
+    alpha_max: float = option(100.0, "cap of alpha", above=0)
+    alpha_growth: float = option(1.5, "multiplicative step of alpha", above=1)
+    window: int | None = option(None, "optimizer steps between two controller checks (None: a "
+                                "quarter epoch, >= 5 steps)", kind="int", min=1)
+    move_tol: float = option(0.01, "gates stopped moving below this mean absolute change", min=0)
+    rate_tol: float = option(0.01, "a group's keep rate is on target within this", min=0)
+    pool_size: int = option(2, "pooling of the gate's input (see ChannelGate)", min=1)
+    calib_images: int = option(512, "images whose gate values decide the cut (S4)", min=1)
+    enforce_budget: bool = option(True, "keep exactly the budget's width per group")
+    max_steps_per_epoch: int | None = option(None, "cap on optimizer steps per epoch",
+                                             kind="int", min=1)
+    augment: bool = option(True, "random crop and flip during gate training")
+    device: str = option("auto", "device of gate training")
 
     def validate(self) -> None:
-        checks = [
-            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
-            (self.lam >= 0, f"lambda must be >= 0, got {self.lam}"),
-            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
-            (self.base_lr is None or self.base_lr >= 0, f"base_lr must be >= 0, got {self.base_lr}"),
-            (0 < self.alpha0 <= self.alpha_max, f"need 0 < alpha0 <= alpha_max, got {self.alpha0}, "
-             f"{self.alpha_max}"),
-            (self.alpha_growth > 1, f"alpha_growth must be > 1, got {self.alpha_growth}"),
-            (self.pool_size >= 1, f"pool_size must be >= 1, got {self.pool_size}"),
-            (self.calib_images >= 1, f"calib_images must be >= 1, got {self.calib_images}"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ConfigError(msg)
+        if self.alpha0 > self.alpha_max:
+            raise ConfigError(f"need alpha0 <= alpha_max, got {self.alpha0}, {self.alpha_max}")
 
 
 @dataclass
@@ -598,6 +556,9 @@ def _budget(ctx: PruneContext, info: DependencyInfo) -> tuple[Widths, float, flo
     return widths, ratio, frac
 
 
+@register_method("autopruner", AutoPrunerOptions, own_training=("epochs", 1), needs_data=True,
+                 summary="AutoPruner: trainable channel gates that binarise, then cut "
+                         "(Luo and Wu, Pattern Recognition 2020)")
 def run(ctx: PruneContext) -> MethodOutput:
     """Prune ``ctx.model`` with AutoPruner (S1-S4) to ``ctx.ratio`` or ``ctx.target_macs``.
 
@@ -612,13 +573,13 @@ def run(ctx: PruneContext) -> MethodOutput:
         The pruned model (no gates, no hooks), its plan and ``extra`` with the achieved gate
         keep rate, overridden channels and the alpha/lambda history summary.
     """
-    opts = AutoPrunerOptions.from_options(ctx.options)
+    opts = ctx.parse(AutoPrunerOptions, "autopruner")
     if ctx.train_set is None or len(ctx.train_set) == 0:
         raise DataError("AutoPruner trains its gates and needs training data (data=...)")
     if opts.device == "auto" and ctx.device != "auto":
         opts.device = ctx.device
     torch.manual_seed(ctx.seed)
-    model = copy.deepcopy(ctx.model)
+    model = ctx.model
     x = ctx.example_inputs
     info = analyse(model, x, ignored_layers=ctx.ignored_layers)
     widths, ratio, frac = _budget(ctx, info)

@@ -46,7 +46,7 @@ CVPR 2020 (arXiv:1911.08114).
 
 from __future__ import annotations
 
-import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -55,11 +55,12 @@ import torch.nn.functional as F
 from ..criteria import Scores
 from ..engine import ChannelGroup, DependencyInfo, PruningPlan, analyse, apply_plan
 from ..engine.budget import check_fraction, count_macs_params, solve_budget
+from ..engine.ranking import NORMALIZE, consumer_index, global_widths, keep_top
 from ..errors import ConfigError, DataError
 from ..utils import module_device, progress, resolve_device
 from . import MethodOutput, PruneContext
-from .autopruner import consumer_index
-from .oneshot import NORMALIZE, global_widths, keep_top
+from .options import MethodOptions, option
+from .registry import register_method
 
 __all__ = ["NORMALIZE", "global_widths", "kl_scores", "run"]
 
@@ -199,25 +200,27 @@ def _one_round(model: nn.Module, x: torch.Tensor, ctx: PruneContext, target: flo
                           "scores": {k: v.tolist() for k, v in scores.items()}}
 
 
-def run(ctx: PruneContext) -> MethodOutput:
-    """Prune ``ctx.model`` with CURL (S1-S4) to ``ctx.target_macs`` or ``ctx.ratio``.
+@dataclass
+class CurlOptions(MethodOptions):
+    """Options of CURL. Cost of the scores: one forward of every calibration image per channel
+    of the network (ResNet-20: 448 channels), i.e. ``calib_images * channels`` image-forwards."""
 
-    Options
-    -------
-    calib_images : int (128)
-        Calibration images for the KL scores. Cost: one forward of every calibration image per
-        channel of the network (ResNet-20: 448 channels), i.e. ``calib_images * channels``
-        image-forwards.
-    channel_batch : int (16)
-        Channels scored per forward pass.
-    batch_size : int (64)
-        Calibration images per forward pass.
-    normalize : {"none", "l2", "max"} ("l2")
-        Per-group score normalisation before the global ranking (see the module notes).
-    steps : int (1)
-        Prune in this many rounds, re-scoring the smaller model each round (the MACs target of
-        round ``i`` is interpolated geometrically between 1 and the final target; with
-        ``ratio``, the remaining fraction of channels is interpolated the same way).
+    calib_images: int = option(128, "calibration images for the KL scores", min=1)
+    channel_batch: int = option(16, "channels scored per forward pass", min=1)
+    batch_size: int = option(64, "calibration images per forward pass", min=1)
+    normalize: str = option("l2", "per-group score normalisation before the global ranking",
+                            choices=NORMALIZE)
+    steps: int = option(1, "prune in this many rounds, re-scoring the smaller model each round "
+                        "(targets interpolated geometrically)", min=1)
+    device: str | None = option(None, "device of the scoring (None: the run's device)", kind="str")
+
+
+@register_method("curl", CurlOptions, round_to=False, needs_data=True,
+                 summary="CURL: channels ranked by the KL divergence of the output when removed "
+                         "(Luo and Wu, CVPR 2020)")
+def run(ctx: PruneContext) -> MethodOutput:
+    """Prune ``ctx.model`` with CURL (S1-S4) to ``ctx.target_macs`` or ``ctx.ratio``; options:
+    :class:`CurlOptions`.
 
     Returns
     -------
@@ -225,22 +228,15 @@ def run(ctx: PruneContext) -> MethodOutput:
         ``extra``: ``ratio`` (fraction of channels removed, last round), the searched MACs
         fraction, and the KL scores of the last round per group.
     """
-    opts = {"calib_images": int(ctx.option("calib_images", 128)),
-            "channel_batch": int(ctx.option("channel_batch", 16)),
-            "batch_size": int(ctx.option("batch_size", 64)),
-            "normalize": str(ctx.option("normalize", "l2")),
-            "device": None}
-    steps = int(ctx.option("steps", 1))
-    if steps < 1:
-        raise ConfigError(f"steps must be >= 1, got {steps}")
-    if opts["normalize"] not in NORMALIZE:
-        raise ConfigError(f"normalize must be one of {NORMALIZE}, got {opts['normalize']!r}")
+    o = ctx.parse(CurlOptions, "curl")
+    steps = o.steps
     if ctx.train_set is None or len(ctx.train_set) == 0:
         raise DataError("CURL scores channels on calibration images and needs data (data=...)")
-    dev = resolve_device(ctx.option("device", ctx.device))
-    opts["device"] = dev
+    opts = {"calib_images": o.calib_images, "channel_batch": o.channel_batch,
+            "batch_size": o.batch_size, "normalize": o.normalize,
+            "device": resolve_device(o.device or ctx.device)}
     x = ctx.example_inputs
-    model = copy.deepcopy(ctx.model).eval()
+    model = ctx.model.eval()
     base_macs = count_macs_params(model, x)[0]
     if ctx.target_macs is not None:
         final = check_fraction("target MACs", ctx.target_macs)

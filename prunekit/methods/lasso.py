@@ -32,11 +32,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import Lasso
 
 from ..errors import ConfigError
 from . import MethodOutput, PruneContext
+from .options import option
+from .reconstruct import ReconstructOptions
+from .registry import register_method
 
 __all__ = ["LassoSearch", "run", "select_channels"]
 
@@ -159,6 +160,9 @@ def select_channels(X: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray, 
     Xn = np.asfortranarray(Xn / s)
     yn = np.ascontiguousarray(yn / s)
     G = np.ascontiguousarray(Xn.T @ Xn)
+    from sklearn.exceptions import ConvergenceWarning  # optional package: see the registration
+    from sklearn.linear_model import Lasso
+
     model = Lasso(alpha=alpha0, fit_intercept=False, precompute=G, warm_start=True, max_iter=10000,
                   tol=tol, selection="cyclic")
     path: list[tuple[float, int]] = []
@@ -230,27 +234,40 @@ def _reconstruct(samples, keep: list[int], fit_bias: bool | str = "auto"):
     return least_squares_weights(samples, keep, fit_bias=fit_bias)
 
 
+@dataclass
+class LassoOptions(ReconstructOptions):
+    """Options of LASSO channel pruning: those of
+    :class:`~prunekit.methods.reconstruct.ReconstructOptions` and the LASSO's own."""
+
+    alpha0: float = option(1e-3, "first LASSO penalty of the search", above=0)
+    lasso_samples: int | None = option(20000, "rows the LASSO is fitted on (None: all)", min=1,
+                                       none=True)
+    fit_bias: bool | str = option("auto", "refit the consumer's bias: auto (only where it has "
+                                  "one), true (add one to bias-free convs) or false", kind="any")
+
+    def validate(self) -> None:
+        words = {"true": True, "false": False}
+        if isinstance(self.fit_bias, str) and self.fit_bias.lower() in words:
+            self.fit_bias = words[self.fit_bias.lower()]
+        if self.fit_bias not in ("auto", True, False):
+            raise ConfigError(f"option fit_bias of method 'lasso' must be 'auto', true or false, "
+                              f"got {self.fit_bias!r}")
+
+
+@register_method("lasso", LassoOptions, needs_data=True, requires=(("sklearn", "scikit-learn"),),
+                 summary="LASSO channel selection and least-squares reconstruction "
+                         "(He et al., ICCV 2017)")
 def run(ctx: PruneContext) -> MethodOutput:
     """Prune ``ctx.model`` by LASSO channel selection and least-squares reconstruction, layer by
-    layer (see :func:`prunekit.methods.reconstruct.prune_network`).
-
-    Options (``ctx.options``), besides those of :class:`~prunekit.methods.reconstruct.ReconstructOptions`:
-    ``alpha0`` (first penalty, default 1e-3), ``lasso_samples`` (rows the LASSO is fitted on,
-    default 20,000), ``fit_bias`` (``"auto"``: refit the bias only where the consumer has one;
-    ``True`` adds one to bias-free convs).
+    layer (see :func:`prunekit.methods.reconstruct.prune_network`); options:
+    :class:`LassoOptions`.
     """
     from .reconstruct import prune_network
 
-    alpha0 = float(ctx.option("alpha0", 1e-3))
-    max_samples = ctx.option("lasso_samples", 20000)
-    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
-                                    or max_samples < 1):
-        raise ConfigError(f"lasso_samples must be a positive integer or None, got {max_samples!r}")
-    fit_bias = ctx.option("fit_bias", "auto")
-    if fit_bias not in ("auto", True, False):
-        raise ConfigError(f"fit_bias must be 'auto', True or False, got {fit_bias!r}")
+    opts = ctx.parse(LassoOptions, "lasso")
 
     def select(X: torch.Tensor, y: torch.Tensor, keep: int) -> list[int]:
-        return select_channels(X, y, keep, alpha0=alpha0, max_samples=max_samples, seed=ctx.seed)
+        return select_channels(X, y, keep, alpha0=opts.alpha0, max_samples=opts.lasso_samples,
+                               seed=ctx.seed)
 
-    return prune_network(ctx, "lasso", select, lambda s, k: _reconstruct(s, k, fit_bias))
+    return prune_network(ctx, "lasso", select, lambda s, k: _reconstruct(s, k, opts.fit_bias), opts)

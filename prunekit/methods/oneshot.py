@@ -7,66 +7,16 @@ divides each group's scores by their L2 norm and removes the lowest channels acr
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
+from functools import partial
 
-from ..criteria import Scores, score
-from ..engine import DependencyInfo, GroupPlan, PruningPlan, analyse, apply_plan
+from ..criteria import CRITERIA, Scores, needs_data, score
+from ..engine import DependencyInfo, PruningPlan, analyse, apply_plan
 from ..engine.budget import Widths, budget_widths, widths_at_ratio
-from ..errors import ConfigError
+from ..engine.ranking import NORMALIZE, global_widths, keep_top  # noqa: F401 (re-exported)
 from . import MethodOutput, PruneContext
-
-
-def keep_top(info: DependencyInfo, scores: Scores, widths: Widths) -> PruningPlan:
-    """Keep the ``widths[g]`` highest-scoring channels of each group (ties: lower index)."""
-    groups = []
-    for g in info.groups:
-        n = widths.get(g.name, g.size)
-        if n >= g.size:
-            continue
-        order = torch.argsort(-scores[g.name], stable=True)
-        groups.append(GroupPlan(g.name, g.size, order[:n].tolist()))
-    return PruningPlan(groups)
-
-
-NORMALIZE = ("l2", "max", "none")
-
-
-def global_widths(scores: Scores, ratio: float, normalize: str = "l2") -> Widths:
-    """Widths after removing the ``round(ratio * N)`` least important of all ``N`` channels,
-    ranked network-wide; every group keeps at least one channel (the next channel elsewhere is
-    taken instead).
-
-    Parameters
-    ----------
-    scores : dict[str, Tensor]
-        Group name -> per-channel scores.
-    ratio : float
-        Fraction of all channels to remove.
-    normalize : {"l2", "max", "none"}
-        Per-group rescaling before the ranking: by the scores' L2 norm (default; Taylor-FO's
-        layer normalisation, seed 004), by their maximum, or none (scores that already compare
-        across layers, such as BN factors after sparsity training).
-    """
-    if normalize not in NORMALIZE:
-        raise ConfigError(f"normalize must be one of {', '.join(NORMALIZE)}, got {normalize!r}")
-    entries: list[tuple[float, str, int]] = []
-    for name, s in scores.items():
-        s = s.double()
-        if normalize == "l2":
-            s = s / s.norm().clamp_min(1e-30)
-        elif normalize == "max":
-            s = s / s.max().clamp_min(1e-30)
-        entries += [(float(v), name, i) for i, v in enumerate(s)]
-    entries.sort()
-    widths = {name: len(s) for name, s in scores.items()}
-    to_remove = int(round(ratio * len(entries)))
-    for _, name, _ in entries:
-        if to_remove == 0:
-            break
-        if widths[name] > 1:
-            widths[name] -= 1
-            to_remove -= 1
-    return widths
+from .options import MethodOptions, option
+from .registry import MethodSpec, register
 
 
 def plan_for_budget(ctx: PruneContext, info: DependencyInfo, scores: Scores,
@@ -79,11 +29,29 @@ def plan_for_budget(ctx: PruneContext, info: DependencyInfo, scores: Scores,
     return keep_top(info, scores, widths), {"ratio": ratio, "searched_macs_fraction": frac}
 
 
+@dataclass
+class OneShotOptions(MethodOptions):
+    """Options of one-shot pruning with a criterion."""
+
+    calib_images: int = option(512, "calibration images scored (data criteria)", min=1)
+    global_ranking: bool = option(False, "rank channels across layers instead of per layer",
+                                  cli="--global")
+
+
 def run(ctx: PruneContext, criterion: str) -> MethodOutput:
     """Prune ``ctx.model`` in one shot with ``criterion`` (see :mod:`prunekit.criteria`)."""
+    opts = ctx.parse(OneShotOptions, criterion)
     info = analyse(ctx.model, ctx.example_inputs, ignored_layers=ctx.ignored_layers)
-    scores = score(info, criterion, ctx.train_set, samples=int(ctx.option("calib_images", 512)),
-                   seed=ctx.seed)
-    plan, extra = plan_for_budget(ctx, info, scores, bool(ctx.option("global_ranking", False)))
+    scores = score(info, criterion, ctx.train_set, samples=opts.calib_images, seed=ctx.seed)
+    plan, extra = plan_for_budget(ctx, info, scores, opts.global_ranking)
     plan.meta = {"method": criterion, **extra}
     return MethodOutput(apply_plan(ctx.model, ctx.example_inputs, plan), plan, extra)
+
+
+# Every criterion is a one-shot method under its own name, except ``taylor``: that name is the
+# iterative method (prunekit.methods.taylor), whose ``steps=1`` is one-shot Taylor-FO.
+for _criterion in CRITERIA:
+    if _criterion != "taylor":
+        register(MethodSpec(_criterion, partial(run, criterion=_criterion), OneShotOptions,
+                            summary=f"one-shot pruning by the {_criterion} criterion",
+                            needs_data=needs_data(_criterion)))

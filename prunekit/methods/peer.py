@@ -13,6 +13,8 @@ rounded comparisons are at identical shapes; Torch-Pruning still chooses which c
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +24,19 @@ from ..engine import analyse, find_classifier
 from ..engine.budget import Widths, budget_widths, check_fraction, count_macs_params
 from ..errors import ConfigError, DataError
 from . import MethodOutput, PruneContext
+from .options import MethodOptions, option
+from .registry import MethodSpec, register
+
+#: Torch-Pruning's criteria run as peers (``tp:<criterion>``)
+PEER_CRITERIA = ("l1", "l2", "taylor", "bn-scale", "random")
+
+
+@dataclass
+class PeerOptions(MethodOptions):
+    """Options of the Torch-Pruning peer."""
+
+    calib_images: int = option(512, "images whose gradients tp:taylor accumulates", min=1)
+    global_ranking: bool = option(False, "Torch-Pruning's global pruning", cli="--global")
 
 
 def _importance(criterion: str):
@@ -59,12 +74,12 @@ def _layer_ratios(info, widths: Widths) -> dict[str, float]:
             for g in info.groups for slot in g.producers}
 
 
-def _prune_copy(ctx: PruneContext, criterion: str, ratio: float,
+def _prune_copy(ctx: PruneContext, opts: PeerOptions, criterion: str, ratio: float,
                 layer_ratios: dict[str, float] | None = None):
     model = copy.deepcopy(ctx.model)
     torch.manual_seed(ctx.seed)
     if criterion == "taylor":
-        _accumulate_gradients(model, ctx.train_set, int(ctx.option("calib_images", 512)))
+        _accumulate_gradients(model, ctx.train_set, opts.calib_images)
     named = dict(model.named_modules())
     ignored = [named[n] if isinstance(n, str) else n for n in ctx.ignored_layers]
     clf = find_classifier(model)
@@ -72,7 +87,7 @@ def _prune_copy(ctx: PruneContext, criterion: str, ratio: float,
     pruner = tp.pruner.MetaPruner(
         model, ctx.example_inputs, importance=_importance(criterion), pruning_ratio=ratio,
         pruning_ratio_dict=ratio_dict, ignored_layers=ignored + ([clf] if clf is not None else []),
-        global_pruning=bool(ctx.option("global_ranking", False)))
+        global_pruning=opts.global_ranking)
     pruner.step()
     model.zero_grad(set_to_none=True)
     return model
@@ -81,13 +96,14 @@ def _prune_copy(ctx: PruneContext, criterion: str, ratio: float,
 def run(ctx: PruneContext, criterion: str) -> MethodOutput:
     """Prune a copy of ``ctx.model`` with Torch-Pruning's MetaPruner and ``criterion``."""
     _importance(criterion)  # validate early
+    opts = ctx.parse(PeerOptions, f"tp:{criterion}")
     if ctx.round_to is not None:
-        if ctx.option("global_ranking", False):
+        if opts.global_ranking:
             raise ConfigError("round_to gives the peer fixed per-group widths; it cannot be "
                               "combined with global ranking")
         info = analyse(ctx.model, ctx.example_inputs, ignored_layers=ctx.ignored_layers)
         ratio, widths, frac = budget_widths(info, ctx.ratio, ctx.target_macs, round_to=ctx.round_to)
-        model = _prune_copy(ctx, criterion, 0.0, _layer_ratios(info, widths))
+        model = _prune_copy(ctx, opts, criterion, 0.0, _layer_ratios(info, widths))
         got = {g.name: g.size for g in analyse(model, ctx.example_inputs).groups}
         if sorted(got.values()) != sorted(widths.values()):
             raise ConfigError(f"Torch-Pruning did not reproduce the rounded widths {widths} (got {got})")
@@ -95,13 +111,13 @@ def run(ctx: PruneContext, criterion: str) -> MethodOutput:
                                           "widths": widths})
     if ctx.target_macs is None:
         ratio = check_fraction("ratio", ctx.ratio)
-        return MethodOutput(_prune_copy(ctx, criterion, ratio), None, {"ratio": ratio})
+        return MethodOutput(_prune_copy(ctx, opts, criterion, ratio), None, {"ratio": ratio})
     target = check_fraction("target MACs", ctx.target_macs)
     base = count_macs_params(ctx.model, ctx.example_inputs)[0]
     lo, hi, best = 0.0, 0.99, None
     for _ in range(12):
         mid = (lo + hi) / 2
-        model = _prune_copy(ctx, criterion, mid)
+        model = _prune_copy(ctx, opts, criterion, mid)
         frac = count_macs_params(model, ctx.example_inputs)[0] / base
         if frac <= target:
             hi, best = mid, (model, mid, frac)
@@ -111,3 +127,9 @@ def run(ctx: PruneContext, criterion: str) -> MethodOutput:
         raise ConfigError(f"Torch-Pruning cannot reach {target:.3f} of the MACs on this model")
     model, ratio, frac = best
     return MethodOutput(model, None, {"ratio": ratio, "searched_macs_fraction": frac})
+
+
+for _criterion in PEER_CRITERIA:
+    register(MethodSpec(f"tp:{_criterion}", partial(run, criterion=_criterion), PeerOptions,
+                        summary=f"the peer: Torch-Pruning's MetaPruner with its {_criterion} importance",
+                        needs_data=_criterion == "taylor", requires=(("torch_pruning", "torch-pruning"),)))

@@ -43,7 +43,6 @@ network compression. ICCV, 5058-5066.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -56,9 +55,10 @@ import torch.nn.functional as F
 
 from ..engine import ChannelGroup, DependencyInfo, GroupPlan, PruningPlan, analyse, apply_group
 from ..engine.budget import Widths, budget_widths
-from ..errors import ConfigError, DataError, UnsupportedLayerError
+from ..errors import DataError, UnsupportedLayerError
 from ..utils import eval_mode, module_device, progress
 from . import MethodOutput, PruneContext
+from .options import MethodOptions, option
 
 __all__ = ["ConsumerSamples", "OriginalTargets", "ReconstructOptions", "conv_patches", "eligible_groups",
            "least_squares_weights", "prune_network", "sample_group", "scaled_weights",
@@ -72,61 +72,25 @@ Reconstructor = Callable[[list["ConsumerSamples"], list[int]],
 
 # --------------------------------------------------------------------------------- options
 @dataclass
-class ReconstructOptions:
-    """Options of both methods, read from ``ctx.options``.
+class ReconstructOptions(MethodOptions):
+    """Options of both methods (ThiNet, LASSO).
 
-    Parameters
-    ----------
-    calib_images : int
-        Calibration images streamed per layer (a seeded random subset of the training set).
-    samples_per_image : int
-        Sampled output values per image (ThiNet: 10). A conv draws ``min(m, H_out*W_out)``
-        distinct positions per image; a linear layer has one position and draws ``m`` output
-        units (with replacement).
-    batch_size : int
-        Images per forward pass while sampling.
-    prune_trunk : bool
-        Also prune groups with several producers (residual trunks), selecting on the stacked
-        samples of all their consumers.
-    stack_consumers : bool
-        Prune single-producer groups read by several consumers (DenseNet) by stacking; with
-        ``False`` they are skipped.
-    finetune_epochs_between : float
-        Fine-tune this many epochs (a fraction means a share of one epoch's steps) after each
-        pruned group; 0 (default) for none. The replayed plan then no longer reproduces the
-        model (the fine-tuned weights are not in it).
-    finetune_lr : float
-        Learning rate of that fine-tuning (SGD, cosine, no augmentation).
+    ``finetune_epochs_between``: fine-tune this many epochs (a fraction means a share of one
+    epoch's steps) after each pruned group; the replayed plan then no longer reproduces the
+    model (the fine-tuned weights are not in it).
     """
 
-    calib_images: int = 500
-    samples_per_image: int = 10
-    batch_size: int = 64
-    prune_trunk: bool = False
-    stack_consumers: bool = True
-    finetune_epochs_between: float = 0.0
-    finetune_lr: float = 0.01
-
-    @classmethod
-    def from_context(cls, ctx: PruneContext) -> ReconstructOptions:
-        o = cls()
-        for name in ("calib_images", "samples_per_image", "batch_size"):
-            v = ctx.option(name, getattr(o, name))
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
-            setattr(o, name, v)
-        for name in ("prune_trunk", "stack_consumers"):
-            setattr(o, name, bool(ctx.option(name, getattr(o, name))))
-        for name in ("finetune_epochs_between", "finetune_lr"):
-            v = ctx.option(name, getattr(o, name))
-            try:
-                v = float(v)
-            except (TypeError, ValueError):
-                raise ConfigError(f"{name} must be a number, got {v!r}") from None
-            if not math.isfinite(v) or v < 0:
-                raise ConfigError(f"{name} must be a finite number >= 0, got {v}")
-            setattr(o, name, v)
-        return o
+    calib_images: int = option(500, "calibration images streamed per layer (a seeded random "
+                               "subset of the training set)", min=1)
+    samples_per_image: int = option(10, "sampled output values per image (ThiNet: 10)", min=1)
+    batch_size: int = option(64, "images per forward pass while sampling", min=1)
+    prune_trunk: bool = option(False, "also prune groups with several producers (residual "
+                               "trunks), selecting on the stacked samples of their consumers")
+    stack_consumers: bool = option(True, "prune single-producer groups read by several "
+                                   "consumers (DenseNet) by stacking; false skips them")
+    finetune_epochs_between: float = option(0.0, "fine-tuning epochs after each pruned group",
+                                            min=0)
+    finetune_lr: float = option(0.01, "learning rate of that fine-tuning", min=0)
 
 
 # --------------------------------------------------------------------------------- samples
@@ -701,7 +665,7 @@ def _finetune(model: nn.Module, ctx: PruneContext, epochs: float, lr: float, ste
 
 
 def prune_network(ctx: PruneContext, method: str, select: Selector,
-                  reconstruct: Reconstructor) -> MethodOutput:
+                  reconstruct: Reconstructor, opts: ReconstructOptions | None = None) -> MethodOutput:
     """Prune ``ctx.model`` layer by layer, minimising each consumer's reconstruction error.
 
     For every eligible group in network order (see :func:`eligible_groups`): sample its
@@ -721,14 +685,14 @@ def prune_network(ctx: PruneContext, method: str, select: Selector,
         before this layer is touched, i.e. drift from earlier layers; ``removed``: after dropping
         the channels; ``reconstructed``: with the new weights), and selection times.
     """
-    opts = ReconstructOptions.from_context(ctx)
+    opts = opts if opts is not None else ctx.parse(ReconstructOptions, method)
     data = ctx.train_set
     if data is None or len(data) == 0:
         raise DataError(f"{method} needs calibration data (the training set); got none")
-    original = ctx.model
+    original = ctx.reference()  # the targets come from the unpruned network
     was_training = original.training
     original.eval()
-    model = copy.deepcopy(original).eval()
+    model = ctx.model.eval()  # consumed: pruned group by group
     info = analyse(model, ctx.example_inputs, ignored_layers=ctx.ignored_layers)
     names, skipped = eligible_groups(info, opts)
     if not names:
@@ -790,7 +754,7 @@ def prune_network(ctx: PruneContext, method: str, select: Selector,
         "targets_s": t_targets, "total_s": time.perf_counter() - t_start,
     }
     plan = PruningPlan(plans, {"method": method, "ratio": ratio, "searched_macs_fraction": frac,
-                               "options": {k: v for k, v in vars(opts).items()}})
+                               "options": opts.as_dict()})
     return MethodOutput(model, plan, extra,
                         train_epochs=opts.finetune_epochs_between * max(len(todo) - 1, 0))
 

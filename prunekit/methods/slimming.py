@@ -42,11 +42,9 @@ References
 
 from __future__ import annotations
 
-import copy
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -55,10 +53,13 @@ import torch.nn as nn
 from ..criteria import Scores
 from ..engine import ChannelGroup, DependencyInfo, Slot, analyse, apply_plan
 from ..engine.budget import Widths, check_fraction, count_macs_params, macs_of_widths, solve_budget
+from ..engine.ranking import global_widths, keep_top
 from ..errors import ConfigError, DataError
+from ..train.config import phase_config
 from ..utils import module_device
 from . import MethodOutput, PruneContext
-from .oneshot import global_widths, keep_top
+from .options import MethodOptions, option
+from .registry import register_method
 
 Kind = Literal["l1", "polarization"]
 Scope = Literal["layer", "network"]
@@ -73,106 +74,56 @@ _DELTA_MAX = 0.999  # bisection range of delta for budgets (delta -> 1 keeps one
 
 # ----------------------------------------------------------------------------------- options
 @dataclass
-class SparsityOptions:
+class SparsityOptions(MethodOptions):
     """Options of ``slimming`` and ``mrts`` (``prunekit.prune(..., method="mrts", **options)``).
 
-    Parameters
-    ----------
-    sparsity_epochs : int
-        Epochs of sparsity training (S1) before the cut; 0 cuts on the factors as they are.
-    sparsity : float, "auto" or "liu"
-        ``lambda``, the weight of the penalty. ``"auto"`` (default, also ``None``):
-        :func:`auto_sparsity`, the ``lambda`` that moves a factor by ``AUTO_PUSH`` over the
-        whole sparsity phase (so a short phase on a trained network still opens a zero mode;
-        about Liu et al.'s values for their 160-epoch schedule). ``"liu"``: Liu et al.'s values,
-        ``1e-4`` for a plain chain (VGG), ``1e-5`` when channels are coupled (ResNet, DenseNet,
-        MobileNetV2), see :func:`liu_sparsity`.
-    tau : float
-        MRTS: weight ``tau`` of the L1 part of eq. 4 (1.5 in the paper).
-    scope : {"layer", "network"}
-        MRTS: the mean of the polarisation term is taken per layer (default: the thresholds
-        are per layer too) or over the whole network (Zhuang et al.).
-    delta : float
-        MRTS: share of a layer's factor mass that the layer threshold may cut (eq. 11;
-        0.001 in the paper).
-    max_delta : float
-        MRTS with a budget: the largest ``delta`` still regarded as cutting at the gap between
-        the two modes. A budget that needs more falls back to one global ranking of the
-        polarised factors (reported in ``extra``).
-    adaptive : bool
-        MRTS with a budget: ``False`` (default) takes the smallest ``delta`` that meets the
-        budget (equal-budget comparisons); ``True`` keeps the paper's thresholds at
-        ``delta`` whenever they prune at least as much as asked (the budget is a minimum).
-    clamp : bool
-        MRTS: keep every factor in ``[0, eps]`` after each optimizer step (eq. 4, 6).
-    clamp_max : float or None
-        ``eps``; ``None``: ``max(1, largest |gamma| of the network at the start)`` so that the
-        clamp never changes the trained network at the start.
-    lr, batch_size : float, int
-        Learning rate and batch of the sparsity training (used when ``train_config`` is not
-        given, and override it when given explicitly).
-    max_steps_per_epoch : int or None
-        Cap on the optimizer steps per epoch (quick runs).
-    train_config : prunekit.train.TrainConfig or None
-        Base settings of the sparsity training (its ``epochs`` are replaced).
-    record_factors : bool
-        Put every group's factors after S1 in ``extra["factors"]`` (for histograms).
+    ``sparsity`` is ``lambda``, the weight of the penalty. ``"auto"`` (default, also ``None``):
+    :func:`auto_sparsity`, the ``lambda`` that moves a factor by ``AUTO_PUSH`` over the whole
+    sparsity phase (so a short phase on a trained network still opens a zero mode; about Liu et
+    al.'s values for their 160-epoch schedule). ``"liu"``: Liu et al.'s values, ``1e-4`` for a
+    plain chain (VGG), ``1e-5`` when channels are coupled (ResNet, DenseNet, MobileNetV2), see
+    :func:`liu_sparsity`.
+
+    MRTS with a budget: ``max_delta`` is the largest ``delta`` still regarded as cutting at the
+    gap between the two modes (a budget that needs more falls back to one global ranking of the
+    polarised factors, reported in ``extra``); ``adaptive=False`` takes the smallest ``delta``
+    that meets the budget (equal-budget comparisons), ``True`` keeps the paper's thresholds at
+    ``delta`` whenever they prune at least as much as asked. Without a budget MRTS cuts at its
+    thresholds for ``delta`` and slimming at the global ``threshold``.
     """
 
-    sparsity_epochs: int = 2
-    sparsity: float | str | None = "auto"
-    tau: float = 1.5
-    scope: str = "layer"
-    delta: float = 1e-3
-    max_delta: float = 0.05
-    adaptive: bool = False
-    clamp: bool = True
-    clamp_max: float | None = None
-    lr: float = 0.01
-    batch_size: int = 128
-    max_steps_per_epoch: int | None = None
-    train_config: Any = None
-    record_factors: bool = False
-
-    @classmethod
-    def from_options(cls, options: Mapping[str, Any]) -> SparsityOptions:
-        """Pick this method's options out of ``options`` (others are ignored) and validate."""
-        known = {f.name for f in fields(cls)}
-        opts = cls(**{k: v for k, v in options.items() if k in known and v is not None})
-        opts.validate()
-        return opts
+    sparsity_epochs: int = option(2, "epochs of sparsity training (S1) before the cut; 0 cuts "
+                                  "on the factors as they are", min=0)
+    sparsity: float | str | None = option("auto", "regulariser strength lambda: a number >= 0, "
+                                          "auto (calibrated to the sparsity phase) or liu "
+                                          "(Liu et al.'s values)", kind="float", min=0,
+                                          words=("auto", "liu"), none=True)
+    tau: float = option(1.5, "MRTS: weight of the L1 part of eq. 4", min=0)
+    scope: str = option("layer", "MRTS: mean of the polarisation term per layer or over the "
+                        "network", choices=("layer", "network"))
+    delta: float = option(1e-3, "MRTS: share of a layer's factor mass its threshold may cut "
+                          "(eq. 11)", min=0, below=1)
+    max_delta: float = option(0.05, "MRTS with a budget: the largest delta still cutting at the "
+                              "gap between the modes", min=0, below=1)
+    adaptive: bool = option(False, "MRTS with a budget: keep the paper's thresholds whenever "
+                            "they prune at least as much as asked")
+    clamp: bool = option(True, "MRTS: keep every factor in [0, clamp_max] after each step")
+    clamp_max: float | None = option(None, "MRTS: the clamp's upper end (None: max(1, largest "
+                                     "|gamma| at the start))", kind="float", above=0)
+    threshold: float | None = option(None, "slimming without a budget: remove the channels "
+                                     "whose |gamma| is below this (at least one per group)",
+                                     kind="float", min=0)
+    lr: float = option(0.01, "learning rate of the sparsity training", min=0)
+    batch_size: int = option(128, "batch of the sparsity training", min=1)
+    max_steps_per_epoch: int | None = option(None, "cap on optimizer steps per epoch (quick runs)",
+                                             kind="int", min=1)
+    train_config: Any = option(None, "base TrainConfig of the sparsity training (its epochs are "
+                               "replaced)")
+    record_factors: bool = option(False, "also put every group's factors after S1 in extra")
 
     def validate(self) -> None:
-        def bad(name: str, want: str) -> ConfigError:
-            return ConfigError(f"{name} must be {want}, got {getattr(self, name)!r}")
-
-        if isinstance(self.sparsity_epochs, bool) or int(self.sparsity_epochs) != self.sparsity_epochs \
-                or self.sparsity_epochs < 0:
-            raise bad("sparsity_epochs", "an integer >= 0")
-        self.sparsity_epochs = int(self.sparsity_epochs)
         if self.sparsity is None:
             self.sparsity = "auto"
-        if isinstance(self.sparsity, str):
-            if self.sparsity not in ("auto", "liu"):
-                raise bad("sparsity", "a number >= 0, 'auto' or 'liu'")
-        elif isinstance(self.sparsity, bool) or not (math.isfinite(self.sparsity) and self.sparsity >= 0):
-            raise bad("sparsity", "a finite number >= 0, 'auto' or 'liu'")
-        if not (math.isfinite(self.tau) and self.tau >= 0):
-            raise bad("tau", "a finite number >= 0")
-        if self.scope not in ("layer", "network"):
-            raise bad("scope", "'layer' or 'network'")
-        if not 0.0 <= self.delta < 1.0:
-            raise bad("delta", "in [0, 1)")
-        if not 0.0 <= self.max_delta < 1.0:
-            raise bad("max_delta", "in [0, 1)")
-        if self.clamp_max is not None and not self.clamp_max > 0:
-            raise bad("clamp_max", "> 0")
-        if not (math.isfinite(self.lr) and self.lr >= 0):
-            raise bad("lr", "a finite number >= 0")
-        if int(self.batch_size) != self.batch_size or self.batch_size < 1:
-            raise bad("batch_size", "an integer >= 1")
-        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
-            raise bad("max_steps_per_epoch", "None or >= 1")
 
 
 # ------------------------------------------------------------------------- scale factors
@@ -498,26 +449,6 @@ def sparsity_train(model: nn.Module, train_set: Any, regulariser: ScaleRegularis
         model.to(device)
 
 
-def train_config(opts: Any, epochs: int, seed: int, explicit: Mapping[str, Any]) -> Any:
-    """The :class:`~prunekit.train.TrainConfig` of a method's own training phase.
-
-    ``opts.train_config`` (when given) is the base; ``lr``, ``batch_size`` and
-    ``max_steps_per_epoch`` of ``opts`` override it when they were passed explicitly
-    (``explicit``) or when there is no base. No evaluation happens inside.
-    """
-    from ..train import TrainConfig
-
-    base = opts.train_config
-    if base is not None and not isinstance(base, TrainConfig):
-        raise ConfigError(f"train_config must be a prunekit.train.TrainConfig, got {type(base).__name__}")
-    cfg = copy.copy(base) if base is not None else TrainConfig()
-    for name in ("lr", "batch_size", "max_steps_per_epoch"):
-        if base is None or name in explicit:
-            setattr(cfg, name, getattr(opts, name))
-    cfg.epochs, cfg.seed, cfg.eval_every = int(epochs), int(seed), 0
-    return cfg
-
-
 # ------------------------------------------------------------------------------ thresholds
 def layer_thresholds(gammas: Sequence[torch.Tensor], delta: float = 1e-3) -> list[float]:
     """MRTS layer-adaptive thresholds (seed 003, eq. 11).
@@ -618,9 +549,9 @@ def separation(values: torch.Tensor | Sequence[float]) -> float:
 # --------------------------------------------------------------------------------- methods
 def _sparsity_phase(ctx: PruneContext, kind: Kind) -> tuple[DependencyInfo, SparsityOptions, dict, float]:
     """S1 and the bookkeeping both methods share; returns (info, options, extra, epochs)."""
-    opts = SparsityOptions.from_options(ctx.options)
+    opts = ctx.parse(SparsityOptions, "slimming" if kind == "l1" else "mrts")
     info = analyse(ctx.model, ctx.example_inputs, ignored_layers=ctx.ignored_layers)
-    cfg = train_config(opts, max(1, opts.sparsity_epochs), ctx.seed, ctx.options)
+    cfg = phase_config(opts, max(1, opts.sparsity_epochs), ctx.seed, ctx.options)
     n_train = len(ctx.train_set) if ctx.train_set is not None else 0
     strength = resolve_sparsity(opts, info, cfg, n_train) if opts.sparsity_epochs > 0 else 0.0
     reg = make_regulariser(info, kind, opts, strength)
@@ -658,29 +589,45 @@ def _finish(ctx: PruneContext, info: DependencyInfo, scores: Scores, widths: Wid
     extra["removed_channel_fraction"] = removed_fraction(scores, widths)
     extra["factor_separation"] = separation(torch.cat([s / s.max().clamp_min(1e-12)
                                                        for s in scores.values()]))
+    factors = {n: [round(float(v), 6) for v in s] for n, s in scores.items()}
     if opts.record_factors:
-        extra["factors"] = {n: [round(float(v), 6) for v in s] for n, s in scores.items()}
+        extra["factors"] = factors
     plan.meta = {"method": method, **{k: v for k, v in extra.items() if k != "factors"}}
     model = apply_plan(ctx.model, ctx.example_inputs, plan)
-    return MethodOutput(model, plan, extra, train_epochs=epochs)
+    figures = {"bn_factors": {"factors": factors, "threshold": extra.get("threshold")}}
+    return MethodOutput(model, plan, extra, train_epochs=epochs, figures=figures)
 
 
+@register_method("slimming", SparsityOptions, own_training=("sparsity_epochs", 0), round_to=False,
+                 chooses_widths=True, needs_data=True,
+                 summary="network slimming: L1 sparsity training of the BN factors, one global "
+                         "threshold (Liu et al., ICCV 2017)")
 def run_slimming(ctx: PruneContext) -> MethodOutput:
     """Network slimming [1]_: L1 sparsity training, one global threshold, cut.
 
     ``ctx.ratio`` removes that fraction of all channels of the BatchNorm groups network-wide
     (one threshold on the raw factors, at least one channel per group); ``ctx.target_macs``
-    bisects that fraction until the model keeps at most the target share of the MACs.
+    bisects that fraction until the model keeps at most the target share of the MACs; with
+    neither, the ``threshold`` option is the threshold.
     """
     info, opts, extra, epochs = _sparsity_phase(ctx, "l1")
     scores = group_factors(info)
-    if ctx.target_macs is not None:
+    if ctx.ratio is None and ctx.target_macs is None:
+        if opts.threshold is None:
+            raise ConfigError("slimming without a budget needs the threshold option (or give "
+                              "ratio / target_macs)")
+        widths = {n: max(1, int((s >= opts.threshold).sum())) for n, s in scores.items()}
+        ratio = removed_fraction(scores, widths)
+    elif ctx.target_macs is not None:
         ratio, widths, _ = solve_budget(info, ctx.target_macs,
                                         lambda r: global_threshold_widths(scores, r), iters=20)
     else:
         ratio = check_fraction("ratio", ctx.ratio)
         widths = global_threshold_widths(scores, ratio)
     cut = [float(v) for n, s in scores.items() for v in torch.sort(s).values[: len(s) - widths[n]]]
+    if ctx.ratio is None and ctx.target_macs is None:
+        extra.update(ratio=ratio, threshold=opts.threshold)
+        return _finish(ctx, info, scores, widths, opts, extra, epochs, "slimming")
     extra.update(ratio=ratio, threshold=max(cut) if cut else None)
     return _finish(ctx, info, scores, widths, opts, extra, epochs, "slimming")
 
@@ -701,10 +648,14 @@ def _smallest(ok: Callable[[float], bool], iters: int = 40) -> float | None:
     return hi
 
 
+@register_method("mrts", SparsityOptions, own_training=("sparsity_epochs", 0), round_to=False,
+                 chooses_widths=True, needs_data=True,
+                 summary="MRTS: polarising sparsity training, layer-adaptive thresholds (eq. 11)")
 def run_mrts(ctx: PruneContext) -> MethodOutput:
     """MRTS [3]_: polarising sparsity training, layer-adaptive thresholds (eq. 11), cut.
 
-    Budget handling (reported in ``extra``):
+    Without a budget the cut is at the thresholds for ``delta`` (the paper's method). Budget
+    handling (reported in ``extra``):
 
     * ``delta_used`` is the smallest ``delta`` whose thresholds meet the budget (``ratio``:
       that fraction of the channels removed network-wide; ``target_macs``: at most that share of
@@ -733,6 +684,11 @@ def run_mrts(ctx: PruneContext) -> MethodOutput:
         return lo + r * (hi - lo)
 
     delta_needed: float | None       # None: no delta reaches the budget (flat layers, ties)
+    if ctx.ratio is None and ctx.target_macs is None:   # the paper: thresholds at delta
+        extra.update(delta_needed=opts.delta, delta_used=opts.delta, budget_met_by_thresholds=True,
+                     fallback=None, thresholds=dict(zip(scores, layer_thresholds(
+                         list(scores.values()), opts.delta), strict=True)))
+        return _finish(ctx, info, scores, natural, opts, extra, epochs, "mrts")
     if ctx.target_macs is not None:
         target = check_fraction("target MACs", ctx.target_macs)
         extra["target_macs"] = target
@@ -871,5 +827,5 @@ __all__ = [
     "liu_sparsity", "resolve_sparsity",
     "layer_thresholds", "make_regulariser", "plot_factor_histograms", "plot_layer_widths",
     "polarization", "removed_fraction", "run_mrts", "run_slimming", "separation", "sparsity_train",
-    "threshold_widths", "train_config",
+    "threshold_widths",
 ]

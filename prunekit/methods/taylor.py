@@ -33,9 +33,8 @@ References
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch.nn as nn
@@ -43,61 +42,44 @@ import torch.nn as nn
 from ..criteria import score
 from ..engine import DependencyInfo, PruningPlan, analyse, apply_plan
 from ..engine.budget import check_fraction, count_macs_params, solve_budget
-from ..errors import ConfigError, DataError, ModelError
+from ..engine.ranking import global_widths, keep_top
+from ..errors import DataError, ModelError
+from ..train.config import phase_config
 from ..utils import module_device
 from . import MethodOutput, PruneContext
-from .oneshot import global_widths, keep_top
-from .slimming import train_config
+from .options import MethodOptions, option
+from .registry import register_method
 
 
 @dataclass
-class TaylorOptions:
+class TaylorOptions(MethodOptions):
     """Options of iterative Taylor-FO pruning (``prunekit.prune(..., method="taylor", ...)``).
+    ``lr``, ``batch_size``, ``max_steps_per_epoch`` and ``train_config`` set the fine-tuning
+    between iterations, as for :class:`prunekit.methods.slimming.SparsityOptions`."""
 
-    Parameters
-    ----------
-    steps : int
-        Pruning iterations (T1-T4 each).
-    calib_images : int
-        Training images scored per iteration (T1).
-    calib_batch_size : int
-        Batch size of the scoring passes.
-    finetune_epochs_per_step : int
-        Epochs of fine-tuning after each iteration but the last (T4); 0 disables it.
-    finetune_last : bool
-        Also fine-tune after the last iteration (by default that is left to
-        :func:`prunekit.prune`'s ``finetune_epochs``).
-    lr, batch_size, max_steps_per_epoch, train_config
-        Fine-tuning settings, as for :class:`prunekit.methods.slimming.SparsityOptions`.
-    """
+    steps: int = option(5, "pruning iterations (T1-T4 each)", min=1)
+    calib_images: int = option(512, "training images scored per iteration (T1)", min=1)
+    calib_batch_size: int = option(64, "batch size of the scoring passes", min=1)
+    finetune_epochs_per_step: int = option(1, "fine-tuning epochs after each iteration but the "
+                                           "last (T4); 0 disables it", min=0)
+    finetune_last: bool = option(False, "also fine-tune after the last iteration")
+    lr: float = option(0.01, "learning rate of the fine-tuning between iterations", min=0)
+    batch_size: int = option(128, "batch of the fine-tuning between iterations", min=1)
+    max_steps_per_epoch: int | None = option(None, "cap on optimizer steps per epoch (quick runs)",
+                                             kind="int", min=1)
+    train_config: Any = option(None, "base TrainConfig of the fine-tuning between iterations")
 
-    steps: int = 5
-    calib_images: int = 512
-    calib_batch_size: int = 64
-    finetune_epochs_per_step: int = 1
-    finetune_last: bool = False
-    lr: float = 0.01
-    batch_size: int = 128
-    max_steps_per_epoch: int | None = None
-    train_config: Any = None
 
-    @classmethod
-    def from_options(cls, options: Mapping[str, Any]) -> TaylorOptions:
-        """Pick this method's options out of ``options`` (others are ignored) and validate."""
-        known = {f.name for f in fields(cls)}
-        opts = cls(**{k: v for k, v in options.items() if k in known and v is not None})
-        for name in ("steps", "calib_images", "calib_batch_size", "batch_size"):
-            value = getattr(opts, name)
-            if isinstance(value, bool) or int(value) != value or value < 1:
-                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
-        value = opts.finetune_epochs_per_step
-        if isinstance(value, bool) or int(value) != value or value < 0:
-            raise ConfigError(f"finetune_epochs_per_step must be an integer >= 0, got {value!r}")
-        if not (math.isfinite(opts.lr) and opts.lr >= 0):
-            raise ConfigError(f"lr must be a finite number >= 0, got {opts.lr!r}")
-        if opts.max_steps_per_epoch is not None and opts.max_steps_per_epoch < 1:
-            raise ConfigError(f"max_steps_per_epoch must be None or >= 1, got {opts.max_steps_per_epoch!r}")
-        return opts
+def fit_taylor_budget(budget: int, given: Mapping[str, Any]) -> dict[str, Any]:
+    """Options that fit the fine-tuning between iterations into ``budget`` epochs: the
+    ``steps - 1`` fine-tunings get ``min(default, budget // (steps - 1))`` epochs each."""
+    if "finetune_epochs_per_step" in given:
+        return {}
+    steps = int(given.get("steps", TaylorOptions.steps))
+    if steps <= 1:
+        return {}
+    per = min(TaylorOptions.finetune_epochs_per_step, int(budget) // (steps - 1))
+    return {"finetune_epochs_per_step": per}
 
 
 def channel_schedule(to_remove: int, steps: int) -> list[int]:
@@ -129,6 +111,10 @@ def _total_channels(info: DependencyInfo) -> int:
     return sum(g.size for g in info.groups)
 
 
+@register_method("taylor", TaylorOptions, fit_budget=fit_taylor_budget, round_to=False,
+                 needs_data=True,
+                 summary="iterative Taylor-FO pruning with fine-tuning between steps "
+                         "(Molchanov et al., ICLR 2017)")
 def run(ctx: PruneContext) -> MethodOutput:
     """Iterative Taylor-FO pruning of ``ctx.model`` (T1-T4, ``steps`` times).
 
@@ -145,7 +131,7 @@ def run(ctx: PruneContext) -> MethodOutput:
         inside; ``extra["history"]``: per iteration, channels removed, channels and MACs
         fraction after it.
     """
-    opts = TaylorOptions.from_options(ctx.options)
+    opts = ctx.parse(TaylorOptions, "taylor")
     if ctx.train_set is None or len(ctx.train_set) == 0:
         raise DataError("iterative Taylor pruning needs calibration / training data (data=...)")
     if ctx.target_macs is None:
@@ -192,7 +178,7 @@ def run(ctx: PruneContext) -> MethodOutput:
         if opts.finetune_epochs_per_step > 0 and (k < opts.steps or opts.finetune_last):
             from ..train import fit
 
-            cfg = train_config(opts, opts.finetune_epochs_per_step, ctx.seed + k, ctx.options)
+            cfg = phase_config(opts, opts.finetune_epochs_per_step, ctx.seed + k, ctx.options)
             try:
                 result = fit(model, ctx.train_set, cfg)
             finally:

@@ -31,6 +31,8 @@ import torch
 
 from ..errors import ConfigError
 from . import MethodOutput, PruneContext
+from .reconstruct import ReconstructOptions
+from .registry import register_method
 
 __all__ = ["run", "scale", "select_channels"]
 
@@ -164,13 +166,15 @@ def _reconstruct(samples, keep: list[int]):
     return scaled_weights(samples, keep, scale)
 
 
+@register_method("thinet", ReconstructOptions, needs_data=True,
+                 summary="ThiNet: greedy selection by the next layer's reconstruction error, "
+                         "then least-squares scaling (Luo et al., ICCV 2017)")
 def run(ctx: PruneContext) -> MethodOutput:
     """Prune ``ctx.model`` with ThiNet, layer by layer (see
-    :func:`prunekit.methods.reconstruct.prune_network`).
-
-    Options (``ctx.options``): ``calib_images``, ``samples_per_image``, ``batch_size``,
-    ``prune_trunk``, ``stack_consumers``, ``finetune_epochs_between``, ``finetune_lr``.
+    :func:`prunekit.methods.reconstruct.prune_network`); options:
+    :class:`~prunekit.methods.reconstruct.ReconstructOptions`.
     """
     from .reconstruct import prune_network
 
-    return prune_network(ctx, "thinet", select_channels, _reconstruct)
+    return prune_network(ctx, "thinet", select_channels, _reconstruct,
+                         ctx.parse(ReconstructOptions, "thinet"))

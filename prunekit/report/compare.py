@@ -14,7 +14,6 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
-import importlib
 import json
 import math
 import os
@@ -31,22 +30,14 @@ import torch
 from torch import nn
 
 from .. import methods as _methods
-from ..api import check_budget, prune
-from ..errors import ConfigError, DataError, PrunekitError
+from ..api import check_budget, finetune, prune, split_data
+from ..errors import ConfigError, PrunekitError
 from ..utils import atomic_path
 
 __all__ = ["SCHEMA", "check_methods", "compare", "fit_budget", "finetune_epochs_left", "slug", "machine_info"]
 
 #: Version of the ``results.json`` / ``methods/<slug>.json`` layout.
 SCHEMA = 1
-
-#: Methods whose own training length is set by one option: (option, smallest accepted value).
-_OWN_TRAINING = {
-    "csgd": ("centripetal_epochs", 0),
-    "slimming": ("sparsity_epochs", 0),
-    "mrts": ("sparsity_epochs", 0),
-    "autopruner": ("epochs", 1),
-}
 
 Notify = Callable[[str], None]
 
@@ -160,38 +151,15 @@ class _Notes:
 # the training budget
 # ---------------------------------------------------------------------------------------------
 
-def _method_defaults(method: str) -> dict[str, Any]:
-    """Default values of the options that set a method's own training length."""
-    try:
-        if method == "csgd":
-            mod = importlib.import_module("prunekit.methods.csgd")
-            return {"centripetal_epochs": mod.DEFAULTS["centripetal_epochs"]}
-        if method in ("slimming", "mrts"):
-            mod = importlib.import_module("prunekit.methods.slimming")
-            return {"sparsity_epochs": mod.SparsityOptions.sparsity_epochs}
-        if method == "autopruner":
-            mod = importlib.import_module("prunekit.methods.autopruner")
-            return {"epochs": mod.AutoPrunerOptions.epochs}
-        if method == "taylor":
-            mod = importlib.import_module("prunekit.methods.taylor")
-            return {"steps": mod.TaylorOptions.steps,
-                    "finetune_epochs_per_step": mod.TaylorOptions.finetune_epochs_per_step}
-    except (ImportError, AttributeError, KeyError):
-        pass
-    return {}
-
-
 def fit_budget(method: str, budget: int, options: Mapping[str, Any]) -> dict[str, Any]:
     """Options that fit ``method``'s own training into a budget of ``budget`` epochs.
 
     Only options the caller did not set are returned (the caller's values always win; a
     method that then trains more than the budget is reported as over budget):
 
-    * ``csgd`` (``centripetal_epochs``), ``slimming`` / ``mrts`` (``sparsity_epochs``),
-      ``autopruner`` (``epochs``, at least 1): ``min(method default, budget)``;
-    * ``taylor``: ``finetune_epochs_per_step = min(default, budget // (steps - 1))`` (the
-      ``steps - 1`` fine-tunings between its iterations are its own training);
-    * other methods train nothing themselves: nothing to fit.
+    each method's registration says which option is its own training
+    (:meth:`prunekit.methods.MethodSpec.budget_options`): e.g. csgd's ``centripetal_epochs``
+    becomes ``min(default, budget)``; a method that trains nothing itself has nothing to fit.
 
     Parameters
     ----------
@@ -207,19 +175,7 @@ def fit_budget(method: str, budget: int, options: Mapping[str, Any]) -> dict[str
     dict
         Option name -> fitted value.
     """
-    defaults = _method_defaults(method)
-    if method in _OWN_TRAINING:
-        name, lowest = _OWN_TRAINING[method]
-        if name in options or name not in defaults:
-            return {}
-        return {name: max(lowest, min(int(defaults[name]), int(budget)))}
-    if method == "taylor" and "finetune_epochs_per_step" not in options and defaults:
-        steps = int(options.get("steps", defaults["steps"]))
-        if steps <= 1:
-            return {}
-        per = min(int(defaults["finetune_epochs_per_step"]), int(budget) // (steps - 1))
-        return {"finetune_epochs_per_step": per}
-    return {}
+    return _methods.spec(method).budget_options(int(budget), options)
 
 
 def finetune_epochs_left(budget: int, own_epochs: float) -> tuple[int, bool]:
@@ -278,36 +234,6 @@ def _onnx(pruned: nn.Module, x: torch.Tensor, path: Path, original_onnx: Path | 
     return out
 
 
-def _csgd_tree(original: nn.Module, x: torch.Tensor, train_set: Any, extra: Mapping[str, Any],
-               options: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The S2 merge tree of one csgd layer (recomputed from the survey of the original model,
-    which is what the method clustered), for the dendrogram. ``None`` when unavailable."""
-    counts = extra.get("method_clusters_per_group")
-    if not isinstance(counts, Mapping) or not counts or train_set is None:
-        return None
-    try:
-        csgd = importlib.import_module("prunekit.methods.csgd")
-    except ImportError:
-        return None
-    from ..engine import analyse
-
-    model = copy.deepcopy(original).eval()
-    info = analyse(model, x)
-    sizes = {g.name: g.size for g in info.groups if g.name in counts}
-    if not sizes:
-        return None
-    small = [n for n, s in sizes.items() if 8 <= s <= 64]
-    layer = max(small, key=lambda n: sizes[n]) if small else min(sizes, key=lambda n: sizes[n])
-    samples = int(options.get("survey_samples", csgd.DEFAULTS["survey_samples"]))
-    batch = int(options.get("batch_size", csgd.DEFAULTS["batch_size"]))
-    vectors = csgd.survey(model, train_set, [layer], samples=samples, batch_size=batch, info=info)
-    v = vectors[layer]
-    linkage = csgd.merge_tree(v)
-    return {"layer": layer, "channels": int(v.shape[0]), "clusters": int(counts[layer]),
-            "survey_samples": int(v.shape[1]), "linkage": linkage.tolist(),
-            "clustering": str(options.get("clustering", csgd.DEFAULTS["clustering"]))}
-
-
 # ---------------------------------------------------------------------------------------------
 # one method
 # ---------------------------------------------------------------------------------------------
@@ -344,22 +270,6 @@ def _evaluate(model: nn.Module, test_set: Any) -> float | None:
     return evaluate(model, test_set)
 
 
-def _finetune(run: _Run, pruned: nn.Module, epochs: int) -> float:
-    """Fine-tune ``pruned`` in place for ``epochs`` epochs (distilling from the original when
-    asked); returns the seconds spent."""
-    from ..train import Hooks, TrainConfig, fit
-
-    if run.train_set is None:
-        raise DataError("fine-tuning needs training data")
-    cfg = copy.copy(run.train_config) if run.train_config is not None else TrainConfig(lr=0.01)
-    cfg.epochs = epochs
-    cfg.seed = run.seed
-    hooks = Hooks(teacher=copy.deepcopy(run.original)) if run.distill else None
-    t = time.perf_counter()
-    fit(pruned, run.train_set, cfg, test_set=None, hooks=hooks)
-    return time.perf_counter() - t
-
-
 def _run_method(run: _Run, method: str, options: dict[str, Any], fitted: dict[str, Any],
                 settings: dict[str, Any]) -> dict[str, Any]:
     """Prune, fine-tune within the budget, measure and save one method; its result entry."""
@@ -387,7 +297,9 @@ def _run_method(run: _Run, method: str, options: dict[str, Any], fitted: dict[st
         acc_final = acc_pruned
         if ft > 0:
             run.note(f"  {method}: fine-tuning {ft} epoch(s)")
-            times["finetune_s"] = _finetune(run, pruned, ft)
+            times["finetune_s"] = finetune(pruned, run.train_set, ft, train_config=run.train_config,
+                                           seed=run.seed, teacher=copy.deepcopy(run.original)
+                                           if run.distill else None)
             pruned = pruned.cpu().eval()
             acc_final = _evaluate(pruned, run.test_set)
     warn_msgs = list(dict.fromkeys(  # the methods' own warnings, not the libraries' noise
@@ -397,18 +309,8 @@ def _run_method(run: _Run, method: str, options: dict[str, Any], fitted: dict[st
         run.note(f"  warning: {msg}" if msg.startswith(f"{method}:") else f"  {method}: warning: {msg}")
 
     extra = {k[len("method_"):]: v for k, v in rep.items() if k.startswith("method_")}
-    figures: dict[str, Any] = {}
-    factors = extra.pop("factors", None)
-    if isinstance(factors, Mapping) and factors:
-        figures["bn_factors"] = {"factors": factors, "threshold": extra.get("threshold")}
-    if method == "csgd":
-        try:
-            tree = _csgd_tree(run.original, run.x, run.train_set, rep, options)
-        except (PrunekitError, ValueError, RuntimeError) as e:
-            run.note(f"  {method}: no dendrogram ({e})")
-            tree = None
-        if tree is not None:
-            figures["dendrogram"] = tree
+    extra.pop("factors", None)  # the figure data below carries them
+    figures = jsonable(res.figures)
 
     run.note(f"  {method}: measuring latency")
     t = time.perf_counter()
@@ -525,14 +427,6 @@ def _check_options(method_options: Mapping[str, Any] | None, names: list[str]) -
     return {k: dict(v) for k, v in opts.items() if k == "*" or k in names}  # others: not compared
 
 
-def _split(data: Any) -> tuple[Any, Any]:
-    if data is None:
-        return None, None
-    if isinstance(data, (tuple, list)) and len(data) == 2:
-        return data[0], data[1]
-    raise ConfigError("data must be a (train, test) pair of datasets (either may be None)")
-
-
 def compare(model: nn.Module, example_inputs: torch.Tensor | None, methods: Sequence[str], *,
             target_macs: float | None = None, ratio: float | None = None, data: Any = None,
             finetune_epochs: int = 0, out_dir: str | os.PathLike, distill: bool = False,
@@ -616,7 +510,7 @@ def compare(model: nn.Module, example_inputs: torch.Tensor | None, methods: Sequ
     sizes = [int(b) for b in batch_sizes]
     if not sizes or any(b < 1 for b in sizes):
         raise ConfigError(f"batch_sizes must be positive integers, got {list(batch_sizes)!r}")
-    train_set, test_set = _split(data)
+    train_set, test_set = split_data(data, pair_only=True)
     if budget > 0 and train_set is None:
         raise ConfigError("a training budget (finetune_epochs > 0) needs training data")
     out = Path(out_dir)
@@ -673,8 +567,6 @@ def compare(model: nn.Module, example_inputs: torch.Tensor | None, methods: Sequ
     for i, method in enumerate(names, 1):
         given = {**options.get("*", {}), **options.get(method, {})}
         fitted = fit_budget(method, budget, given)
-        if method in ("slimming", "mrts") and "record_factors" not in given:
-            fitted["record_factors"] = True  # for the report's BN-factor histograms
         opts = {**given, **fitted}
         settings = _roundtrip({**common, "method": method, "options": opts})
         path = out / "methods" / f"{slug(method)}.json"

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["accuracy_vs_macs", "bn_factor_histograms", "csgd_dendrogram", "layer_widths",
+__all__ = ["accuracy_vs_macs", "bn_factor_histograms", "merge_dendrogram", "layer_widths",
            "method_colors", "figures"]
 
 _PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
@@ -155,8 +155,9 @@ def layer_widths(results: Mapping[str, Any]) -> bytes | None:
     return _png(fig)
 
 
-def csgd_dendrogram(tree: Mapping[str, Any], method: str = "csgd") -> bytes | None:
-    """The C-SGD merge tree of one layer (``figures["dendrogram"]`` of a csgd entry).
+def merge_dendrogram(tree: Mapping[str, Any], method: str) -> bytes | None:
+    """The merge tree of one clustered layer (``figures["dendrogram"]`` of an entry whose
+    method clusters filters, e.g. centripetal SGD).
 
     Links merged into the kept clusters (the first ``channels - clusters`` merges of the
     agglomerative clustering, which is exactly what the method merges) are red, the rest grey.
@@ -228,7 +229,7 @@ def figures(results: Mapping[str, Any]) -> list[tuple[str, str, bytes]]:
     for e in _ok(results):
         tree = (e.get("figures") or {}).get("dendrogram")
         if tree:
-            png = csgd_dendrogram(tree, e["method"])
+            png = merge_dendrogram(tree, e["method"])
             if png is not None:
                 out.append((f"dendrogram_{e['slug']}.png",
                             f"{e['method']}: survey-similarity dendrogram of {tree.get('layer')}", png))

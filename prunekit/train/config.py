@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -178,3 +179,21 @@ class TrainResult:
     epochs_run: int = 0
     stopped_early: bool = False
     seconds_per_epoch: float = 0.0
+
+
+def phase_config(opts: Any, epochs: int, seed: int, explicit: Mapping[str, Any]) -> Any:
+    """The :class:`~prunekit.train.TrainConfig` of a method's own training phase.
+
+    ``opts.train_config`` (when given) is the base; ``lr``, ``batch_size`` and
+    ``max_steps_per_epoch`` of ``opts`` override it when they were passed explicitly
+    (``explicit``) or when there is no base. No evaluation happens inside.
+    """
+    base = opts.train_config
+    if base is not None and not isinstance(base, TrainConfig):
+        raise ConfigError(f"train_config must be a prunekit.train.TrainConfig, got {type(base).__name__}")
+    cfg = copy.copy(base) if base is not None else TrainConfig()
+    for name in ("lr", "batch_size", "max_steps_per_epoch"):
+        if base is None or name in explicit:
+            setattr(cfg, name, getattr(opts, name))
+    cfg.epochs, cfg.seed, cfg.eval_every = int(epochs), int(seed), 0
+    return cfg
