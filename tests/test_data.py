@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import FASHION_MNIST_DIR, top1
 
 from prunekit.data import DATASETS, ImageDataset, load, random_crop_flip
 from prunekit.data.fashion_mnist import DEFAULT_ROOT, read_idx
 from prunekit.data.safe_pickle import load_pickle
 from prunekit.errors import ConfigError, DataError
+from prunekit.models import create
 
 FMNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -95,13 +97,13 @@ def no_data_env(monkeypatch, tmp_path):
 # --------------------------------------------------------------------------- real Fashion-MNIST
 
 @pytest.fixture(scope="module")
-def fmnist() -> tuple[ImageDataset, ImageDataset]:
-    if not DEFAULT_ROOT.is_dir():
-        pytest.skip(f"{DEFAULT_ROOT} missing (apt-get install dataset-fashion-mnist)")
-    return load("fashion-mnist", root=DEFAULT_ROOT)
+def fmnist(fashion_mnist_root) -> tuple[ImageDataset, ImageDataset]:
+    """The real files (the fixture fails, never skips, when they are missing)."""
+    return load("fashion-mnist", root=fashion_mnist_root)
 
 
 def test_real_fashion_mnist(fmnist):
+    assert DEFAULT_ROOT == FASHION_MNIST_DIR  # the place `make data` installs to
     train, test = fmnist
     assert train.images.shape == (60000, 1, 28, 28) and test.images.shape == (10000, 1, 28, 28)
     assert train.images.dtype == torch.uint8 and test.images.dtype == torch.uint8
@@ -119,15 +121,31 @@ def test_real_fashion_mnist_normalisation(fmnist):
     assert x.dtype == torch.float32 and x.shape == (20000, 1, 28, 28) and y.shape == (20000,)
     assert abs(float(x.mean())) < 0.02
     assert abs(float(x.std()) - 1.0) < 0.03
-    out = random_crop_flip(x[:64], padding=4, generator=torch.Generator().manual_seed(0))
-    assert out.shape == (64, 1, 28, 28)
+    # the raw pixels, normalised by hand with the dataset's constants
+    raw = train.images[:1000].double() / 255
+    assert torch.allclose(x[:1000].double(), (raw - train.mean[0]) / train.std[0], atol=1e-5)
 
 
-def test_real_fashion_mnist_train_samples():
-    if not DEFAULT_ROOT.is_dir():
-        pytest.skip(f"{DEFAULT_ROOT} missing (apt-get install dataset-fashion-mnist)")
-    train, test = load("fashion-mnist", root=DEFAULT_ROOT, train_samples=5000)
+def test_real_fashion_mnist_train_samples(fmnist, fashion_mnist_root):
+    full, _ = fmnist
+    train, test = load("fashion-mnist", root=fashion_mnist_root, train_samples=5000)
     assert len(train) == 5000 and len(test) == 10000
+    assert torch.equal(train.images, full.images[:5000])    # the first 5000, as documented
+    assert torch.equal(train.targets, full.targets[:5000])
+
+
+# --------------------------------------------------------------------------- synthetic data
+
+def test_synthetic_gratings_are_learnable(trained_resnet8, grating_data):
+    """The stand-in for real images in the quality tests is a task a small CNN really learns:
+    >= 90 % on held-out images (chance is 10 %), so those tests are not vacuous."""
+    train, test = grating_data
+    assert train.targets.bincount().tolist() == [len(train) // 10 + (k < len(train) % 10)
+                                                 for k in range(10)]
+    assert not torch.equal(train.images[:100], test.images[:100])
+    assert top1(trained_resnet8, test) >= 90.0
+    untrained = create("resnet8", num_classes=10, in_channels=1).eval()
+    assert top1(untrained, test) < 40.0
 
 
 # --------------------------------------------------------------------------- Fashion-MNIST format
@@ -377,7 +395,45 @@ def test_bad_names_and_options(tmp_path):
     assert DATASETS == ["fashion-mnist", "cifar10", "cifar100", "folder:PATH"]
 
 
-def test_random_crop_flip_keeps_shape():
-    x = torch.randn(5, 3, 32, 32)
-    out = random_crop_flip(x, generator=torch.Generator().manual_seed(1))
+def _shift_of(src: torch.Tensor, out: torch.Tensor, padding: int) -> set[tuple[int, int, bool]]:
+    """Every (dy, dx, flipped) with ``out == crop(pad(src), dy, dx)``, flipped or not."""
+    h, w = src.shape[-2:]
+    padded = torch.nn.functional.pad(src, (padding,) * 4)
+    found = set()
+    for dy in range(2 * padding + 1):
+        for dx in range(2 * padding + 1):
+            crop = padded[:, dy:dy + h, dx:dx + w]
+            for flipped in (False, True):
+                if torch.equal(out, crop.flip(-1) if flipped else crop):
+                    found.add((dy, dx, flipped))
+    return found
+
+
+def test_random_crop_flip_is_a_padded_shift_possibly_flipped():
+    """Each output image is its own input, zero-padded by ``padding``, cropped back to size at
+    one offset and possibly mirrored left-right; offsets and flips vary across the batch."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 3, 12, 10, generator=g) + 3.0   # no zeros inside: padding is visible
+    out = random_crop_flip(x, padding=3, generator=torch.Generator().manual_seed(1))
     assert out.shape == x.shape and out.dtype == x.dtype
+    assert out.stride() == x.contiguous().stride()      # plain NCHW
+    seen = []
+    for src, dst in zip(x, out, strict=True):
+        found = _shift_of(src, dst, 3)
+        assert len(found) == 1, found                    # exactly one shift (and flip) explains it
+        seen.append(found.pop())
+    assert len({(dy, dx) for dy, dx, _ in seen}) > 20    # many of the 49 offsets
+    assert {dy for dy, _, _ in seen} == set(range(7)) and {dx for _, dx, _ in seen} == set(range(7))
+    assert 16 < sum(f for _, _, f in seen) < 48          # about half flipped
+    # seeded: the same generator state gives the same batch
+    assert torch.equal(out, random_crop_flip(x, padding=3, generator=torch.Generator().manual_seed(1)))
+    # no padding, no flip: unchanged; flip only: each image either unchanged or mirrored
+    assert torch.equal(random_crop_flip(x, padding=0, flip=False), x)
+    only_flip = random_crop_flip(x, padding=0, generator=torch.Generator().manual_seed(2))
+    flipped = [not torch.equal(a, b) for a, b in zip(only_flip, x, strict=True)]
+    assert all(torch.equal(a, b.flip(-1)) for a, b, f in zip(only_flip, x, flipped, strict=True) if f)
+    assert 16 < sum(flipped) < 48
+    # padding only: shifted, never mirrored
+    shifted = random_crop_flip(x, padding=2, flip=False, generator=torch.Generator().manual_seed(3))
+    found = [_shift_of(a, b, 2) for a, b in zip(x, shifted, strict=True)]
+    assert all(len(f) == 1 and not next(iter(f))[2] for f in found)
