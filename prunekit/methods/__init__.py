@@ -36,8 +36,8 @@ DEMO_METHODS = ("l1", "tp:l1", "csgd", "thinet")
 #: ``prunekit.prune``'s method when none is named: data-free and fast
 DEFAULT_METHOD = "l1"
 
-__all__ = ["DEFAULT_METHOD", "DEMO_METHODS", "MethodOptions", "MethodOutput", "MethodSpec", "PruneContext", "available", "get",
-           "check_round_to_supported", "option", "register", "register_method", "spec", "specs"]
+__all__ = ["DEFAULT_METHOD", "DEMO_METHODS", "MethodOptions", "MethodOutput", "MethodSpec",
+           "PruneContext", "available", "get", "check_round_to_supported", "option", "register", "register_method", "spec", "specs"]
 
 
 @dataclass

@@ -133,11 +133,13 @@ def _constraint(meta: Mapping[str, Any]) -> str:
     return text + (" or None" if meta["none"] else "")
 
 
-def check_value(name: str, value: Any, meta: Mapping[str, Any], method: str) -> Any:
-    """``value`` checked against an option's kind and bounds (numbers normalised)."""
+def check_value(name: str, value: Any, meta: Mapping[str, Any], method: str,
+                label: str | None = None) -> Any:
+    """``value`` checked against an option's kind and bounds (numbers normalised); ``label``
+    names the option in the message (default ``option NAME of method 'M'``)."""
     def bad() -> ConfigError:
-        return ConfigError(f"option {name} of method {method!r} must be {_constraint(meta)}, "
-                           f"got {value!r}")
+        return ConfigError(f"{label or f'option {name} of method {method!r}'} must be "
+                           f"{_constraint(meta)}, got {value!r}")
 
     kind = meta["kind"]
     if value is None:
@@ -170,8 +172,10 @@ def check_value(name: str, value: Any, meta: Mapping[str, Any], method: str) -> 
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
-def parse_text(name: str, text: str, meta: Mapping[str, Any], method: str) -> Any:
-    """The value of an option given as text on the command line."""
+def parse_text(name: str, text: str, meta: Mapping[str, Any], method: str,
+               label: str | None = None) -> Any:
+    """The value of an option given as text on the command line, checked (:func:`check_value`)."""
+    label = label or f"option {name} of method {method!r}"
     kind = meta["kind"]
     if meta["none"] and text.lower() == "none":
         return None
@@ -182,14 +186,16 @@ def parse_text(name: str, text: str, meta: Mapping[str, Any], method: str) -> An
         if text in meta["words"]:
             return text
         try:
-            return float(text) if kind == "float" or not text.lstrip("+-").isdigit() else int(text)
+            value = float(text) if kind == "float" or not text.lstrip("+-").isdigit() else int(text)
         except ValueError:
             pass
+        else:
+            return check_value(name, value, meta, method, label)
     elif kind == "str":
-        return text
+        return check_value(name, text, meta, method, label)
     else:
-        raise ConfigError(f"option {name} of method {method!r} cannot be given on the command line")
-    raise ConfigError(f"option {name} of method {method!r} must be {_constraint(meta)}, got {text!r}")
+        return text  # checked by the options' validate()
+    raise ConfigError(f"{label} must be {_constraint(meta)}, got {text!r}")
 
 
 @dataclass
@@ -304,7 +310,8 @@ class MethodOptions:
                 name = cls._keys().get(key.replace("-", "_"))
                 if name is None:
                     raise unknown_option(key, method, cls._keys(), also_valid)
-                out[name] = parse_text(name, val, metas[name], method)
+                out[name] = parse_text(name, val, metas[name], method,
+                                       f"--opt {key} (option {name} of method {method!r})")
                 continue
             negated = flag.startswith("--no-") and flag not in flags and "--" + flag[5:] in flags
             name = flags.get("--" + flag[5:] if negated else flag)
@@ -326,6 +333,7 @@ class MethodOptions:
                 i += 2
             else:
                 i += 1
-            out[name] = parse_text(name, text, meta, method)
+            out[name] = parse_text(name, text, meta, method,
+                                   f"{flag} (option {name} of method {method!r})")
         return out
 
