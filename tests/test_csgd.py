@@ -4,15 +4,14 @@ centripetal training, exact merge, and the method end to end."""
 from __future__ import annotations
 
 import copy
-import time
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from conftest import top1
 
 import prunekit
-import prunekit.data
 from prunekit.engine import analyse, make_identical
 from prunekit.errors import ConfigError, DataError
 from prunekit.methods import csgd
@@ -148,10 +147,10 @@ def test_bad_cluster_counts_and_methods_raise():
 
 
 def test_agglomerative_scales_to_2048_channels():
+    """2048 channels into 1280 clusters finishes (its speed is measured in bench/, not here) and
+    yields a partition."""
     v = torch.randn(2048, 256)
-    t = time.perf_counter()
     clusters = csgd.cluster(v, 1280)
-    assert time.perf_counter() - t < 20
     assert _is_partition(clusters, 2048, 1280)
 
 
@@ -384,18 +383,18 @@ def test_merge_validates_its_clusters():
 
 
 # ------------------------------------------------------------------------------ the method
-@pytest.fixture(scope="module")
-def fmnist():
-    try:
-        train, test = prunekit.data.load("fashion-mnist", train_samples=512)
-    except DataError as exc:
-        pytest.skip(f"Fashion-MNIST not available: {exc}")
-    return train, test.subset(1000)
+@pytest.fixture
+def data(grating_data):
+    """Learnable synthetic images (the method needs no real ones): 512 to train, 500 to test."""
+    return grating_data
 
 
-def test_end_to_end_merge_keeps_accuracy(fmnist):
-    train, test = fmnist
-    model = _model("resnet8", in_channels=1)
+def test_end_to_end_merge_keeps_accuracy(trained_resnet8, data):
+    """On a trained network: S3 makes each cluster's members identical and the merge then
+    removes them without changing a single test prediction; accuracies in the report are the
+    ones the returned model (and the S3-trained network) really have."""
+    train, test = data
+    model = trained_resnet8
     state = copy.deepcopy(model.state_dict())
     x = train.example_input(2)
     res = prunekit.prune(model, x, method="csgd", ratio=0.375, data=(train, test),
@@ -403,27 +402,30 @@ def test_end_to_end_merge_keeps_accuracy(fmnist):
                          survey_samples=256, recalibrate_samples=512)
     r = res.report
     assert r["method_converged"] and r["method_max_intra_distance"] < 1e-5
-    assert abs(r["method_acc_after_merge"] - r["method_acc_before_merge"]) <= 0.05
-    assert r["acc_pruned"] == r["method_acc_after_merge"]
+    assert r["acc_before"] == top1(model, test) >= 90.0
+    assert r["method_acc_before_merge"] >= 50.0          # far above chance (10 %): not vacuous
+    assert r["method_acc_after_merge"] == r["method_acc_before_merge"]
+    assert r["acc_pruned"] == r["method_acc_after_merge"] == top1(res.model, test)
     assert r["method_train_epochs"] == 1
     assert r["macs_fraction"] < 0.5 and r["method_survey_bytes"] > 0
-    assert r["method_clustering_seconds"] >= 0
     info = analyse(model, x)
     for g in info.groups:
         assert sum(r["method_cluster_sizes"][g.name]) == g.size
         assert len(r["method_cluster_sizes"][g.name]) == g.size - round(0.375 * g.size)
-    assert res.plan is not None and all(gp.merge for gp in res.plan)
+    assert all(gp.merge for gp in res.plan)
+    widths = {g.name: len(r["method_cluster_sizes"][g.name]) for g in info.groups}
+    assert {gp.group: len(gp.keep) for gp in res.plan} == widths
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     assert res.model(x).shape == (2, 10)
 
 
-def test_centripetal_distill_trains_s3_against_the_original(fmnist, monkeypatch):
+def test_centripetal_distill_trains_s3_against_the_original(trained_resnet8, data, monkeypatch):
     """``centripetal_distill`` routes S3's loss through distillation from the unpruned model
     (called on every step, with the original's logits) and the merge stays exact."""
     import prunekit.train.loop as loop
 
-    train, test = fmnist
-    model = _model("resnet8", in_channels=1).eval()
+    train, test = data
+    model = trained_resnet8
     x = train.example_input(2)
     seen: list[tuple[int, ...]] = []
     real = loop.distillation_loss
@@ -446,8 +448,8 @@ def test_centripetal_distill_trains_s3_against_the_original(fmnist, monkeypatch)
     assert not torch.equal(res.model(x), plain.model(x))
 
 
-def test_target_macs_and_warning_when_not_converged(fmnist):
-    train, _ = fmnist
+def test_target_macs_and_warning_when_not_converged(data):
+    train, _ = data
     model = _model("resnet8", in_channels=1)
     x = train.example_input(1)
     with pytest.warns(RuntimeWarning, match="did not converge"):
@@ -457,8 +459,8 @@ def test_target_macs_and_warning_when_not_converged(fmnist):
     assert res.report["method_converged"] is False and res.report["method_train_epochs"] == 0
 
 
-def test_method_options_are_validated(fmnist):
-    train, _ = fmnist
+def test_method_options_are_validated(data):
+    train, _ = data
     model = _model("resnet8", in_channels=1)
     x = train.example_input(1)
     for bad in ({"clustering": "spectral"}, {"epsilon": -1.0}, {"centripetal_epochs": 1.5},

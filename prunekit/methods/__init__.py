@@ -37,7 +37,8 @@ DEMO_METHODS = ("l1", "tp:l1", "csgd", "thinet")
 DEFAULT_METHOD = "l1"
 
 __all__ = ["DEFAULT_METHOD", "DEMO_METHODS", "MethodOptions", "MethodOutput", "MethodSpec",
-           "PruneContext", "available", "get", "check_round_to_supported", "option", "register", "register_method", "spec", "specs"]
+           "PruneContext", "available", "get", "check_round_to_supported", "option", "register",
+           "register_method", "spec", "specs"]
 
 
 @dataclass
