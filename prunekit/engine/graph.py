@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from ..errors import ModelError, UnsupportedLayerError
+from ..errors import ConfigError, ModelError, UnsupportedLayerError
 from ..utils import eval_mode
 
 Role = Literal["producer", "channelwise", "consumer"]
@@ -277,6 +277,28 @@ class DependencyInfo:
                 return g
         raise ModelError(f"layer {self.names.get(module, module)!r} is not prunable "
                          "(ignored, classifier or not a channel producer)")
+
+    def producer_group(self, key: nn.Module | str) -> ChannelGroup:
+        """The group named ``key`` or produced (output rows) by layer ``key`` (module or name);
+        :class:`~prunekit.errors.ConfigError` when there is none (``key`` is a user's choice)."""
+        if isinstance(key, str):
+            for g in self.groups:
+                if g.name == key:
+                    return g
+            named = dict(self.model.named_modules())
+            if key not in named:
+                raise ConfigError(f"no layer or group named {key!r} in the model")
+            module = named[key]
+        elif isinstance(key, nn.Module):
+            module = key
+        else:
+            raise ConfigError(f"expected a producing layer (module or name), got {key!r}")
+        for g in self.groups:
+            if any(s.module is module for s in g.producers):
+                return g
+        name = self.names.get(module, type(module).__name__)
+        raise ConfigError(f"layer {name!r} does not produce the channels of any prunable group "
+                          "(name a conv/linear producer, e.g. the conv before a BatchNorm)")
 
     # ------------------------------------------------------------------ groups
     def _collect_groups(self) -> list[ChannelGroup]:
