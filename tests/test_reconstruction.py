@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +21,6 @@ from prunekit.methods.reconstruct import conv_patches, sample_group
 from prunekit.models import create
 
 torch.set_num_threads(1)
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -31,6 +29,12 @@ def _synthetic(n: int = 32, size: int = 16, channels: int = 1, seed: int = 1) ->
     images = torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8, generator=g)
     return ImageDataset(images, torch.arange(n) % 10, mean=(0.5,) * channels, std=(0.25,) * channels,
                         num_classes=10, name="random")
+
+
+def _ctx(model: nn.Module, x: torch.Tensor, **kw) -> PruneContext:
+    """A method's context the way :func:`prunekit.prune` builds it: the method consumes a copy
+    of ``model``; ``model`` itself is the read-only original (reconstruction targets)."""
+    return PruneContext(copy.deepcopy(model), x, original=model, **kw)
 
 
 def _ls_error(X: torch.Tensor, y: torch.Tensor, subset) -> float:
@@ -118,14 +122,15 @@ def test_selectors_validate_input():
             thinet.select_channels(X, torch.randn(10), bad)
 
 
-def test_thinet_selection_is_fast_on_a_large_layer():
+def test_thinet_selection_on_a_large_layer():
+    """50,000 samples x 512 channels (its speed is measured in bench/, not asserted here): the
+    212 channels the target does not contain go first, so all 256 kept channels are among the
+    300 that make up y."""
     g = torch.Generator().manual_seed(0)
     X = torch.randn(50_000, 512, generator=g)
     y = X[:, :300].sum(1)
-    t = time.perf_counter()
     kept = thinet.select_channels(X, y, 256)
-    assert time.perf_counter() - t < 20.0  # about 1 s on two idle cores
-    assert len(kept) == 256
+    assert len(kept) == 256 and kept == sorted(set(kept)) and max(kept) < 300
 
 
 @pytest.mark.parametrize("kw", [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, padding=1),
@@ -160,27 +165,20 @@ def test_contributions_sum_to_the_output_on_an_unpruned_model():
 
 
 # ----------------------------------------------------------------------------- whole network
-@pytest.fixture(scope="module")
-def trained_resnet8():
-    if not FMNIST.is_dir():
-        pytest.skip(f"Fashion-MNIST not installed at {FMNIST}")
-    from prunekit.data import load
-    from prunekit.train import TrainConfig, fit
-
-    train, test = load("fashion-mnist", train_samples=2000)
-    torch.manual_seed(0)
-    model = create("resnet8", num_classes=10, in_channels=1)
-    fit(model, train, TrainConfig(epochs=1, batch_size=64, lr=0.05, augment=False, device="cpu",
-                                  eval_every=0))
-    return model.eval(), train, test
+@pytest.fixture
+def trained(trained_resnet8, grating_data):
+    """A ResNet-8 trained on learnable synthetic images (real ones are not needed to compare
+    reconstruction errors), its training and test sets."""
+    train, test = grating_data
+    return trained_resnet8, train, test
 
 
 @pytest.mark.parametrize("method", ["thinet", "lasso"])
-def test_whole_network_reconstructs_better_than_l1(trained_resnet8, method):
-    model, train, test = trained_resnet8
+def test_whole_network_reconstructs_better_than_l1(trained, method):
+    model, train, test = trained
     x = train.example_input(1)
-    out = prunekit.methods.get(method)(PruneContext(model, x, ratio=0.5, train_set=train,
-                                                    options={"calib_images": 200}))
+    out = prunekit.methods.get(method)(_ctx(model, x, ratio=0.5, train_set=train,
+                                            options={"calib_images": 200}))
     # residual trunks are left alone by default; each block's internal channels are halved
     assert [gp.group for gp in out.plan] == ["layer1.0.conv1", "layer2.0.conv1", "layer3.0.conv1"]
     assert all(len(gp.keep) == gp.size // 2 for gp in out.plan)
@@ -198,7 +196,8 @@ def test_whole_network_reconstructs_better_than_l1(trained_resnet8, method):
         assert torch.equal(replay(held_out), out.model(held_out))
     layers = out.extra["layers"]
     assert len(layers) == 3 and out.extra["largest_layer"] == "layer3.0.conv1"
-    assert out.extra["largest_layer_select_s"] >= 0
+    largest = max(layers, key=lambda r: (r["size"], r["select_s"]))
+    assert out.extra["largest_layer_select_s"] == largest["select_s"]
     if method == "lasso":  # a least-squares refit cannot be worse on its own samples
         assert all(r["err_reconstructed"] <= r["err_removed"] + 1e-6 for r in layers)
 
@@ -210,8 +209,8 @@ def test_densenet_and_mobilenet_prune(name, kw, method):
     model = create(name, num_classes=10, in_channels=1, **kw).eval()
     data = _synthetic(16)
     x = data.example_input(2)
-    out = prunekit.methods.get(method)(PruneContext(model, x, ratio=0.4, train_set=data,
-                                                    options={"calib_images": 16, "samples_per_image": 8}))
+    out = prunekit.methods.get(method)(_ctx(model, x, ratio=0.4, train_set=data,
+                                            options={"calib_images": 16, "samples_per_image": 8}))
     macs0, params0 = count_macs_params(model, x)
     macs1, params1 = count_macs_params(out.model, x)
     assert macs1 < 0.8 * macs0 and params1 < params0
@@ -232,33 +231,66 @@ def test_prune_trunk_and_target_macs():
     model = create("resnet8", num_classes=10, in_channels=1).eval()
     data = _synthetic(16)
     x = data.example_input(1)
-    out = thinet.run(PruneContext(model, x, ratio=0.5, train_set=data,
-                                  options={"calib_images": 8, "prune_trunk": True}))
+    out = thinet.run(_ctx(model, x, ratio=0.5, train_set=data,
+                          options={"calib_images": 8, "prune_trunk": True}))
     assert "conv1" in [gp.group for gp in out.plan] and not out.extra["skipped_groups"]
     with torch.no_grad():
         assert torch.equal(apply_plan(model, x, out.plan)(x), out.model(x))
     res = prunekit.prune(model, x, method="lasso", target_macs=0.6, data=data, calib_images=8)
     assert res.report["macs_fraction"] <= 0.6
-    assert res.report["method_layers"] and res.plan is not None
+    assert [r["group"] for r in res.report["method_layers"]] == [gp.group for gp in res.plan]
+    with torch.no_grad():  # the plan, reconstructed weights included, rebuilds the returned model
+        assert torch.equal(apply_plan(model, x, res.plan)(data.example_input(4)),
+                           res.model(data.example_input(4)))
 
 
-def test_finetune_between_layers_runs():
+def test_finetune_between_layers_runs(monkeypatch):
+    """``finetune_epochs_between=0.5`` fine-tunes the network being pruned after every pruned
+    layer but the last, on the calibration set, for half an epoch each; the original network
+    (the reconstruction targets) is never trained."""
+    import prunekit.train
+
     torch.manual_seed(0)
     model = create("simplecnn", num_classes=10, in_channels=1, input_size=16).eval()
-    data = _synthetic(32)
+    data = _synthetic(256)
     x = data.example_input(1)
     before = [p.detach().clone() for p in model.parameters()]
-    out = thinet.run(PruneContext(model, x, ratio=0.5, train_set=data,
-                                  options={"calib_images": 8, "finetune_epochs_between": 0.5}))
+    calls = []
+    real_fit = prunekit.train.fit
+
+    def spy(net, train_set, cfg, **kw):
+        widths = [m.out_channels for m in net.modules() if isinstance(m, nn.Conv2d)]
+        weights = [p.detach().clone() for p in net.parameters()]
+        result = real_fit(net, train_set, cfg, **kw)
+        changed = any(not torch.equal(a, b) for a, b in zip(weights, net.parameters(), strict=True))
+        calls.append({"net": net, "data": train_set, "widths": widths, "changed": changed,
+                      "schedule": (cfg.epochs, cfg.max_steps_per_epoch, cfg.batch_size)})
+        return result
+
+    monkeypatch.setattr(prunekit.train, "fit", spy)
+    out = thinet.run(_ctx(model, x, ratio=0.5, train_set=data,
+                          options={"calib_images": 8, "finetune_epochs_between": 0.5}))
     assert len(out.plan) == 4 and out.train_epochs == pytest.approx(1.5)
+    assert len(calls) == 3                                    # between 4 layers
+    assert all(c["net"] is out.model and c["data"] is data and c["changed"] for c in calls)
+    full = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+    for k, c in enumerate(calls):                             # after layer k + 1 of 4 is pruned
+        assert sum(a < b for a, b in zip(c["widths"], full, strict=True)) == k + 1
+    # half an epoch: one of the two 128-image batches of the 256 calibration images
+    assert [c["schedule"] for c in calls] == [(1, 1, 128)] * 3
     assert out.model(x).shape == (1, 10)
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # untouched
+    # the original (the reconstruction targets) is never trained
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    monkeypatch.setattr(prunekit.train, "fit", real_fit)
+    plain = thinet.run(_ctx(model, x, ratio=0.5, train_set=data, options={"calib_images": 8}))
+    assert plain.train_epochs == 0
+    assert not torch.equal(plain.model(x), out.model(x))      # the fine-tuning mattered
 
 
 def test_needs_data():
     model = create("resnet8", num_classes=10, in_channels=1).eval()
     with pytest.raises(DataError):
-        thinet.run(PruneContext(model, torch.randn(1, 1, 16, 16), ratio=0.5))
+        thinet.run(_ctx(model, torch.randn(1, 1, 16, 16), ratio=0.5))
     with pytest.raises(ConfigError):
-        lasso.run(PruneContext(model, torch.randn(1, 1, 16, 16), ratio=0.5, train_set=_synthetic(4),
-                               options={"calib_images": 0}))
+        lasso.run(_ctx(model, torch.randn(1, 1, 16, 16), ratio=0.5, train_set=_synthetic(4),
+                       options={"calib_images": 0}))
