@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from conftest import gratings, top1
 
 import prunekit
 from prunekit.data.dataset import ImageDataset
@@ -17,12 +18,10 @@ from prunekit.methods.curl import kl_scores
 from prunekit.models import create
 from prunekit.testing import randomise_bn
 from prunekit.train import TrainConfig
+from prunekit.train.smalldata import distillation_loss as _real_kd
 from prunekit.train.smalldata import expand, finetune_small_data, patch_shuffle, refinement_loss
 
 torch.set_num_threads(1)
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-
-
 
 
 def _synthetic(n: int = 256, size: int = 16, seed: int = 0) -> ImageDataset:
@@ -37,11 +36,8 @@ def _synthetic(n: int = 256, size: int = 16, seed: int = 0) -> ImageDataset:
 
 
 def _small_train() -> ImageDataset:
-    """512 Fashion-MNIST training images at 16x16 (a synthetic task without the dataset)."""
-    if FMNIST.is_dir():
-        from prunekit.data import load, resize
-        return resize(load("fashion-mnist", train_samples=512)[0], 16)
-    return _synthetic(512, 16)
+    """512 learnable synthetic training images at 16x16 (no real images needed)."""
+    return gratings(512, 16)
 
 
 def _no_gates(model: nn.Module) -> bool:
@@ -228,11 +224,21 @@ def test_patch_shuffle_and_expansion_keep_labels_and_shapes():
     g = torch.Generator().manual_seed(0)
     x = data.images
     assert torch.equal(patch_shuffle(x, 1, g), x)
+    moved = 0
     for grid in (2, 3, 4, 5):
         y = patch_shuffle(x, grid, g)
         assert y.shape == x.shape and y.dtype == x.dtype
-        assert torch.equal(y.flatten(1).sort(1).values, x.flatten(1).sort(1).values)  # same pixels
-    assert not torch.equal(patch_shuffle(x, 2, g), x)
+        p = 12 // grid                       # patch side; the last 12 % grid rows/columns stay
+        edge = grid * p
+        assert torch.equal(y[..., edge:, :], x[..., edge:, :]) and torch.equal(y[..., edge:], x[..., edge:])
+        for a, b in zip(x, y, strict=True):  # each image: its own patches, permuted
+            cut = [[img[:, i * p:(i + 1) * p, j * p:(j + 1) * p] for i in range(grid) for j in range(grid)]
+                   for img in (a, b)]
+            src = [t.flatten().tolist() for t in cut[0]]
+            dst = [t.flatten().tolist() for t in cut[1]]
+            assert sorted(src) == sorted(dst)
+            moved += src != dst
+    assert moved > 0.8 * 4 * len(x)          # almost every image is actually shuffled
     assert patch_shuffle(x[0], 3, g).shape == x[0].shape
     big = expand(data, 4, seed=1)
     assert len(big) == 80 and big.images.shape[1:] == x.shape[1:] and big.images.dtype == torch.uint8
@@ -254,37 +260,140 @@ def test_refinement_gradient_matches_autograd():
     assert torch.allclose(grad, z.grad)
 
 
-def test_finetune_small_data_runs_all_phases():
-    train = _synthetic(64, 12)
+class _LossSpy:
+    """Wraps prunekit.train.smalldata's loss functions and the teacher's forward: records every
+    call, and checks each distillation loss against the teacher's logits for the very batch and
+    against the loss computed by hand."""
+
+    def __init__(self, monkeypatch, teacher: nn.Module | None) -> None:
+        import prunekit.train.smalldata as sd
+
+        self.kd, self.refine, self.teacher_out = [], [], []
+        real_kd, real_refine = _real_kd, refinement_loss    # never a previous spy
+        if teacher is not None:
+            teacher.register_forward_hook(self._teacher_hook)
+
+        def kd(s, t, y, alpha, temperature, *rest):
+            assert self.teacher_out and t is self.teacher_out[-1]    # the teacher's logits, unchanged
+            out = real_kd(s, t, y, alpha, temperature, *rest)
+            log_q = torch.log_softmax(s.double() / temperature, 1)
+            p = torch.softmax(t.double() / temperature, 1)
+            hand = (alpha * temperature ** 2 * (p * (p.log() - log_q)).sum(1).mean()
+                    + (1 - alpha) * F.cross_entropy(s.double(), y))
+            assert float(out.detach()) == pytest.approx(float(hand.detach()), rel=1e-5, abs=1e-6)
+            self.kd.append((s.shape, alpha, temperature))
+            return out
+
+        def refine(s, z, y, alpha, temperature):
+            self.refine.append((z.detach().clone(), y.clone(), alpha, temperature))
+            return real_refine(s, z, y, alpha, temperature)
+
+        monkeypatch.setattr(sd, "distillation_loss", kd)
+        monkeypatch.setattr(sd, "refinement_loss", refine)
+
+    def _teacher_hook(self, module, args, out):
+        assert not module.training                                     # used in eval mode
+        self.teacher_out.append(out)
+
+
+def test_finetune_small_data_distils_and_refines_from_the_teacher(monkeypatch):
+    """Step 1 distils from the teacher on the original images (every step, the teacher's
+    logits of that very batch, the KD loss as written by hand); step 2 refines soft labels
+    that start as the teacher's temperature-scaled logits of the EXPANDED images; the teacher
+    is never trained; the reported accuracy and label statistics are the real ones."""
+    train, test = _synthetic(64, 12), _synthetic(40, 12, seed=5)
     torch.manual_seed(0)
     teacher = create("resnet8", num_classes=10, in_channels=1, width=0.5).eval()
+    frozen = copy.deepcopy(teacher.state_dict())
     student = prunekit.prune(teacher, train.example_input(2), method="l1", ratio=0.5).model
     cfg = TrainConfig(batch_size=32, lr=0.01, device="cpu")
-    res = finetune_small_data(student, teacher, train, epochs=1, factor=3, cfg=cfg, test_set=train)
+    expanded = expand(train, 3, seed=0)
+    with torch.no_grad():
+        z0 = teacher(expanded.batch(torch.arange(len(expanded)))[0]) / cfg.distill_temperature
+    spy = _LossSpy(monkeypatch, teacher)
+    res = finetune_small_data(student, teacher, train, epochs=1, factor=3, cfg=cfg, test_set=test)
     assert [p["name"] for p in res.phases] == ["step1: original+mixup+kd", "step2: refine"]
-    assert res.steps == 6 and res.phases[1]["data"] == 192
-    assert 0 <= res.labels["changed"] <= 1 and res.test_acc is not None
-    plain = finetune_small_data(copy.deepcopy(student), None, train, epochs=1, expand=False,
-                                distill=False, refine_labels=False, cfg=cfg)
+    assert res.steps == 6 and res.phases[1]["data"] == 192 and res.phases[0]["data"] == 64
+    # step 1: two steps, each two KD terms (mixup: the two label sets) with the config's alpha, T
+    assert spy.kd == [((32, 10), cfg.distill_alpha, cfg.distill_temperature)] * 4
+    # step 2: four steps on the expanded set; the soft labels used are the teacher's initial ones
+    # (each image is visited once in 4 x 32 < 192 draws), with the images' own labels
+    assert len(spy.refine) == 4
+    for z, y, alpha, temperature in spy.refine:
+        assert (alpha, temperature) == (cfg.distill_alpha, cfg.distill_temperature)
+        rows = [int(torch.cdist(r[None], z0).argmin()) for r in z]
+        assert torch.allclose(z, z0[rows], atol=1e-5)
+        assert torch.equal(y, expanded.targets[rows])
+        assert len(set(rows)) == len(rows)
+    assert res.labels["agree_init"] == pytest.approx(
+        float((z0.argmax(1) == expanded.targets).double().mean()))
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in frozen.items())
+    assert res.test_acc == top1(student, test) == res.phases[-1]["test_acc"]
+
+
+def test_finetune_small_data_without_teacher_uses_no_distillation(monkeypatch):
+    train = _synthetic(64, 12)
+    torch.manual_seed(0)
+    student = create("resnet8", num_classes=10, in_channels=1, width=0.5).eval()
+    cfg = TrainConfig(batch_size=32, lr=0.01, device="cpu")
+    spy = _LossSpy(monkeypatch, None)
+    before = copy.deepcopy(student.state_dict())
+    plain = finetune_small_data(student, None, train, epochs=1, expand=False, distill=False,
+                                refine_labels=False, cfg=cfg)
     assert [p["name"] for p in plain.phases] == ["finetune"] and plain.steps == 2
+    assert spy.kd == [] and spy.refine == [] and plain.test_acc is None
+    assert any(not torch.equal(v, student.state_dict()[k]) for k, v in before.items()
+               if v.is_floating_point())
+    # refinement without a teacher: soft labels start at 10 * one-hot of the true label
+    refined = finetune_small_data(student, None, train, epochs=1, expand=False, distill=False,
+                                  refine_labels=True, cfg=cfg)
+    assert spy.kd == [] and len(spy.refine) == refined.phases[-1]["steps"] > 0
+    for z, y, *_ in spy.refine:
+        assert torch.equal(z, 10.0 * F.one_hot(y, 10).float())
+    assert refined.labels["agree_init"] == 1.0
     with pytest.raises(prunekit.ConfigError):
         finetune_small_data(student, None, train, epochs=1, distill=True)
 
 
-def test_prune_fine_tunes_with_the_small_data_recipe() -> None:
+def test_prune_fine_tunes_with_the_small_data_recipe(monkeypatch) -> None:
     """``expand`` / ``refine_labels`` switch prune()'s fine-tuning to CURL's small-data recipe,
-    for any method, and are refused without fine-tuning."""
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (64, 1, 16, 16), dtype=torch.uint8, generator=g)
-    data = ImageDataset(images, torch.arange(64) % 4, mean=(0.5,), std=(0.25,), num_classes=4,
-                        name="tiny")
+    for any method: the returned model is the one fine-tuned, the teacher is the original
+    network (not the pruned one) and its logits feed the distillation loss; refused without
+    fine-tuning."""
+    import prunekit.train.smalldata as sd
+
+    data = _synthetic(64, 16)
+    torch.manual_seed(0)
     model = create("resnet8", num_classes=4, in_channels=1, width=0.5).eval()
+    calls = []
+    real = sd.finetune_small_data
+
+    def spy_recipe(student, teacher, train_set, epochs, **kw):
+        calls.append({"student": student, "teacher": teacher, "data": train_set, "epochs": epochs, **kw})
+        kd = _LossSpy(monkeypatch, teacher)
+        if teacher is not None:
+            x = data.example_input(8)
+            with torch.no_grad():
+                assert torch.equal(teacher(x), model(x))    # the original network's function
+            kd.teacher_out.clear()
+        before = copy.deepcopy(student.state_dict())
+        out = real(student, teacher, train_set, epochs, **kw)
+        calls[-1].update(kd=len(kd.kd), refine=len(kd.refine),
+                         trained=any(not torch.equal(v, student.state_dict()[k]) for k, v in before.items()))
+        return out
+
+    monkeypatch.setattr(sd, "finetune_small_data", spy_recipe)
     res = prunekit.prune(model, method="l1", ratio=0.5, data=(data, data), finetune_epochs=1,
                          distill=True, expand=True, refine_labels=True)
-    assert res.report["expand"] and res.report["refine_labels"] and res.report["times"]["finetune_s"] > 0
-    assert any(not torch.equal(a, b) for a, b in zip(
-        res.model.state_dict().values(),
-        prunekit.prune(model, data.example_input(1), method="l1", ratio=0.5).model.state_dict().values(),
-        strict=True))
+    assert len(calls) == 1
+    c = calls[0]
+    assert c["student"] is res.model and c["data"] is data and c["epochs"] == 1
+    assert c["expand"] is True and c["refine_labels"] is True and c["distill"] is True
+    assert c["kd"] > 0 and c["refine"] > 0 and c["trained"]
+    assert res.report["expand"] and res.report["refine_labels"]
+    assert res.report["acc_final"] == top1(res.model, data)
+    # without distill: no teacher, no distillation loss
+    prunekit.prune(model, method="l1", ratio=0.5, data=(data, data), finetune_epochs=1, expand=True)
+    assert calls[1]["teacher"] is None and calls[1]["kd"] == 0 and calls[1]["refine"] == 0
     with pytest.raises(prunekit.ConfigError):
         prunekit.prune(model, method="l1", ratio=0.5, data=(data, data), expand=True)
