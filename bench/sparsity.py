@@ -38,6 +38,7 @@ from prunekit.data import load  # noqa: E402
 from prunekit.engine import analyse  # noqa: E402
 from prunekit.methods import slimming  # noqa: E402
 from prunekit.models import create  # noqa: E402
+from prunekit.report import plots  # noqa: E402
 from prunekit.train import TrainConfig, evaluate, fit  # noqa: E402
 
 
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
               f"separation {f['separation']:.3f}  "
               f"below 1e-2 {f['share_below_1e-2']:.2f}  ({f['seconds']:.0f} s)", flush=True)
     base_factors = slimming.group_factors(analyse(base, example))
-    slimming.plot_factor_histograms(
+    plots.plot_factor_histograms(
         {"baseline": list(base_factors.values()),
          "slimming (L1)": list(phases["slimming"]["factors"].values()),
          "MRTS (polarisation)": list(phases["mrts"]["factors"].values())},
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"equal accuracy (final >= {ref - args.tolerance:.2f}): {at_equal}", flush=True)
 
     pair = [lbl for lbl in (f"slimming@{m_nat:.3f}", "mrts@natural") if lbl in widths]
-    slimming.plot_layer_widths({lbl: widths[lbl] for lbl in pair}, out / f"{args.name}_widths.png",
+    plots.plot_layer_widths({lbl: widths[lbl] for lbl in pair}, out / f"{args.name}_widths.png",
                                title=f"Per-layer widths at {m_nat:.1%} of the MACs")
     settings = {k: v for k, v in vars(args).items()} | {"baseline_meta": meta}
     payload = {"settings": settings, "summary": summary,

@@ -29,8 +29,8 @@ from common import CACHE, RESULTS, latency_ratios, write_results  # noqa: E402
 
 import prunekit  # noqa: E402
 from prunekit.data import load  # noqa: E402
-from prunekit.methods import slimming  # noqa: E402
 from prunekit.models import create  # noqa: E402
+from prunekit.report import plots  # noqa: E402
 from prunekit.train import TrainConfig, fit  # noqa: E402
 
 
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
            "b64_speedup": 1 / lat["b64_nchw"]["ratio"],
            "train_epochs_inside": r["method_train_epochs"], "seconds": seconds}
     print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-    slimming.plot_layer_widths({"taylor": r["widths"]}, out / f"{args.name}_widths.png",
+    plots.plot_layer_widths({"taylor": r["widths"]}, out / f"{args.name}_widths.png",
                                title="VGG-16-BN widths after iterative Taylor-FO pruning")
     settings = {k: v for k, v in vars(args).items()} | {"baseline_meta": meta,
                                                          "threads": torch.get_num_threads()}

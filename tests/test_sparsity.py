@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+from conftest import gratings
 
 import prunekit
 from prunekit import methods
@@ -26,6 +27,7 @@ from prunekit.methods.slimming import (
     threshold_widths,
 )
 from prunekit.models import create
+from prunekit.report import plots
 from prunekit.train import TrainConfig
 
 torch.set_num_threads(1)
@@ -36,16 +38,9 @@ QUICK = TrainConfig(batch_size=32, lr=0.01, max_steps_per_epoch=2, augment=False
 
 @pytest.fixture(scope="module")
 def data() -> tuple[ImageDataset, ImageDataset]:
-    """A few hundred Fashion-MNIST images, or random 28x28 images when the files are absent."""
-    try:
-        train, test = prunekit.data.load("fashion-mnist", train_samples=192)
-        return train, test.subset(64)
-    except prunekit.DataError:
-        g = torch.Generator().manual_seed(0)
-        images = torch.randint(0, 256, (256, 1, 28, 28), dtype=torch.uint8, generator=g)
-        ds = ImageDataset(images, torch.arange(256) % 10, mean=(0.5,), std=(0.25,), num_classes=10,
-                          name="random")
-        return ds.subset(192), ds
+    """192 training and 64 test images of a learnable synthetic task at 28x28 (the methods need
+    no real images; the same data every run, never a silent substitute)."""
+    return gratings(192, 28, seed=0), gratings(64, 28, seed=1)
 
 
 def _model(name: str, seed: int = 0) -> nn.Module:
@@ -337,11 +332,11 @@ def test_sparsity_training_leaves_the_caller_model_alone(data) -> None:
 
 def test_plots_are_written(tmp_path) -> None:
     g = torch.Generator().manual_seed(0)
-    slimming.plot_factor_histograms(
+    plots.plot_factor_histograms(
         {"slimming": torch.rand(100, generator=g) * 0.2,
          "MRTS": [torch.zeros(30), 0.5 + 0.1 * torch.rand(70, generator=g)]},
         tmp_path / "hist.png", title="factors")
-    slimming.plot_layer_widths({"slimming": {"conv1": [16, 9], "fc": [10, 10]},
+    plots.plot_layer_widths({"slimming": {"conv1": [16, 9], "fc": [10, 10]},
                                 "mrts": {"conv1": [16, 5], "fc": [10, 10]}}, tmp_path / "widths.png")
     assert (tmp_path / "hist.png").stat().st_size > 1000
     assert (tmp_path / "widths.png").stat().st_size > 1000

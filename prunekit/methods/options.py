@@ -202,8 +202,21 @@ def parse_text(name: str, text: str, meta: Mapping[str, Any], method: str,
 class MethodOptions:
     """Base of every method's options dataclass (see the module docstring).
 
-    Subclasses may override :meth:`validate` for checks that involve several options.
+    Subclasses may override :meth:`validate` for checks that involve several options. Every
+    value is checked on construction too, so ``MyOptions(x=-1)`` fails like
+    ``MyOptions.from_options({"x": -1}, ...)``.
     """
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            meta = _meta(f)
+            value = getattr(self, f.name)
+            if value is None and not meta["none"] and f.default is not None:
+                raise ConfigError(f"option {f.name} ({type(self).__name__}) must be "
+                                  f"{_constraint(meta)}, got None")
+            setattr(self, f.name, check_value(f.name, value, meta, "",
+                                              f"option {f.name} ({type(self).__name__})"))
+        self.validate()
 
     @classmethod
     def names(cls) -> list[str]:
@@ -251,9 +264,7 @@ class MethodOptions:
             if value is None and not metas[name]["none"]:
                 continue
             kw[name] = check_value(name, value, metas[name], method)
-        opts = cls(**kw)
-        opts.validate()
-        return opts
+        return cls(**kw)
 
     def validate(self) -> None:
         """Checks across options (none by default)."""

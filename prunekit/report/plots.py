@@ -8,13 +8,17 @@ part of it) and returns ``None`` when it has nothing to draw.
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
+import os
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import torch
+
+from ..errors import ConfigError
 
 __all__ = ["accuracy_vs_macs", "bn_factor_histograms", "merge_dendrogram", "layer_widths",
-           "method_colors", "figures"]
+           "method_colors", "figures", "plot_factor_histograms", "plot_layer_widths"]
 
 _PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
             "#17becf", "#bcbd22", "#7f7f7f"]
@@ -30,6 +34,15 @@ def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, facecolor="white")
     return buf.getvalue()
+
+
+def _save(fig, path: str | os.PathLike) -> None:
+    """Write ``fig`` atomically, in the format of the file's suffix (PNG, PDF, SVG ...)."""
+    from ..utils import atomic_path
+
+    suffix = os.path.splitext(os.fspath(path))[1].lstrip(".") or "png"
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=suffix, dpi=120)
 
 
 def _ok(results: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -237,3 +250,86 @@ def figures(results: Mapping[str, Any]) -> list[tuple[str, str, bytes]]:
     if png is not None:
         out.append(("bn_factors.png", "BatchNorm scale factors after sparsity training", png))
     return out
+
+
+# ------------------------------------------------------------ figures of bench scripts
+def plot_factor_histograms(factors: Mapping[str, torch.Tensor | Sequence[torch.Tensor] | Sequence[float]],
+                           path: str | os.PathLike, *, bins: int = 60, log: bool = True,
+                           title: str | None = None) -> None:
+    """One figure, one panel per method: histogram of the scale factors after S1.
+
+    Parameters
+    ----------
+    factors : mapping
+        Method name -> factors (a tensor, a list of per-layer tensors or a list of floats).
+    path : path
+        Output image (PNG, PDF, SVG ... by suffix), written atomically.
+    bins : int
+        Bins over the common range of all methods.
+    log : bool
+        Logarithmic count axis (the near-zero mode is usually much taller).
+    title : str, optional
+    """
+    from ..methods.slimming import separation
+
+    flat = {k: _flatten(v) for k, v in factors.items()}
+    if not flat:
+        raise ConfigError("no factors to plot")
+    top = max(float(v.max()) for v in flat.values() if v.numel()) if any(
+        v.numel() for v in flat.values()) else 1.0
+    edges = np.linspace(0.0, max(top, 1e-6), bins + 1).tolist()
+    fig = _figure(4.2 * len(flat), 3.4)
+    axes = fig.subplots(1, len(flat), sharex=True, squeeze=False)
+    for i, (ax, (name, v)) in enumerate(zip(axes[0], flat.items(), strict=True)):
+        ax.hist(v.numpy(), bins=edges, color=f"C{i}", log=log)
+        ax.set_title(f"{name} (n={v.numel()}, sep={separation(v):.2f})")
+        ax.set_xlabel("|gamma| (BN scale factor)")
+    axes[0][0].set_ylabel("channels")
+    if title:
+        fig.suptitle(title)
+    _save(fig, path)
+
+
+def plot_layer_widths(widths: Mapping[str, Mapping[str, Sequence[int]]], path: str | os.PathLike, *,
+                      title: str | None = None) -> None:
+    """Per-layer widths after pruning, one bar series per method.
+
+    Parameters
+    ----------
+    widths : mapping
+        Method name -> ``{layer: (channels before, channels after)}`` (the ``widths`` of a
+        :func:`prunekit.prune` report). Layers are shown in the first method's order; the
+        original widths are drawn as a grey outline.
+    path : path
+        Output image, written atomically.
+    title : str, optional
+    """
+
+    if not widths:
+        raise ConfigError("no widths to plot")
+    first = next(iter(widths.values()))
+    layers = [n for n, (before, _) in first.items() if before > 0]
+    x = np.arange(len(layers))
+    k = len(widths)
+    w = 0.8 / k
+    fig = _figure(max(6.0, 0.32 * len(layers) + 2), 3.8)
+    ax = fig.subplots()
+    ax.bar(x, [first[n][0] for n in layers], width=0.9, color="none", edgecolor="0.6", label="original")
+    for i, (name, per) in enumerate(widths.items()):
+        ax.bar(x - 0.4 + w * (i + 0.5), [per.get(n, (0, 0))[1] for n in layers], width=w, label=name)
+    ax.set_xticks(x)
+    ax.set_xticklabels(layers, rotation=90, fontsize=6)
+    ax.set_ylabel("output channels")
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    _save(fig, path)
+
+
+def _flatten(v: torch.Tensor | Sequence[torch.Tensor] | Sequence[float]) -> torch.Tensor:
+    if isinstance(v, torch.Tensor):
+        return v.detach().abs().double().flatten().cpu()
+    items = list(v)
+    if items and isinstance(items[0], torch.Tensor):
+        return torch.cat([t.detach().abs().double().flatten().cpu() for t in items])
+    return torch.as_tensor(items, dtype=torch.float64).abs()
