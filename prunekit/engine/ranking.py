@@ -44,7 +44,8 @@ def global_widths(scores: Scores, ratio: float, normalize: str = "l2") -> Widths
         Fraction of all channels to remove.
     normalize : {"l2", "max", "none"}
         Per-group rescaling before the ranking: by the scores' L2 norm (default; Taylor-FO's
-        layer normalisation, seed 004), by their maximum, or none (scores that already compare
+        layer normalisation, Molchanov et al., ICLR 2017), by their maximum, or none (scores
+        that already compare
         across layers, such as BN factors after sparsity training).
     """
     if normalize not in NORMALIZE:

@@ -7,7 +7,8 @@ remove
     columns) of the group (Torch-Pruning's pruners do the slicing);
 merge
     before removing channel ``m`` that was merged into kept channel ``k``, add ``m``'s input
-    slice to ``k``'s in every consumer: ``K[:, k] <- K[:, k] + K[:, m]`` (seed 000, S4). Because
+    slice to ``k``'s in every consumer: ``K[:, k] <- K[:, k] + K[:, m]`` (the merge of
+    centripetal SGD, Ding et al., CVPR 2019). Because
     convolution and linear layers are linear in their input, this is exact whenever channel
     ``m``'s values equal channel ``k``'s at every consumer's input;
 reconstruct

@@ -1,6 +1,6 @@
 """Channel pruning by LASSO regression and least-squares reconstruction (He et al., 2017).
 
-Seed 001 (``../shared/METHODS.md`` section 2), for a layer C reading channels of B (made by the
+The steps of He et al. (ICCV 2017), for a layer C reading channels of B (made by the
 filters of A):
 
 1. **Sample** feature-map points: C's input windows from the network pruned so far and C's

@@ -1,10 +1,10 @@
 """Network slimming and MRTS: sparsity training of the BatchNorm scale factors, then thresholds.
 
-Both methods share three steps (``../shared/METHODS.md`` section 4, ``docs/sparsity.md``):
+Both methods share three steps (``docs/sparsity.md``):
 
 S1 sparsity training
     train the network with ``loss + lambda * R(gamma)`` over every BatchNorm scale factor
-    ``gamma`` that belongs to a prunable group (eq. 1-3 of seed 003). The penalty enters as a
+    ``gamma`` that belongs to a prunable group (eq. 1-3 of [3]_). The penalty enters as a
     subgradient added to ``gamma.grad`` after ``backward`` (:class:`ScaleRegulariser`, plugged
     into :func:`prunekit.train.fit` as ``Hooks.grad_transform``).
 
@@ -37,7 +37,7 @@ References
 .. [2] T. Zhuang, Z. Zhang, Y. Huang, X. Zeng, K. Shuang, X. Li. Neuron-level structured
    pruning using polarization regularizer. NeurIPS 2020.
 .. [3] 陈震, 杨娟. 利用互信息的自适应阈值通道剪枝方法 (MRTS: mutual regularisation and
-   threshold selection). 智能计算机与应用, 2023 (``seeds/003_*.txt``).
+   threshold selection). 智能计算机与应用, 2023.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ _DELTA_MAX = 0.999  # bisection range of delta for budgets (delta -> 1 keeps one
 
 # ------------------------------------------------------------------------------ thresholds
 def layer_thresholds(gammas: Sequence[torch.Tensor], delta: float = 1e-3) -> list[float]:
-    """MRTS layer-adaptive thresholds (seed 003, eq. 11).
+    """MRTS layer-adaptive thresholds ([3]_, eq. 11).
 
     For each layer, sort ``|gamma|`` ascending and return the first factor ``gamma_t`` at which
     the cumulative sum reaches ``delta`` of the layer's total::

@@ -189,7 +189,7 @@ def polarization(gamma: torch.Tensor, tau: float = 1.5, mean: float | torch.Tens
                  ) -> torch.Tensor:
     """The polarisation regulariser ``tau * ||g||_1 - ||g - mean||_1`` of a factor vector.
 
-    Our well-defined form of MRTS's mutual regulariser (seed 003, eq. 4): the information a
+    Our well-defined form of MRTS's mutual regulariser (Chen and Yang, 2023, eq. 4): the information a
     factor carries about its layer's output is measured by how far ``|gamma_i|`` stands from the
     mean of its layer, so the term rewards factors that leave the crowd in either direction
     (Zhuang et al. 2020, eq. 2).

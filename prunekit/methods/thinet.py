@@ -1,6 +1,6 @@
 """ThiNet: greedy channel selection by the next layer's reconstruction error, then scaling.
 
-Seed 002 (``../shared/METHODS.md`` section 3), for a consumer layer reading ``C`` channels:
+The steps of Luo et al. (ICCV 2017), for a consumer layer reading ``C`` channels:
 
 1. **Contributions.** With the bias removed, every sampled output value of the consumer is a sum
    of per-channel contributions, ``y_hat = y - b = sum_c x_c``. ``m`` sampled values (a random

@@ -36,7 +36,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     References
     ----------
     G. Hinton, O. Vinyals, J. Dean. "Distilling the Knowledge in a Neural Network",
-    arXiv:1503.02531, 2015. The CURL fine-tuning step (METHODS.md, section 3) uses this form.
+    arXiv:1503.02531, 2015. The CURL fine-tuning step (Luo and Wu, CVPR 2020) uses this form.
     """
     s = student_logits.float()
     t = teacher_logits.detach().float()

@@ -1,6 +1,6 @@
 """Fine-tuning a pruned network on little data: expansion, distillation, label refinement.
 
-CURL's second half (Luo & Wu, 2020; seed 002, ``../shared/METHODS.md`` section 3), usable after
+CURL's second half (Luo and Wu, CVPR 2020), usable after
 any pruning method:
 
 1. **Expansion** (:func:`expand`): the small training set is enlarged with image transforms --

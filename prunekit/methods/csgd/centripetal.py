@@ -175,7 +175,7 @@ class CentripetalTransform:
 
     with ``eps_p = epsilon`` for conv/linear kernels and ``bn_epsilon_scale * epsilon`` for
     biases and BatchNorm gamma/beta (the published C-SGD code's 10x smaller value). Plain SGD
-    then performs the update of seed 000 S3; with momentum the differences between members
+    then performs the update of S3 (Ding et al., CVPR 2019); with momentum the differences between members
     still decay geometrically (they see identical mean gradients). Because ``eta * w`` is
     applied here, the optimizer's own weight decay must be off for these tensors: pass
     ``no_weight_decay=transform.parameters()`` (rows of those tensors outside any cluster

@@ -47,7 +47,7 @@ def _unit_rows(v: np.ndarray) -> np.ndarray:
 def similarity(vectors: torch.Tensor | np.ndarray) -> torch.Tensor:
     """S1/S2: Pearson correlation of every pair of survey vectors.
 
-    ``SIM(p, q) = (E[g_p * g_q] - E[g_p] E[g_q]) / sqrt(Var(g_p) Var(g_q))`` (seed 000,
+    ``SIM(p, q) = (E[g_p * g_q] - E[g_p] E[g_q]) / sqrt(Var(g_p) Var(g_q))`` (Ding et al., 2019,
     claim 3), with expectations over the ``N`` survey images. It is evaluated in float64 in
     the algebraically identical centred form ``E[(g_p - E g_p)(g_q - E g_q)] / ...``, which
     avoids the cancellation of the raw form.
@@ -221,7 +221,7 @@ def cluster(vectors: torch.Tensor | np.ndarray, n_clusters: int, method: str = "
     n_clusters : int
         In ``[1, C]``.
     method : {"agglomerative", "even", "kmeans"}
-        ``"agglomerative"`` (default, seed 000 S2): start from singletons; repeatedly merge the
+        ``"agglomerative"`` (default, the paper's S2): start from singletons; repeatedly merge the
         two clusters whose vectors have the highest Pearson correlation (:func:`similarity`);
         the merged cluster's vector is the arithmetic mean of all its members' vectors; stop
         at ``n_clusters``. ``"even"``: consecutive equal chunks of channel indices (the

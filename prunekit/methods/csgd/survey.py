@@ -111,7 +111,7 @@ def survey(model: nn.Module, data: Any, layers: Iterable[Any] | None = None, sam
 
     The images are streamed batch by batch; forward hooks reduce each hooked layer's output
     ``[B, C, H, W]`` to its global average pool ``[B, C]`` at once, so memory is ``O(N * C)``
-    floats per layer and no feature map is ever stored (seed 000, S1: the document's
+    floats per layer and no feature map is ever stored (S1 of Ding et al., 2019: the paper's
     ResNet-50 example would need 41 GB of feature maps).
 
     Which tensor: the output of the BatchNorm that directly follows each producer (what the
