@@ -27,6 +27,7 @@ from prunekit.methods.slimming import (
     threshold_widths,
 )
 from prunekit.models import create
+from prunekit.report import plots
 from prunekit.train import TrainConfig
 
 torch.set_num_threads(1)
@@ -331,11 +332,11 @@ def test_sparsity_training_leaves_the_caller_model_alone(data) -> None:
 
 def test_plots_are_written(tmp_path) -> None:
     g = torch.Generator().manual_seed(0)
-    slimming.plot_factor_histograms(
+    plots.plot_factor_histograms(
         {"slimming": torch.rand(100, generator=g) * 0.2,
          "MRTS": [torch.zeros(30), 0.5 + 0.1 * torch.rand(70, generator=g)]},
         tmp_path / "hist.png", title="factors")
-    slimming.plot_layer_widths({"slimming": {"conv1": [16, 9], "fc": [10, 10]},
+    plots.plot_layer_widths({"slimming": {"conv1": [16, 9], "fc": [10, 10]},
                                 "mrts": {"conv1": [16, 5], "fc": [10, 10]}}, tmp_path / "widths.png")
     assert (tmp_path / "hist.png").stat().st_size > 1000
     assert (tmp_path / "widths.png").stat().st_size > 1000
