@@ -6,6 +6,7 @@ import copy
 import logging
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ...data.batches import count
 from ...engine import DependencyInfo, analyse, apply_plan
 from ...engine.budget import budget_widths
 from ...errors import ConfigError, DataError
@@ -160,120 +162,148 @@ def run(ctx: PruneContext) -> MethodOutput:
     stands for ``survey_samples`` when that is not given.
     """
     o = ctx.parse(CsgdOptions, "csgd")
-    if ctx.train_set is None or len(ctx.train_set) == 0:
+    if ctx.train_set is None or count(ctx.train_set) == 0:
         raise DataError("csgd needs training data (survey and centripetal training)")
-    names = {m: n for n, m in ctx.model.named_modules()}
-    ignored = [names.get(layer, layer) if isinstance(layer, nn.Module) else layer
-               for layer in ctx.ignored_layers]
-    # S3 trains ctx.model in place; the unpruned network stays the distillation teacher
-    teacher = ctx.reference() if o.centripetal_distill else None
-    model = ctx.model
-    x = ctx.example_inputs
-    info = analyse(model, x, ignored_layers=ignored)
+    teacher = ctx.reference() if o.centripetal_distill else None  # read before S3 trains ctx.model
+    model, x = ctx.model, ctx.example_inputs
+    info = analyse(model, x, ignored_layers=_ignored_names(ctx))
     widths, extra = _budget_widths(ctx, info)
     targets = {g.name: widths[g.name] for g in info.groups if widths.get(g.name, g.size) < g.size}
     if not targets:
         raise ConfigError("the budget removes no channel; nothing to prune")
-
-    # S1
     device = resolve_device(ctx.device)
     model.to(device)
     s_stats: dict[str, Any] = {}
-    vectors = survey(model, ctx.train_set, list(targets), samples=o.survey_samples,
+    vectors = survey(model, ctx.train_set, list(targets), samples=o.survey_samples,          # S1
                      batch_size=o.batch_size, info=info, statistic=o.survey_statistic,
                      device=device, stats=s_stats)
-    # S2
-    clusters: dict[str, Clusters] = {}
-    seconds: dict[str, float] = {}
-    for name, n in targets.items():
-        t0 = time.perf_counter()
-        clusters[name] = cluster(vectors[name], n, o.clustering, seed=ctx.seed)
-        seconds[name] = time.perf_counter() - t0
-    largest = max(targets, key=lambda name: vectors[name].shape[0] * vectors[name].shape[1])
-
-    # S3
-    cfg = _train_config(o, ctx)
+    clusters, seconds = _cluster_groups(vectors, targets, o.clustering, ctx.seed)           # S2
+    cfg = _train_config(o, ctx)                                                              # S3
     transform = CentripetalTransform(info, clusters, cfg.weight_decay, 0.0, o.bn_epsilon_scale,
                                      gradient=o.gradient)
     d0 = transform.max_distance()
-    epsilon, reachable = o.epsilon, True
-    if epsilon == "auto":
-        lrs = _planned_lrs(cfg, len(ctx.train_set))
-        nesterov = cfg.nesterov and cfg.momentum > 0
-        target = 0.1 * o.tolerance / max(d0, o.tolerance)
-        epsilon, reachable = auto_epsilon(
-            lrs, momentum=cfg.momentum, nesterov=nesterov, weight_decay=cfg.weight_decay,
-            bn_epsilon_scale=o.bn_epsilon_scale, shrink=target)
-        if not reachable:  # the margin was not met; can the whole schedule reach the tolerance?
-            k = cfg.weight_decay + o.bn_epsilon_scale * epsilon
-            reachable = bool(_simulate_difference(np.asarray(lrs), np.array([k]), cfg.momentum,
-                                                  nesterov)[0] <= o.tolerance / max(d0, 1e-30))
-        if not reachable and o.centripetal_epochs > 0:
-            warnings.warn("csgd: the centripetal schedule is too short for the clusters to converge "
-                          f"even at the strongest stable epsilon ({epsilon:.3g}); use more "
-                          "centripetal_epochs or steps", RuntimeWarning, stacklevel=2)
-    transform.epsilon = float(epsilon)
-    epochs_run, history = 0, []
-    if o.centripetal_epochs > 0 and d0 > o.tolerance:
-        from ...train import Hooks, fit
-
-        def on_epoch_end(_epoch: int, _model: nn.Module, record: dict) -> bool:
-            # Members that converged stay identical (they share one mean gradient), so by
-            # default the whole budget is spent training the clustered network; stopping at
-            # convergence is an option.
-            record["max_intra_distance"] = transform.max_distance()
-            return bool(o.stop_when_converged) and record["max_intra_distance"] < o.tolerance
-
-        hooks = Hooks(grad_transform=transform, no_weight_decay=transform.parameters(),
-                      postfix=lambda: {"dist": transform.max_distance()}, on_epoch_end=on_epoch_end,
-                      teacher=teacher)
-        # S1-S2 are deterministic (seeded), so a resumed run rebuilds the same clusters and
-        # continues S3 from the trainer's state file
-        result = fit(model, ctx.train_set, cfg, hooks=hooks, checkpoint_path=o.state_path,
-                     resume=bool(o.resume))
-        epochs_run, history = result.epochs_run, result.history
+    epsilon, reachable = resolve_epsilon(o, cfg, d0, count(ctx.train_set))
+    transform.epsilon = epsilon
+    epochs_run, history = _train_centripetal(model, ctx.train_set, cfg, transform, o, teacher, d0)
     if o.recalibrate_bn and o.recalibrate_samples > 0:
         recalibrate_bn(model, ctx.train_set, o.recalibrate_samples, o.batch_size,
                        device=module_device(model))
     model.to(x.device).eval()
-    distance = transform.max_distance()
-    converged = distance < o.tolerance
-    if not converged:
-        message = (f"csgd: clusters did not converge (max intra-cluster distance {distance:.3g} >= "
-                   f"tolerance {o.tolerance:.3g}); the merge will change the network's outputs")
-        warnings.warn(message, RuntimeWarning, stacklevel=2)
-        log.warning(message)
-
-    # S4
-    acc_before = acc_after = None
-    if ctx.test_set is not None:
-        from ...train import evaluate
-        acc_before = evaluate(model, ctx.test_set)
+    distance = _check_converged(transform, o.tolerance)
+    acc_before = _accuracy(model, ctx.test_set)                                              # S4
     plan = merge_plan(info, clusters)
     pruned = apply_plan(model, x, plan)
-    if ctx.test_set is not None:
-        from ...train import evaluate
-        acc_after = evaluate(pruned, ctx.test_set)
     plan.meta.update({"clustering": o.clustering, **extra})
-    extra.update({
-        "acc_before_merge": acc_before, "acc_after_merge": acc_after,
-        "max_intra_distance": distance, "initial_max_intra_distance": d0,
-        "max_bn_stat_distance": transform.max_buffer_distance(),
-        "converged": bool(converged), "epsilon": float(epsilon),
-        "epsilon_bn": float(epsilon) * o.bn_epsilon_scale, "epsilon_reachable": bool(reachable),
-        "centripetal_epochs_run": epochs_run,
-        "distance_history": [r.get("max_intra_distance") for r in history],
-        "clusters_per_group": {k: len(v) for k, v in clusters.items()},
-        "cluster_sizes": {k: [len(c) for c in v] for k, v in clusters.items()},
-        "survey_bytes": s_stats.get("bytes"), "survey_seconds": s_stats.get("seconds"),
-        "survey_samples": s_stats.get("samples"), "survey_statistic": o.survey_statistic,
-        "clustering": o.clustering, "clustering_seconds": float(sum(seconds.values())),
-        "largest_group": largest, "largest_group_channels": int(vectors[largest].shape[0]),
-        "largest_group_clustering_seconds": seconds[largest],
-        "largest_group_survey_bytes": int(vectors[largest].numel() * 4),
-    })
+    extra.update(acc_before_merge=acc_before, acc_after_merge=_accuracy(pruned, ctx.test_set),
+                 max_intra_distance=distance, initial_max_intra_distance=d0,
+                 max_bn_stat_distance=transform.max_buffer_distance(),
+                 converged=bool(distance < o.tolerance), epsilon=epsilon,
+                 epsilon_bn=epsilon * o.bn_epsilon_scale, epsilon_reachable=reachable,
+                 centripetal_epochs_run=epochs_run,
+                 distance_history=[r.get("max_intra_distance") for r in history],
+                 **_cluster_report(vectors, clusters, seconds, s_stats, o))
     return MethodOutput(pruned, plan, extra, train_epochs=float(epochs_run),
                         figures={"dendrogram": _dendrogram(vectors, clusters, o)})
+
+
+def _ignored_names(ctx: PruneContext) -> list[str | Any]:
+    """Ignored layers as names (module references of ``ctx.model`` mapped to their names)."""
+    names = {m: n for n, m in ctx.model.named_modules()}
+    return [names.get(layer, layer) if isinstance(layer, nn.Module) else layer
+            for layer in ctx.ignored_layers]
+
+
+def _cluster_groups(vectors: Mapping[str, torch.Tensor], targets: Mapping[str, int], method: str,
+                    seed: int) -> tuple[dict[str, Clusters], dict[str, float]]:
+    """S2 for every group: ``targets[g]`` clusters of its survey vectors, and the seconds each took."""
+    clusters: dict[str, Clusters] = {}
+    seconds: dict[str, float] = {}
+    for name, n in targets.items():
+        t0 = time.perf_counter()
+        clusters[name] = cluster(vectors[name], n, method, seed=seed)
+        seconds[name] = time.perf_counter() - t0
+    return clusters, seconds
+
+
+def resolve_epsilon(o: CsgdOptions, cfg: Any, d0: float, n_train: int) -> tuple[float, bool]:
+    """S3's centripetal strength: the option's number, or for ``"auto"`` the smallest epsilon
+    that shrinks the initial distance ``d0`` below the tolerance on the planned schedule
+    (:func:`auto_epsilon`); also whether the schedule can converge at all (a warning if not)."""
+    if o.epsilon != "auto":
+        return float(o.epsilon), True
+    lrs = _planned_lrs(cfg, n_train)
+    nesterov = cfg.nesterov and cfg.momentum > 0
+    target = 0.1 * o.tolerance / max(d0, o.tolerance)
+    epsilon, reachable = auto_epsilon(lrs, momentum=cfg.momentum, nesterov=nesterov,
+                                      weight_decay=cfg.weight_decay,
+                                      bn_epsilon_scale=o.bn_epsilon_scale, shrink=target)
+    if not reachable:  # the margin was not met; can the whole schedule reach the tolerance?
+        k = cfg.weight_decay + o.bn_epsilon_scale * epsilon
+        reachable = bool(_simulate_difference(np.asarray(lrs), np.array([k]), cfg.momentum,
+                                              nesterov)[0] <= o.tolerance / max(d0, 1e-30))
+    if not reachable and o.centripetal_epochs > 0:
+        warnings.warn("csgd: the centripetal schedule is too short for the clusters to converge "
+                      f"even at the strongest stable epsilon ({epsilon:.3g}); use more "
+                      "centripetal_epochs or steps", RuntimeWarning, stacklevel=3)
+    return float(epsilon), reachable
+
+
+def _train_centripetal(model: nn.Module, train_set: Any, cfg: Any, transform: CentripetalTransform,
+                       o: CsgdOptions, teacher: nn.Module | None, d0: float) -> tuple[int, list[dict]]:
+    """S3: train with the centripetal gradient transform; returns (epochs run, history).
+
+    Members that converged stay identical (they share one mean gradient), so by default the
+    whole budget is spent training the clustered network; ``stop_when_converged`` stops early.
+    S1-S2 are deterministic (seeded), so a resumed run rebuilds the same clusters and continues
+    S3 from the trainer's state file.
+    """
+    if o.centripetal_epochs <= 0 or d0 <= o.tolerance:
+        return 0, []
+    from ...train import Hooks, fit
+
+    def on_epoch_end(_epoch: int, _model: nn.Module, record: dict) -> bool:
+        record["max_intra_distance"] = transform.max_distance()
+        return bool(o.stop_when_converged) and record["max_intra_distance"] < o.tolerance
+
+    hooks = Hooks(grad_transform=transform, no_weight_decay=transform.parameters(),
+                  postfix=lambda: {"dist": transform.max_distance()}, on_epoch_end=on_epoch_end,
+                  teacher=teacher)
+    result = fit(model, train_set, cfg, hooks=hooks, checkpoint_path=o.state_path, resume=bool(o.resume))
+    return result.epochs_run, result.history
+
+
+def _check_converged(transform: CentripetalTransform, tolerance: float) -> float:
+    """The largest intra-cluster distance left; one warning when it is not below ``tolerance``."""
+    distance = transform.max_distance()
+    if distance >= tolerance:
+        message = (f"csgd: clusters did not converge (max intra-cluster distance {distance:.3g} >= "
+                   f"tolerance {tolerance:.3g}); the merge will change the network's outputs")
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        log.warning(message)
+    return distance
+
+
+def _accuracy(model: nn.Module, test_set: Any) -> float | None:
+    if test_set is None:
+        return None
+    from ...train import evaluate
+
+    return evaluate(model, test_set)
+
+
+def _cluster_report(vectors: Mapping[str, torch.Tensor], clusters: Mapping[str, Clusters],
+                    seconds: Mapping[str, float], s_stats: Mapping[str, Any], o: CsgdOptions
+                    ) -> dict[str, Any]:
+    """The S1-S2 facts of the report: cluster sizes, survey and clustering cost."""
+    largest = max(clusters, key=lambda name: vectors[name].shape[0] * vectors[name].shape[1])
+    return {"clusters_per_group": {k: len(v) for k, v in clusters.items()},
+            "cluster_sizes": {k: [len(c) for c in v] for k, v in clusters.items()},
+            "survey_bytes": s_stats.get("bytes"), "survey_seconds": s_stats.get("seconds"),
+            "survey_samples": s_stats.get("samples"), "survey_statistic": o.survey_statistic,
+            "clustering": o.clustering, "clustering_seconds": float(sum(seconds.values())),
+            "largest_group": largest, "largest_group_channels": int(vectors[largest].shape[0]),
+            "largest_group_clustering_seconds": seconds[largest],
+            "largest_group_survey_bytes": int(vectors[largest].numel() * 4)}
 
 
 def _dendrogram(vectors: dict[str, torch.Tensor], clusters: dict[str, Clusters],
