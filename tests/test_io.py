@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import pickle
 
+import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
 
+import prunekit
+from prunekit import models
 from prunekit.errors import CheckpointError, ConfigError, PrunekitError
 from prunekit.io import export_onnx, layer_shapes, load, read, save
 
@@ -109,7 +112,6 @@ def test_pruned_depthwise_and_linear(tmp_path) -> None:
 
 
 def test_zoo_model_rebuilds_without_instance(tmp_path) -> None:
-    models = pytest.importorskip("prunekit.models")
     net = trained_like(models.create("resnet8", num_classes=10, in_channels=1))
     save(net, tmp_path / "r8.pt", meta={"input_shape": [1, 28, 28]})
     model, meta = load(tmp_path / "r8.pt")
@@ -120,7 +122,6 @@ def test_zoo_model_rebuilds_without_instance(tmp_path) -> None:
 
 
 def test_zoo_model_pruned_by_hand_rebuilds(tmp_path) -> None:
-    models = pytest.importorskip("prunekit.models")
     net = trained_like(models.create("vgg16_bn", num_classes=10, in_channels=3))
     convs = [(n, m) for n, m in net.named_modules() if isinstance(m, nn.Conv2d)]
     bns = [(n, m) for n, m in net.named_modules() if isinstance(m, nn.BatchNorm2d)]
@@ -224,13 +225,10 @@ def test_code_carrying_checkpoint_is_refused(tmp_path, writer: str) -> None:
 
 
 def test_export_onnx_matches_pytorch(tmp_path) -> None:
-    pytest.importorskip("onnxruntime")
     net = trained_like(SmallNet())
     info = export_onnx(net, X, tmp_path / "m.onnx")
     assert info["max_abs_diff"] <= 1e-4 and info["dynamic_batch"] and info["output_scale"] > 0
     assert info["file_size_bytes"] == (tmp_path / "m.onnx").stat().st_size
-    import onnxruntime as ort
-
     sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     x5 = torch.randn(5, 3, 12, 12)
     out = sess.run(None, {sess.get_inputs()[0].name: x5.numpy()})[0]
@@ -241,7 +239,8 @@ def test_export_onnx_matches_pytorch(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_export_onnx_dynamo_exporter(tmp_path, capsys) -> None:
-    pytest.importorskip("onnxscript")
+    import onnxscript  # noqa: F401  (a dependency of prunekit: a missing one fails, never skips)
+
     net = trained_like(SmallNet())
     info = export_onnx(net, X[0], tmp_path / "d.onnx", exporter="dynamo", opset=18)
     assert info["exporter"] == "dynamo" and info["opset"] == 18 and info["max_abs_diff"] <= 1e-4
@@ -269,10 +268,6 @@ def test_layer_shapes_lists_prunable_layers() -> None:
 
 
 def test_engine_pruned_zoo_model_round_trip(tmp_path) -> None:
-    import prunekit
-
-    pytest.importorskip("prunekit.api")
-    models = pytest.importorskip("prunekit.models")
     net = trained_like(models.create("resnet8", num_classes=10, in_channels=3))
     x = torch.randn(2, 3, 32, 32)
     result = prunekit.prune(net, x, method="l1", ratio=0.4, evaluate=False)
@@ -289,11 +284,8 @@ def test_engine_pruned_zoo_model_round_trip(tmp_path) -> None:
 def test_a_bias_added_by_reconstruction_survives_save_and_load(tmp_path):
     """Least-squares reconstruction may give a bias to a conv built without one; the checkpoint
     records it and the rebuilt model gets it back."""
-    import prunekit
-    from prunekit.models import create
-
     torch.manual_seed(0)
-    model = create("simplecnn", num_classes=10, in_channels=1, input_size=16).eval()
+    model = models.create("simplecnn", num_classes=10, in_channels=1, input_size=16).eval()
     conv = model.features[3] if isinstance(model.features[3], nn.Conv2d) else next(
         m for m in list(model.modules())[3:] if isinstance(m, nn.Conv2d))
     assert conv.bias is None

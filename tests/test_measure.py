@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
+from prunekit import models
 from prunekit.errors import ConfigError
 from prunekit.measure import LAYOUTS, compare_latency, count, latency, profile
 from prunekit.measure.deploy import fold_batchnorm
@@ -151,7 +154,6 @@ def test_profile_rejects_bad_options(kwargs: dict) -> None:
 
 
 def test_profile_zoo_resnet20_is_quick() -> None:
-    models = pytest.importorskip("prunekit.models")
     net = models.create("resnet20", num_classes=10, in_channels=3)
     report = profile(net, torch.randn(1, 3, 32, 32), batch_sizes=(1,), layouts=("nchw",), **QUICK)
     # ResNet-20 for CIFAR: about 41 M MACs and 0.27 M parameters.
@@ -160,11 +162,36 @@ def test_profile_zoo_resnet20_is_quick() -> None:
 
 
 # ----------------------------------------------------------------------------- deploy: BN folding
+def _fuse_by_hand(conv: nn.Conv2d, bn: nn.BatchNorm2d, eps: bool = True, shift: bool = True) -> nn.Conv2d:
+    """conv -> BN folded into one conv: ``w' = w * g / sqrt(var + eps)``,
+    ``b' = (b - mean) * g / sqrt(var + eps) + beta``; ``eps=False`` / ``shift=False`` write the
+    two classic mistakes (no epsilon, no BN shift beta)."""
+    fused = copy.deepcopy(conv)
+    scale = bn.weight / torch.sqrt(bn.running_var + (bn.eps if eps else 0.0))
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    fused.weight = nn.Parameter((conv.weight * scale.view(-1, 1, 1, 1)).detach())
+    fused.bias = nn.Parameter(((bias - bn.running_mean) * scale + (bn.bias if shift else 0.0)).detach())
+    return fused
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+FOLD_TOL = 1e-10  # float64: any real mistake is orders of magnitude larger
+
+
+def _fold_case(arch: str) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    net = randomise_bn(models.create(arch, num_classes=10, in_channels=3)).double().eval()
+    for i, m in enumerate(m for m in net.modules() if isinstance(m, nn.BatchNorm2d)):
+        m.eps = (1e-5, 1e-3, 0.1)[i % 3]       # the module's own eps must be used
+    return net, torch.randn(2, 3, 32, 32, dtype=torch.float64)
+
+
 @pytest.mark.parametrize("arch", ["resnet20", "densenet40", "mobilenetv2"])
 def test_fold_batchnorm_is_exact_and_removes_conv_bn_pairs(arch: str) -> None:
-    models = pytest.importorskip("prunekit.models")
-    net = randomise_bn(models.create(arch, num_classes=10, in_channels=3)).eval()
-    x = torch.randn(2, 3, 32, 32)
+    net, x = _fold_case(arch)
     folded = fold_batchnorm(net)
     bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
     left = [n for n in folded.graph.nodes
@@ -174,8 +201,27 @@ def test_fold_batchnorm_is_exact_and_removes_conv_bn_pairs(arch: str) -> None:
     else:
         assert not left and bns
     with torch.no_grad():
-        torch.testing.assert_close(folded(x), net(x), atol=1e-4, rtol=1e-4)
+        assert _rel_err(folded(x), net(x)) <= FOLD_TOL
+    assert all(p.dtype == torch.float64 for p in folded.parameters())
     assert any(isinstance(m, nn.BatchNorm2d) for m in net.modules())  # the original is untouched
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "mobilenetv2"])
+@pytest.mark.parametrize("mistake", [{}, {"eps": False}, {"shift": False}])
+def test_fold_comparison_rejects_a_wrong_fold(arch: str, mistake: dict, monkeypatch) -> None:
+    """The comparison above is sharp enough: the fold written by hand passes it, the same fold
+    without the epsilon or without the BN shift fails it (the epsilon alone changes the output
+    by about 1e-5 relative: a 1e-4 tolerance would have let it through)."""
+    import prunekit.measure.deploy as deploy
+
+    net, x = _fold_case(arch)
+    monkeypatch.setattr(deploy, "fuse_conv_bn_eval", lambda c, b: _fuse_by_hand(c, b, **mistake))
+    with torch.no_grad():
+        err = _rel_err(deploy.fold_batchnorm(net)(x), net(x))
+    if mistake:
+        assert err > 1e3 * FOLD_TOL, err
+    else:
+        assert err <= FOLD_TOL
 
 
 def test_fold_batchnorm_leaves_shared_and_untraceable_models_alone() -> None:
