@@ -11,13 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import write_image_folder
+from test_resume import Crash, chain_epoch_hook, edit_state
 
 from prunekit import cli
 from prunekit.io import load
-
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-
-
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -65,11 +62,56 @@ def test_train_json_and_checkpoint(folder_data, tmp_path, capsys) -> None:
     assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 2)
 
 
-def test_train_resume(folder_data, checkpoint, capsys) -> None:
-    code, stdout, _ = run(capsys, "train", "--model", "resnet8", "--data", folder_data, "--epochs",
-                          "2", "--batch-size", "8", "--out", checkpoint, "--resume", "--json")
-    assert code == 0
-    assert json.loads(stdout)["epochs"] == 2
+def test_train_resume(folder_data, tmp_path, monkeypatch, capsys) -> None:
+    """``train --resume`` continues from ``<out>.state``, not from a seeded restart.
+
+    A run of 2 epochs is interrupted after epoch 1 (an exception in an epoch hook, in process),
+    its state file's ``conv1.weight`` is scaled by 1.5 and its history record marked; the resumed
+    run trains epoch 2 only, keeps the marked record, and writes the weights of an uninterrupted
+    run that got the same change in memory after epoch 1 (which differ from the plain run's)."""
+
+    def argv(out: Path, *extra: str) -> list:
+        return ["train", "--model", "resnet8", "--data", folder_data, "--epochs", "2",
+                "--batch-size", "8", "--seed", "3", "--out", out, "--json", *extra]
+
+    def scale_after_epoch_1(epoch, model, _record):
+        if epoch == 1:
+            with torch.no_grad():
+                model.conv1.weight.mul_(1.5)
+
+    def crash_in_epoch_2(epoch, _model, _record):
+        if epoch == 2:
+            raise Crash
+
+    plain, expected, out = tmp_path / "plain.pt", tmp_path / "expected.pt", tmp_path / "m.pt"
+    assert run(capsys, *argv(plain))[0] == 0
+    with monkeypatch.context() as m:
+        chain_epoch_hook(m, scale_after_epoch_1)
+        assert run(capsys, *argv(expected))[0] == 0
+    with monkeypatch.context() as m:
+        chain_epoch_hook(m, crash_in_epoch_2)
+        code, _, err = run(capsys, *argv(out))
+    assert code == 1 and "Crash" in err and not out.exists()
+    state_path = Path(f"{out}.state")
+
+    def perturb(state):
+        assert state["epoch"] == 1
+        state["model"]["conv1.weight"].mul_(1.5)
+        state["history"][0]["from_file"] = True
+
+    edit_state(state_path, perturb)
+    trained: list[int] = []
+    with monkeypatch.context() as m:
+        chain_epoch_hook(m, lambda epoch, _m, _r: trained.append(epoch))
+        code, stdout, _ = run(capsys, *argv(out, "--resume"))
+    assert code == 0 and json.loads(stdout)["epochs"] == 2
+    assert trained == [2]
+    history = torch.load(state_path, weights_only=True)["history"]
+    assert [(r["epoch"], r.get("from_file", False)) for r in history] == [(1, True), (2, False)]
+    got, want, base = (load(p)[0].state_dict() for p in (out, expected, plain))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert any(not torch.equal(want[k], base[k]) for k in base)
+    assert load(out)[1]["test_acc"] == load(expected)[1]["test_acc"]
 
 
 def test_eval(checkpoint, capsys) -> None:
@@ -195,10 +237,10 @@ def test_real_entry_point_json(checkpoint) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not FMNIST.is_dir(), reason="Fashion-MNIST not installed")
-def test_train_fashion_mnist_quick(tmp_path, capsys) -> None:
+def test_train_fashion_mnist_quick(fashion_mnist_root, tmp_path, capsys) -> None:
     out = tmp_path / "fm.pt"
     code, stdout, _ = run(capsys, "train", "--model", "resnet8", "--data", "fashion-mnist",
+                          "--data-dir", fashion_mnist_root,
                           "--train-samples", "500", "--epochs", "1", "--batch-size", "100",
                           "--out", out, "--json")
     assert code == 0

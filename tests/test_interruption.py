@@ -1,10 +1,12 @@
 """Interruption and repeatability.
 
 * ``prunekit train`` killed with SIGKILL right after its first training-state file appears,
-  then resumed with ``--resume``, ends with exactly the weights of an uninterrupted run
-  (CPU, one thread, tiny data: a few seconds per run).
-* The centripetal phase of ``prunekit prune --method csgd``, killed the same way after its
-  first state file and resumed with ``--resume``, ends with the weights of an uninterrupted run.
+  its state file then changed (``conv1.weight`` x1.5, history records marked), and resumed with
+  ``--resume``: it trains exactly the remaining epochs and ends with the weights of an
+  uninterrupted run that got the same change in memory at that epoch boundary. A seeded
+  restart would end with the unchanged run's weights, so this tells the two apart (CPU, one
+  thread, tiny data: a few seconds per run).
+* The same for the centripetal phase of ``prunekit prune --method csgd``.
 * The same seed gives the same plan and the same weights, for every method tried, whatever the
   global RNG state is in between.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_resume import chain_epoch_hook, edit_state
 
 import prunekit
 from prunekit import cli
@@ -53,9 +57,9 @@ def fm(tmp_path_factory) -> Path:
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PRUNEKIT_PROGRESS": "0"}
 
 
-# The real entry point, in a fresh interpreter whose global RNG is seeded first: `prunekit
-# train` builds the model before fit() seeds anything, so its initial weights are not covered
-# by --seed (see test_cli_train_twice_same_seed below); seeding here gives both runs one init.
+# The real entry point, in a fresh interpreter. `prunekit train --seed N` seeds the initial
+# weights itself (test_cli_train_twice_same_seed), so a subprocess run and an in-process run of
+# the same command start from the same weights; the global seed here only pins anything else.
 LAUNCH = [sys.executable, "-c",
           "import sys, torch; torch.manual_seed(0); from prunekit.cli import main; sys.exit(main())"]
 
@@ -86,39 +90,75 @@ def _kill_when(proc: subprocess.Popen, path: Path, timeout: float = 300.0) -> bo
     return True
 
 
-def test_train_killed_after_first_checkpoint_resumes_identically(fm, tmp_path) -> None:
-    ref = tmp_path / "ref" / "m.pt"
-    ref.parent.mkdir()
-    done = subprocess.run(_train_argv(fm, ref, "--json"), capture_output=True, text=True, env=ENV,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["epochs"] == 3
+def _bar_epochs(stderr: str, total: int) -> list[int]:
+    """The epochs whose progress bar (``epoch e/total``) a run showed: the epochs it trained."""
+    return sorted({int(e) for e in re.findall(rf"epoch (\d+)/{total}\b", stderr)})
 
-    out = tmp_path / "run" / "m.pt"
-    out.parent.mkdir()
+
+def _kill_perturb_resume(argv, out: Path, total: int) -> tuple[int, subprocess.CompletedProcess]:
+    """Start ``argv`` in a fresh interpreter, SIGKILL it when ``<out>.state`` appears, scale
+    ``conv1.weight`` in that file by 1.5 and mark its history records, resume with
+    ``--resume --json``; check the resumed run trained exactly the remaining epochs and kept
+    the marked records. Returns (epochs done at the kill, the resumed process)."""
     state = Path(f"{out}.state")
-    proc = subprocess.Popen(_train_argv(fm, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env=ENV)
-    killed = _kill_when(proc, state)
-    if not killed:
+    proc = subprocess.Popen(argv(out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
+    if not _kill_when(proc, state):
         pytest.fail(f"the run finished before it could be killed (rc {proc.returncode}); "
                     "the test needs slower epochs on this machine")
     assert proc.returncode == -signal.SIGKILL
     assert not out.exists()  # the checkpoint is written at the end only
-    epochs_done = torch.load(state, map_location="cpu", weights_only=True)["epoch"]
-    assert 1 <= epochs_done < 3
+    k = torch.load(state, map_location="cpu", weights_only=True)["epoch"]
+    assert 1 <= k < total
 
-    resumed = subprocess.run(_train_argv(fm, out, "--resume", "--json"), capture_output=True,
-                             text=True, env=ENV, timeout=600)
+    def perturb(s: dict) -> None:
+        s["model"]["conv1.weight"].mul_(1.5)
+        for record in s["history"]:
+            record["from_file"] = True
+
+    edit_state(state, perturb)
+    resumed = subprocess.run(argv(out, "--resume", "--json"), capture_output=True, text=True,
+                             env={**ENV, "PRUNEKIT_PROGRESS": "1"}, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
-    result = json.loads(resumed.stdout)
-    assert result["epochs"] == 3
-    a, b = _state_dict(ref), _state_dict(out)
-    assert a.keys() == b.keys()
-    changed = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not changed, f"weights differ from the uninterrupted run: {changed[:5]}"
-    ref_meta = prunekit.load(ref)[1]
-    assert result["test_acc"] == ref_meta["test_acc"]
+    assert _bar_epochs(resumed.stderr, total) == list(range(k + 1, total + 1))  # N - k epochs
+    history = torch.load(state, map_location="cpu", weights_only=True)["history"]
+    assert [(r["epoch"], r.get("from_file", False)) for r in history] == \
+        [(e, e <= k) for e in range(1, total + 1)]
+    return k, resumed
+
+
+def _scale_conv1_after(k: int):
+    def hook(epoch, model, _record):
+        if epoch == k:
+            with torch.no_grad():
+                model.conv1.weight.mul_(1.5)
+    return hook
+
+
+def _assert_follows(out: Path, expected: Path, plain: Path) -> None:
+    got, want, base = _state_dict(out), _state_dict(expected), _state_dict(plain)
+    assert got.keys() == want.keys()
+    changed = [k for k in want if not torch.equal(got[k], want[k])]
+    assert not changed, f"weights differ from the run changed in memory: {changed[:5]}"
+    assert any(not torch.equal(want[k], base[k]) for k in base)  # and the change mattered
+
+
+def test_train_killed_then_resumed_continues_from_the_state_file(fm, tmp_path, monkeypatch,
+                                                                 capsys) -> None:
+    (tmp_path / "run").mkdir()
+    out = tmp_path / "run" / "m.pt"
+    k, resumed = _kill_perturb_resume(lambda o, *extra: _train_argv(fm, o, *extra), out, 3)
+    assert json.loads(resumed.stdout)["epochs"] == 3
+
+    # References in this process: the same command, uninterrupted, with and without the change
+    # made in memory at the end of epoch k (the CLI seeds the initial weights with --seed).
+    expected, plain = tmp_path / "expected.pt", tmp_path / "plain.pt"
+    with monkeypatch.context() as m:
+        chain_epoch_hook(m, _scale_conv1_after(k))
+        assert cli.main(_train_argv(fm, expected)[len(LAUNCH):]) == 0
+    assert cli.main(_train_argv(fm, plain)[len(LAUNCH):]) == 0
+    capsys.readouterr()
+    _assert_follows(out, expected, plain)
+    assert json.loads(resumed.stdout)["test_acc"] == prunekit.load(expected)[1]["test_acc"]
     # a SIGKILL can strand the temporary file of an atomic write; never the real outputs
     leftovers = [p.name for p in out.parent.iterdir() if p.name not in ("m.pt", "m.pt.state")]
     assert all(p.endswith(".tmp") for p in leftovers), leftovers
@@ -137,32 +177,31 @@ def test_cli_train_twice_same_seed(fm, tmp_path, capsys) -> None:
     assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
 
 
-def test_csgd_centripetal_phase_resumes_identically(fm, tmp_path, capsys) -> None:
-    assert "csgd" in available()
-    cli.main(["prune", "--help"])
-    assert "--resume" in capsys.readouterr().out, "prune has no --resume option"
-    # What the test does once resuming exists: train a base model, prune it with csgd once
-    # uninterrupted and once killed after the first centripetal state file, then resumed.
+def test_csgd_killed_then_resumed_continues_from_the_state_file(fm, tmp_path, monkeypatch,
+                                                                capsys) -> None:
+    """S1 (survey) and S2 (clustering) are seeded, so the resumed run rebuilds the same clusters
+    and continues S3 (centripetal training) from ``<out>.state``."""
     base = tmp_path / "base.pt"
-    assert subprocess.run(_train_argv(fm, base)[:-2] + ["--epochs", "1", "--out", str(base)],
-                          env=ENV, capture_output=True, timeout=600).returncode == 0
+    torch.manual_seed(0)
+    prunekit.save(create("resnet8", num_classes=10, in_channels=1), base,
+                  meta={"data": "fashion-mnist", "input_shape": [1, 28, 28]})
 
     def prune_argv(out: Path, *extra: str) -> list[str]:
-        return [*LAUNCH, "prune", str(base), "--method", "csgd",
-                "--ratio", "0.5", "--data-dir", str(fm), "--train-samples", "256",
-                "--centripetal-epochs", "3", "--survey-samples", "64", "--seed", "3",
-                "--device", "cpu", "--out", str(out), *extra]
+        return ["prune", str(base), "--method", "csgd", "--ratio", "0.5", "--data-dir", str(fm),
+                "--train-samples", "256", "--centripetal-epochs", "3", "--survey-samples", "64",
+                "--seed", "3", "--device", "cpu", "--out", str(out), *extra]
 
-    ref = tmp_path / "ref.pt"
-    assert subprocess.run(prune_argv(ref), env=ENV, capture_output=True, timeout=600).returncode == 0
     out = tmp_path / "csgd.pt"
-    proc = subprocess.Popen(prune_argv(out), env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    assert _kill_when(proc, Path(f"{out}.state"))
-    assert subprocess.run(prune_argv(out, "--resume"), env=ENV, capture_output=True,
-                          timeout=600).returncode == 0
-    a, b = _state_dict(ref), _state_dict(out)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    k, resumed = _kill_perturb_resume(lambda o, *extra: [*LAUNCH, *prune_argv(o, *extra)], out, 3)
+    assert json.loads(resumed.stdout)["method_centripetal_epochs_run"] == 3
+
+    expected, plain = tmp_path / "expected.pt", tmp_path / "plain.pt"
+    with monkeypatch.context() as m:
+        chain_epoch_hook(m, _scale_conv1_after(k))
+        assert cli.main(prune_argv(expected)) == 0
+    assert cli.main(prune_argv(plain)) == 0
+    capsys.readouterr()
+    _assert_follows(out, expected, plain)
 
 
 # --------------------------------------------------------------------------- repeatability
@@ -196,8 +235,7 @@ def _prune(method: str, seed: int, **extra):
 
 @pytest.mark.parametrize("method", list(TINY))
 def test_same_seed_same_plan_and_weights(method) -> None:
-    if method not in available():
-        pytest.skip(f"{method} is not in this build")
+    assert method in available(), f"{method} is not registered"  # never skip silently
     import warnings
 
     with warnings.catch_warnings():

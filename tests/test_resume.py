@@ -18,6 +18,8 @@ again from scratch, so equality alone proves little. These tests therefore
 from __future__ import annotations
 
 import dataclasses
+import sys
+import warnings
 
 import pytest
 import torch
@@ -184,6 +186,37 @@ def test_resume_follows_the_stored_epoch_counter(tmp_path):
     assert torch.load(path, weights_only=True)["epoch"] == 3
 
 
+def test_resume_restores_the_global_rng(tmp_path):
+    """Dropout draws from the global RNG, which the state file carries (``rng.torch``): replace
+    it after epoch 1 with the state of ``torch.manual_seed(999)`` and the resumed run equals an
+    uninterrupted run that called ``torch.manual_seed(999)`` at the end of epoch 1."""
+
+    def dropout_cnn() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(1, 6, 3, padding=1), torch.nn.ReLU(),
+                                   torch.nn.Dropout(0.5), torch.nn.AdaptiveAvgPool2d(2),
+                                   torch.nn.Flatten(), torch.nn.Linear(24, 4))
+
+    data, cfg = synthetic(96), cfg3()
+    plain, expected = dropout_cnn(), dropout_cnn()
+    fit(plain, data, cfg)
+
+    def reseed_after_epoch_1(epoch, _model, _record):
+        if epoch == 1:
+            torch.manual_seed(999)
+
+    fit(expected, data, cfg, hooks=Hooks(on_epoch_end=reseed_after_epoch_1))
+    assert not same_state(expected, plain)  # the dropout masks depend on the global RNG
+
+    path = tmp_path / "state.pt"
+    interrupted(path, 1, cfg, data, model=dropout_cnn())
+    reseeded = torch.manual_seed(999).get_state()
+    edit_state(path, lambda s: s["rng"].update(torch=reseeded))
+    model, _, trained = resume_counting(path, cfg, data, model=dropout_cnn())
+    assert trained == [2, 3]
+    assert same_state(model, expected)
+
+
 # ----------------------------------------------------------------------------- csgd
 def _calib(n: int = 32, size: int = 16) -> ImageDataset:
     g = torch.Generator().manual_seed(5)
@@ -197,9 +230,12 @@ CSGD = {"centripetal_epochs": 3, "survey_samples": 16, "batch_size": 16, "max_st
         "recalibrate_samples": 16}
 
 
-def _csgd(monkeypatch, on_epoch_end=None, **options):
-    """prunekit.prune with csgd on a fixed resnet8; ``on_epoch_end(epoch, model, record)`` is
-    chained after csgd's own hook on every fit() call csgd makes through prunekit.train."""
+def chain_epoch_hook(monkeypatch, on_epoch_end) -> None:
+    """Make every ``prunekit.train.fit`` call (csgd's, the CLI's) also call
+    ``on_epoch_end(epoch, model, record)`` after the caller's own hook, once per epoch trained.
+
+    csgd and the CLI look ``fit`` up on :mod:`prunekit.train` when they run; a copy bound at
+    import time elsewhere is patched too, so a refactor cannot silently bypass the hook."""
     real_fit = pk_train.fit
 
     def fit_with_hook(model, train_set, cfg=None, *, hooks=None, **kwargs):
@@ -208,20 +244,26 @@ def _csgd(monkeypatch, on_epoch_end=None, **options):
 
         def chained(epoch, m, record):
             stop = bool(inner(epoch, m, record)) if inner is not None else False
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, m, record)
+            on_epoch_end(epoch, m, record)
             return stop
 
         return real_fit(model, train_set, cfg, hooks=dataclasses.replace(hooks, on_epoch_end=chained),
                         **kwargs)
 
+    monkeypatch.setattr(pk_train, "fit", fit_with_hook)
+    for module in ("prunekit.cli", "prunekit.methods.csgd"):
+        if getattr(sys.modules.get(module), "fit", None) is real_fit:
+            monkeypatch.setattr(f"{module}.fit", fit_with_hook)
+
+
+def _csgd(monkeypatch, on_epoch_end=None, **options):
+    """prunekit.prune with csgd on a fixed resnet8, ``on_epoch_end`` chained after csgd's hook."""
     with monkeypatch.context() as m:
-        m.setattr(pk_train, "fit", fit_with_hook)
+        if on_epoch_end is not None:
+            chain_epoch_hook(m, on_epoch_end)
         torch.manual_seed(0)
         model = create("resnet8", num_classes=4, in_channels=1).eval()
         x = torch.zeros(2, 1, 16, 16)
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "clusters did not converge" on this tiny schedule
             return prunekit.prune(model, x, method="csgd", ratio=0.5, data=_calib(), seed=3,
