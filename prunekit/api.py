@@ -13,7 +13,7 @@ import torch.nn as nn
 from . import methods
 from .engine import PruningPlan, leftover_hooks
 from .engine.budget import check_fraction, check_round_to, count_macs_params
-from .errors import ConfigError, PrunekitError
+from .errors import ConfigError, DataError, PrunekitError
 
 
 @dataclass
@@ -102,6 +102,9 @@ def finetune(model: nn.Module, train_set: Any, epochs: int, *, teacher: nn.Modul
     t = time.perf_counter()
     if expand or refine_labels:
         from .train.smalldata import finetune_small_data
+        if not callable(getattr(train_set, "batch", None)):
+            raise DataError("expand / refine_labels (small-data fine-tuning) need an in-memory "
+                            f"ImageDataset, got {type(train_set).__name__}")
         finetune_small_data(model, teacher, train_set, epochs, expand=expand,
                             distill=teacher is not None, refine_labels=refine_labels, cfg=cfg, seed=seed)
     else:
@@ -146,8 +149,12 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None,
     ratio, target_macs : float
         Exactly one: fraction of filters removed per layer, or fraction of MACs kept (a method
         that chooses its widths itself, such as ``mrts``, also runs with neither).
-    data : ImageDataset or (train, test), optional
+    data : dataset, DataLoader or (train, test), optional
         Calibration / training data; the test set, when given, is used for the accuracies.
+        Each may be a prunekit ImageDataset (in memory), a streamed image folder, any
+        map-style ``Dataset`` of ``(image, label)`` (or image-only, for methods that need no
+        labels) or a ``DataLoader`` (iterated, never materialised): see
+        :mod:`prunekit.data.batches`.
     finetune_epochs : int
         Epochs of fine-tuning after surgery (0: none).
     distill : bool
@@ -177,7 +184,8 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None,
     if example_inputs is None:
         if train_set is None:
             raise ConfigError("example_inputs or data is required")
-        example_inputs = train_set.example_input(1)
+        from .data.batches import first_input
+        example_inputs = first_input(train_set)
     if isinstance(finetune_epochs, bool) or int(finetune_epochs) != finetune_epochs or finetune_epochs < 0:
         raise ConfigError(f"finetune_epochs must be a whole number >= 0, got {finetune_epochs}")
     finetune_epochs = int(finetune_epochs)

@@ -232,11 +232,23 @@ def check_finite(model, path: Path) -> None:
             raise CheckpointError(f"{path}: {name} holds NaN or Inf values")
 
 
-def load_data(name: str, data_dir: Path | None, train_samples: int | None = None):
-    """``prunekit.data.load`` behind the CLI's data options."""
+def load_data(name: str, data_dir: Path | None, train_samples: int | None = None,
+              input_shape: Sequence[int] | None = None):
+    """``prunekit.data.load`` behind the CLI's data options.
+
+    An image folder (``folder:PATH``) is read at the checkpoint's square ``input_shape`` when
+    one is known (else 32 x 32), and streamed from disk instead of held in memory when it
+    would not fit :func:`prunekit.data.in_memory_limit` (``folder+stream:PATH`` always streams).
+    """
     from .data import load
 
-    return load(name, root=data_dir, train_samples=train_samples)
+    size = None
+    if (name.strip().lower().startswith(("folder:", "folder+stream:"))
+            and isinstance(input_shape, (list, tuple)) and len(input_shape) == 3
+            and all(isinstance(v, int) and v > 0 for v in input_shape)
+            and input_shape[1] == input_shape[2]):
+        size = int(input_shape[1])
+    return load(name, root=data_dir, train_samples=train_samples, image_size=size)
 
 
 def load_checkpoint(path: Path):
@@ -357,7 +369,7 @@ def eval_(
         name = data or meta.get("data")
         if not name:
             raise ConfigError("the checkpoint does not record its dataset; pass --data")
-        _, test_set = load_data(name, data_dir)
+        _, test_set = load_data(name, data_dir, input_shape=meta.get("input_shape"))
         acc = evaluate(model, test_set, batch_size=batch_size, device=resolve_device(device))
         o.result({"checkpoint": str(checkpoint), "data": name, "samples": len(test_set),
                   "test_acc": acc},
@@ -507,7 +519,7 @@ def prune_(
         data_name = data or meta.get("data")
         if data_name is None:
             raise ConfigError("the checkpoint does not record its dataset; pass --data")
-        train_set, test_set = load_data(data_name, data_dir, train_samples)
+        train_set, test_set = load_data(data_name, data_dir, train_samples, input_shape=shape)
         load_s = time.perf_counter() - t0
         if spec.resumable:
             options.update(state_path=str(state_path), resume=resume)
@@ -636,12 +648,12 @@ def compare_(
         if opt.get("calib_images") is not None:
             method_options.setdefault("*", {})["calib_images"] = opt["calib_images"]
         model, meta = load_checkpoint(checkpoint)
-        input_shape_for(meta, None)
+        shape = input_shape_for(meta, None)
         data_name = opt.get("data") or meta.get("data")
         if data_name is None:
             raise ConfigError("the checkpoint does not record its dataset; pass --data")
         root = Path(opt["data_dir"]) if opt.get("data_dir") else None
-        train_set, test_set = load_data(data_name, root, opt.get("train_samples"))
+        train_set, test_set = load_data(data_name, root, opt.get("train_samples"), input_shape=shape)
         train_config = TrainConfig(lr=opt.get("finetune_lr", 0.01), seed=opt.get("seed", 0), device=dev)
         results = compare(
             model, None, names, target_macs=opt.get("target_macs"), ratio=opt.get("ratio"),

@@ -11,7 +11,9 @@ Scored layers: the producers (conv / linear rows) for weight criteria; the Batch
 group for ``bn-scale`` and for the data criteria (their output, after ReLU, is the feature map the
 rest of the network sees), or the producers' outputs when a group has no BatchNorm.
 
-Criteria (seed 002 and 004, ../shared/METHODS.md sections 3 and 5):
+Criteria (the baselines compared by Luo et al., ThiNet, IEEE TPAMI 2019: random, weight sum
+(Li et al., ICLR 2017), APoZ (Hu et al., arXiv 2016) and the activation statistics; Taylor-FO
+(Molchanov et al., ICLR 2017); the BN scale (Liu et al., ICCV 2017)):
 
 ``random``     uniform random scores (seeded);
 ``l1``         weight sum: sum of |W| over the filter;
@@ -38,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..data.batches import count, is_empty, iter_batches, labels_of, num_batches
 from ..engine.graph import ChannelGroup, DependencyInfo, Slot
 from ..errors import ConfigError, DataError
 from ..utils import module_device, progress
@@ -134,9 +137,13 @@ def _hooked_slots(g: ChannelGroup) -> list[Slot]:
 def data_scores(info: DependencyInfo, criterion: str, data, *, samples: int = 512,
                 batch_size: int = 64, device: str | torch.device | None = None,
                 desc: str | None = None) -> Scores:
-    """Activation statistics or Taylor-FO scores over the first ``samples`` images of ``data``
-    (an ``ImageDataset``)."""
-    if data is None or len(data) == 0:
+    """Activation statistics or Taylor-FO scores over the first ``samples`` images of ``data``.
+
+    ``data``: an ImageDataset, a map-style dataset, a DataLoader or a tensor of inputs (see
+    :func:`prunekit.data.batches.iter_batches`); ``batch_size`` applies to all but a
+    DataLoader. The activation criteria read images only; ``taylor`` needs labels.
+    """
+    if is_empty(data):
         raise DataError(f"criterion {criterion!r} needs calibration data (got none)")
     model = info.model
     dev = torch.device(device) if device is not None else module_device(model)
@@ -166,15 +173,15 @@ def data_scores(info: DependencyInfo, criterion: str, data, *, samples: int = 51
     was_training = model.training
     model.eval()
     try:
-        n = min(samples, len(data))
+        n = count(data, samples)
         if n <= 0:
             raise DataError("empty calibration set")
-        starts = range(0, n, batch_size)
-        for start in progress(starts, desc=desc or f"scoring ({criterion})", total=len(starts)):
-            idx = torch.arange(start, min(start + batch_size, n))
-            x, y = data.batch(idx)
-            x, y = x.to(dev), y.to(dev)
+        batches = iter_batches(data, n, batch_size)
+        for x, y in progress(batches, desc=desc or f"scoring ({criterion})",
+                             total=num_batches(data, n, batch_size)):
+            x = x.to(dev)
             if taylor:
+                y = labels_of(y, "the taylor criterion").to(dev)
                 model.zero_grad(set_to_none=True)
                 with torch.enable_grad():
                     F.cross_entropy(model(x), y).backward()
@@ -192,7 +199,7 @@ def data_scores(info: DependencyInfo, criterion: str, data, *, samples: int = 51
     def slot_values(s: Slot) -> torch.Tensor:
         if taylor:
             v = taylor_sum[s.name] / n_batches
-            return v / v.norm().clamp_min(1e-12)  # seed 004: per-layer L2 normalisation
+            return v / v.norm().clamp_min(1e-12)  # Molchanov et al. (2017): per-layer L2 normalisation
         return accs[s.name].result()
 
     return {g.name: _mean_over(_hooked_slots(g), g.size, slot_values) for g in info.groups}

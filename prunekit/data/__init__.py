@@ -1,10 +1,16 @@
-"""Datasets: Fashion-MNIST, CIFAR-10/100 and image folders, as in-memory ``uint8`` tensors.
+"""Datasets: Fashion-MNIST, CIFAR-10/100 and image folders.
 
 Everything is read from local files; nothing is ever downloaded. :func:`load` is the entry
 point::
 
     train, test = prunekit.data.load("fashion-mnist", train_samples=5000)
     x, y = train.batch(range(128))          # normalised float [128, 1, 28, 28], int64 [128]
+
+The built-in datasets and small image folders are held in memory as ``uint8`` tensors
+(:class:`ImageDataset`); an image folder too large for that is streamed
+(:class:`~prunekit.data.stream.ImageFolderStream`: decoded image by image in worker processes).
+Every method also takes any map-style ``Dataset`` or ``DataLoader`` of its own
+(:mod:`prunekit.data.batches`).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from .dataset import ImageDataset
 from .fashion_mnist import load_fashion_mnist
 from .folder import load_image_folder
 from .locate import ENV_VAR
+from .stream import ImageFolderStream, stream_image_folder
 
 DATASETS: list[str] = ["fashion-mnist", "cifar10", "cifar100", "folder:PATH"]
 """Names :func:`load` accepts; ``folder:PATH`` stands for any image folder path."""
@@ -33,8 +40,39 @@ _ALIASES = {
 }
 _LOADERS = {"fashion-mnist": load_fashion_mnist, "cifar10": load_cifar10, "cifar100": load_cifar100}
 
-__all__ = ["DATASETS", "ENV_VAR", "ImageDataset", "load", "load_cifar10", "load_cifar100",
-           "load_fashion_mnist", "load_image_folder", "random_crop_flip", "resize"]
+__all__ = ["DATASETS", "ENV_VAR", "MEMORY_ENV", "ImageDataset", "ImageFolderStream", "in_memory_limit",
+           "load", "load_cifar10", "load_cifar100", "load_fashion_mnist", "load_image_folder",
+           "random_crop_flip", "resize", "stream_image_folder"]
+
+MEMORY_ENV = "PRUNEKIT_IN_MEMORY_LIMIT"
+DEFAULT_IN_MEMORY_LIMIT = 2 * 1024**3
+"""Bytes of ``uint8`` pixels up to which ``folder:PATH`` is loaded into memory (2 GiB)."""
+
+
+def in_memory_limit() -> int:
+    """Bytes of decoded ``uint8`` pixels up to which ``folder:PATH`` is held in memory:
+    ``$PRUNEKIT_IN_MEMORY_LIMIT`` (bytes, or with a ``K``/``M``/``G`` suffix; ``0``: always
+    stream), else 2 GiB."""
+    raw = os.environ.get(MEMORY_ENV)
+    if raw is None or not raw.strip():
+        return DEFAULT_IN_MEMORY_LIMIT
+    text = raw.strip().upper().removesuffix("B")
+    scale = {"K": 1024, "M": 1024**2, "G": 1024**3}.get(text[-1:], 1)
+    try:
+        value = float(text[:-1] if scale > 1 else text) * scale
+    except ValueError:
+        raise ConfigError(f"{MEMORY_ENV} must be a byte count such as 4G or 500M, got {raw!r}") from None
+    if value < 0:
+        raise ConfigError(f"{MEMORY_ENV} must be >= 0, got {raw!r}")
+    return int(value)
+
+
+def _folder_bytes(path: str, size: int) -> int:
+    """``uint8`` bytes an image folder takes in memory at ``size`` (three channels assumed)."""
+    from .folder import scan_image_folder
+
+    _, _, train_items, test_items = scan_image_folder(path)
+    return (len(train_items) + len(test_items)) * 3 * size * size
 
 
 def resize(dataset: ImageDataset, size: int, chunk: int = 4096) -> ImageDataset:
@@ -54,14 +92,15 @@ def resize(dataset: ImageDataset, size: int, chunk: int = 4096) -> ImageDataset:
 
 
 def load(name: str, root: str | os.PathLike | None = None, train_samples: int | None = None,
-         image_size: int | None = None) -> tuple[ImageDataset, ImageDataset]:
+         image_size: int | None = None, stream: bool | None = None):
     """Load a dataset from local files as ``(train, test)``.
 
     Parameters
     ----------
     name : str
         ``"fashion-mnist"``, ``"cifar10"``, ``"cifar100"`` (case and ``-``/``_`` spellings such
-        as ``"CIFAR-10"`` are accepted) or ``"folder:PATH"`` for an image folder.
+        as ``"CIFAR-10"`` are accepted) or ``"folder:PATH"`` for an image folder
+        (``"folder+stream:PATH"``: the same folder, always streamed).
     root : path, optional
         Directory holding the dataset's files (or their conventional folder). Without it:
         ``$PRUNEKIT_DATA/<folder>``, ``$PRUNEKIT_DATA``, then the dataset's default place
@@ -72,17 +111,25 @@ def load(name: str, root: str | os.PathLike | None = None, train_samples: int | 
     image_size : int, optional
         Resize images to this square size. Image folders default to 32; the built-in
         datasets keep their native size (28 or 32) unless asked.
+    stream : bool, optional
+        Image folders only. ``True``: read lazily, image by image
+        (:func:`~prunekit.data.stream.stream_image_folder`: memory bounded by a few batches;
+        mean/std measured on at most 1000 training images); ``False``: decode everything into
+        memory (:func:`~prunekit.data.folder.load_image_folder`); ``None`` (default): stream
+        when the decoded folder (images x 3 x size x size bytes) would exceed
+        :func:`in_memory_limit` (2 GiB unless ``$PRUNEKIT_IN_MEMORY_LIMIT`` says otherwise).
 
     Returns
     -------
-    train, test : ImageDataset
-        ``uint8`` images ``[N, C, H, W]`` with labels, mean/std and class names.
+    train, test : ImageDataset or ImageFolderStream
+        ``uint8`` images ``[N, C, H, W]`` with labels, mean/std and class names, or their
+        streamed equivalent (same items, same attributes but ``images``).
 
     Raises
     ------
     ConfigError
         Unknown name (the message lists :data:`DATASETS`), non-positive ``train_samples``
-        or ``image_size``.
+        or ``image_size``, ``stream=True`` for a built-in dataset.
     DataError
         Data missing (the message names every searched place and how to get it), corrupt,
         or a pickle carrying code.
@@ -100,13 +147,32 @@ def load(name: str, root: str | os.PathLike | None = None, train_samples: int | 
         raise ConfigError(f"image_size must be a positive integer, got {image_size!r}")
     if not isinstance(name, str):
         raise ConfigError(f"dataset name must be a string, got {name!r}")
-    if name.strip().lower().startswith("folder:"):
-        path = name.strip()[len("folder:"):]
+    if stream is not None and not isinstance(stream, bool):
+        raise ConfigError(f"stream must be True, False or None, got {stream!r}")
+    lowered = name.strip().lower()
+    prefix = next((p for p in ("folder:", "folder+stream:") if lowered.startswith(p)), None)
+    if prefix is not None:
+        path = name.strip()[len(prefix):]
         if not path:
-            raise ConfigError("folder: needs a path, as in folder:/data/my-images")
-        train, test = load_image_folder(path, image_size=image_size or 32)
+            raise ConfigError(f"{prefix} needs a path, as in {prefix}/data/my-images")
+        if prefix == "folder+stream:":
+            if stream is False:
+                raise ConfigError(f"{name!r} asks for streaming but stream=False was given")
+            stream = True
+        size = image_size or 32
+        if stream is None:
+            stream = _folder_bytes(path, size) > in_memory_limit()
+        if stream:
+            train, test = stream_image_folder(path, image_size=size)
+            if train_samples is not None:
+                train = train.subset(int(train_samples))
+            return train, test
+        train, test = load_image_folder(path, image_size=size)
     else:
-        key = _ALIASES.get(name.strip().lower())
+        if stream:
+            raise ConfigError(f"stream=True applies to image folders; {name!r} is a built-in "
+                              "dataset, always held in memory")
+        key = _ALIASES.get(lowered)
         if key is None:
             raise ConfigError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
         train, test = _LOADERS[key](root)

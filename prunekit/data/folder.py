@@ -1,5 +1,8 @@
 """An image folder: one sub-folder per class, images decoded with Pillow into memory.
 
+(:mod:`prunekit.data.stream` reads the same layouts lazily, one image at a time, for folders
+too large for memory.)
+
 Layouts understood, for ``folder:PATH``:
 
 * ``PATH/train/<class>/*`` and ``PATH/test/<class>/*`` (``val`` is accepted for ``test``);
@@ -116,6 +119,46 @@ def _mean_std(images: torch.Tensor) -> tuple[list[float], list[float]]:
     return mean.tolist(), std.tolist()
 
 
+def scan_image_folder(path: str | os.PathLike) -> tuple[Path, list[str], list[tuple[Path, int]],
+                                                   list[tuple[Path, int]]]:
+    """The layout of an image folder, without decoding any image.
+
+    Returns
+    -------
+    root, classes, train_items, test_items
+        The folder, the sorted class names, and the ``(file, label)`` pairs of each split
+        (see the module docstring for the layouts and the split rule).
+
+    Raises
+    ------
+    DataError
+        The folder is missing or holds no class folders / images, or a test class is unknown.
+    """
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root} (expected {root}/train/<class>/<images>, "
+                        f"{root}/test/<class>/<images>, or {root}/<class>/<images>)")
+    train_dir = root / "train"
+    test_dir = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
+    if test_dir is not None and not train_dir.is_dir():
+        raise DataError(f"{root}: has {test_dir.name}/ but no train/ folder")
+    if train_dir.is_dir():
+        classes, train_items = _scan(train_dir, None)
+        if test_dir is not None:
+            _, test_items = _scan(test_dir, classes)
+        else:
+            train_items, test_items = _split(train_items)
+    else:
+        classes, items = _scan(root, None)
+        train_items, test_items = _split(items)
+    if not train_items:
+        raise DataError(f"{root}: no training images found")
+    if not test_items:
+        raise DataError(f"{root}: no test images (add {root}/test/<class>/<images>, "
+                        f"or at least {TEST_EVERY} images in a class)")
+    return root, classes, train_items, test_items
+
+
 def load_image_folder(path: str | os.PathLike, image_size: int = 32) -> tuple[ImageDataset, ImageDataset]:
     """Load an image-per-file dataset into memory (see the module docstring for layouts).
 
@@ -142,29 +185,7 @@ def load_image_folder(path: str | os.PathLike, image_size: int = 32) -> tuple[Im
     """
     if not isinstance(image_size, int) or image_size <= 0:
         raise ConfigError(f"image_size must be a positive integer, got {image_size!r}")
-    root = Path(path).expanduser()
-    if not root.is_dir():
-        raise DataError(f"image folder not found: {root} (expected {root}/train/<class>/<images>, "
-                        f"{root}/test/<class>/<images>, or {root}/<class>/<images>)")
-    train_dir = root / "train"
-    test_dir = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
-    if test_dir is not None and not train_dir.is_dir():
-        raise DataError(f"{root}: has {test_dir.name}/ but no train/ folder")
-    if train_dir.is_dir():
-        classes, train_items = _scan(train_dir, None)
-        if test_dir is not None:
-            _, test_items = _scan(test_dir, classes)
-        else:
-            train_items, test_items = _split(train_items)
-    else:
-        classes, items = _scan(root, None)
-        train_items, test_items = _split(items)
-    if not train_items:
-        raise DataError(f"{root}: no training images found")
-    if not test_items:
-        raise DataError(f"{root}: no test images (add {root}/test/<class>/<images>, "
-                        f"or at least {TEST_EVERY} images in a class)")
-
+    root, classes, train_items, test_items = scan_image_folder(path)
     decoded = [_decode(f, image_size) for f, _ in
                progress(train_items + test_items, desc=f"reading {root.name}")]
     gray = all(g for _, g in decoded)

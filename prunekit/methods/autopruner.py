@@ -1,6 +1,6 @@
-"""AutoPruner: end-to-end trainable channel gates that binarise, then prune (seed 002).
+"""AutoPruner: end-to-end trainable channel gates that binarise, then prune.
 
-The method (Luo & Wu, 2020; ``../shared/METHODS.md`` section 3), step by step:
+The method (Luo and Wu, Pattern Recognition 2020), step by step:
 
 S1 **gates.** Every prunable group of channels gets one gate layer. From a batch of its feature
    maps ``x [N, C, H, W]`` the gate computes ``v = sigmoid(alpha * FC(pool(x)))`` where
@@ -55,6 +55,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..data.batches import count, is_empty, iter_batches
 from ..engine import ChannelGroup, DependencyInfo, GroupPlan, PruningPlan, Slot, analyse, apply_plan
 from ..engine.budget import Widths, budget_widths
 from ..engine.ranking import consumer_index
@@ -416,7 +417,9 @@ def train_gates(model: nn.Module, gated: GatedModel, targets: Sequence[float], t
     gated : GatedModel
     targets : sequence of float
         Keep rate ``r_g`` per gated group (same order as ``gated.groups``).
-    train_set : ImageDataset
+    train_set : ImageDataset, Dataset or DataLoader
+        Labelled training data (:func:`prunekit.train.fit`; a DataLoader keeps its own batch
+        size).
     opts : AutoPrunerOptions
     seed : int
 
@@ -425,12 +428,10 @@ def train_gates(model: nn.Module, gated: GatedModel, targets: Sequence[float], t
     GateController
         The schedule's final state and per-window history (rates, alphas, lambdas).
     """
-    from ..train import Hooks, TrainConfig, fit
+    from ..train import Hooks, TrainConfig, epoch_steps, fit
 
-    batch = min(opts.batch_size, len(train_set))
-    steps = max(1, len(train_set) // batch)
-    if opts.max_steps_per_epoch is not None:
-        steps = min(steps, opts.max_steps_per_epoch)
+    batch = min(opts.batch_size, count(train_set))
+    steps = epoch_steps(train_set, batch, opts.max_steps_per_epoch)
     total = steps * opts.epochs
     window = opts.window or max(5, steps // 4)
     ctl = GateController(list(targets), total, window, opts.lam, opts.alpha0, opts.alpha_max,
@@ -483,17 +484,16 @@ def train_gates(model: nn.Module, gated: GatedModel, targets: Sequence[float], t
 def gate_values(model: nn.Module, gated: GatedModel, data, images: int = 512,
                 batch_size: int = 128) -> dict[str, torch.Tensor]:
     """Gate vector of every gated group averaged over the first ``images`` images of ``data``
-    (eval mode, no augmentation), weighted by batch size."""
+    (any source :func:`prunekit.data.batches.iter_batches` reads; labels unused; eval mode, no
+    augmentation), weighted by batch size."""
     dev = _device_of(model)
     sums: dict[str, torch.Tensor] = {}
-    n = min(images, len(data))
+    n = count(data, images)
     with eval_mode(model):
-        for start in range(0, n, batch_size):
-            idx = torch.arange(start, min(start + batch_size, n))
-            x, _ = data.batch(idx)
+        for x, _ in iter_batches(data, n, batch_size):
             model(x.to(dev))
             for g, gate in gated.items():
-                v = gate.v.double().cpu() * len(idx)
+                v = gate.v.double().cpu() * len(x)
                 sums[g.name] = sums[g.name] + v if g.name in sums else v
     return {k: v / n for k, v in sums.items()}
 
@@ -574,7 +574,7 @@ def run(ctx: PruneContext) -> MethodOutput:
         keep rate, overridden channels and the alpha/lambda history summary.
     """
     opts = ctx.parse(AutoPrunerOptions, "autopruner")
-    if ctx.train_set is None or len(ctx.train_set) == 0:
+    if is_empty(ctx.train_set):
         raise DataError("AutoPruner trains its gates and needs training data (data=...)")
     if opts.device == "auto" and ctx.device != "auto":
         opts.device = ctx.device

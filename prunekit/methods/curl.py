@@ -1,6 +1,6 @@
-"""CURL: compress residual blocks inside and out, ranked by the KL divergence of the output (seed 002).
+"""CURL: compress residual blocks inside and out, ranked by the KL divergence of the output.
 
-The method (Luo & Wu, 2020; ``../shared/METHODS.md`` section 3), step by step:
+The method (Luo and Wu, CVPR 2020), step by step:
 
 S1 **groups.** Channels that must go together are the engine's groups. In a ResNet stage the
    blocks' output channels (the residual "trunk": the stem or projection conv and every block's
@@ -53,6 +53,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..criteria import Scores
+from ..data.batches import count, is_empty, iter_batches, num_batches
 from ..engine import ChannelGroup, DependencyInfo, PruningPlan, analyse, apply_plan
 from ..engine.budget import check_fraction, count_macs_params, solve_budget
 from ..engine.ranking import NORMALIZE, consumer_index, global_widths, keep_top
@@ -118,8 +119,9 @@ def kl_scores(info: DependencyInfo, data, *, calib_images: int = 128, channel_ba
     ----------
     info : DependencyInfo
         The analysed model (scored in eval mode; not modified).
-    data : ImageDataset
-        Calibration images: the first ``calib_images`` are used.
+    data : ImageDataset, Dataset, DataLoader or Tensor
+        Calibration images (labels are not read): the first ``calib_images`` are used, each
+        batch read once (:func:`prunekit.data.batches.iter_batches`).
     calib_images : int
         ``N``.
     channel_batch : int
@@ -140,7 +142,7 @@ def kl_scores(info: DependencyInfo, data, *, calib_images: int = 128, channel_ba
     dict[str, Tensor[C]]
         Group name -> per-channel mean KL (float64, >= 0).
     """
-    if data is None or len(data) == 0:
+    if is_empty(data):
         raise DataError("CURL scores channels on calibration images and needs data (data=...)")
     if channel_batch < 1:
         raise ConfigError(f"channel_batch must be >= 1, got {channel_batch}")
@@ -155,28 +157,29 @@ def kl_scores(info: DependencyInfo, data, *, calib_images: int = 128, channel_ba
         model.to(memory_format=torch.channels_last)
     chosen = [g for g in info.groups if groups is None or g.name in groups]
     sums = {g.name: torch.zeros(g.size, dtype=torch.float64) for g in chosen}
-    n = min(calib_images, len(data))
-    starts = list(range(0, n, batch_size))
-    work = [(s, g, c0) for s in starts for g in chosen for c0 in range(0, g.size, channel_batch)]
+    n = count(data, calib_images)
+    per_batch = [(g, c0) for g in chosen for c0 in range(0, g.size, channel_batch)]
+    bar = progress(range(num_batches(data, n, batch_size) * len(per_batch)),
+                   desc="CURL: KL scores")
     try:
-        ref: dict[int, torch.Tensor] = {}
-        for start, g, c0 in progress(work, desc="CURL: KL scores", total=len(work)):
-            x = data.batch(torch.arange(start, min(start + batch_size, n)))[0].to(dev)
+        for x, _ in iter_batches(data, n, batch_size):
+            x = x.to(dev)
             if cl and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
-            if start not in ref:
-                ref = {start: F.log_softmax(model(x).float(), dim=1)}
-            log_p = ref[start]
-            channels = list(range(c0, min(c0 + channel_batch, g.size)))
-            with _ReplicaMask(g) as mask:
-                mask.chosen = channels
-                xr = x.repeat(len(channels), *([1] * (x.dim() - 1)))
-                if cl and xr.dim() == 4:
-                    xr = xr.contiguous(memory_format=torch.channels_last)
-                log_q = F.log_softmax(model(xr).float(), dim=1).view(len(channels), len(x), -1)
-            kl = _kl(log_p.unsqueeze(0), log_q).sum(1).clamp_min(0).cpu()
-            sums[g.name][channels] += kl
+            log_p = F.log_softmax(model(x).float(), dim=1)
+            for g, c0 in per_batch:
+                channels = list(range(c0, min(c0 + channel_batch, g.size)))
+                with _ReplicaMask(g) as mask:
+                    mask.chosen = channels
+                    xr = x.repeat(len(channels), *([1] * (x.dim() - 1)))
+                    if cl and xr.dim() == 4:
+                        xr = xr.contiguous(memory_format=torch.channels_last)
+                    log_q = F.log_softmax(model(xr).float(), dim=1).view(len(channels), len(x), -1)
+                kl = _kl(log_p.unsqueeze(0), log_q).sum(1).clamp_min(0).cpu()
+                sums[g.name][channels] += kl
+                bar.update(1)
     finally:
+        bar.close()
         if cl:
             model.to(memory_format=torch.contiguous_format)
         model.to(old_dev).train(was_training)
@@ -230,7 +233,7 @@ def run(ctx: PruneContext) -> MethodOutput:
     """
     o = ctx.parse(CurlOptions, "curl")
     steps = o.steps
-    if ctx.train_set is None or len(ctx.train_set) == 0:
+    if is_empty(ctx.train_set):
         raise DataError("CURL scores channels on calibration images and needs data (data=...)")
     opts = {"calib_images": o.calib_images, "channel_batch": o.channel_batch,
             "batch_size": o.batch_size, "normalize": o.normalize,

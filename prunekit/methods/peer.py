@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 import torch_pruning as tp
 
+from ..data.batches import is_empty, iter_batches, labels_of
 from ..engine import analyse, find_classifier
 from ..engine.budget import Widths, budget_widths, check_fraction, count_macs_params
 from ..errors import ConfigError, DataError
@@ -55,14 +56,14 @@ def _importance(criterion: str):
 
 
 def _accumulate_gradients(model, data, samples: int, batch_size: int = 64) -> None:
-    if data is None or len(data) == 0:
+    """Sum the cross-entropy gradients of the first ``samples`` labelled inputs of ``data``
+    (any source :func:`prunekit.data.batches.iter_batches` reads)."""
+    if is_empty(data):
         raise DataError("tp:taylor needs calibration data")
     model.zero_grad(set_to_none=True)
     model.eval()
-    n = min(samples, len(data))
-    for start in range(0, n, batch_size):
-        x, y = data.batch(torch.arange(start, min(start + batch_size, n)))
-        F.cross_entropy(model(x), y).backward()
+    for x, y in iter_batches(data, samples, batch_size):
+        F.cross_entropy(model(x), labels_of(y, "tp:taylor")).backward()
 
 
 def _layer_ratios(info, widths: Widths) -> dict[str, float]:

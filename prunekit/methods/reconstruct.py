@@ -53,6 +53,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..data.batches import Selection, count, is_empty, is_loader
+from ..data.batches import select as select_inputs
 from ..engine import ChannelGroup, DependencyInfo, GroupPlan, PruningPlan, analyse, apply_group
 from ..engine.budget import Widths, budget_widths
 from ..errors import DataError, UnsupportedLayerError
@@ -81,7 +83,7 @@ class ReconstructOptions(MethodOptions):
     """
 
     calib_images: int = option(500, "calibration images streamed per layer (a seeded random "
-                               "subset of the training set)", min=1)
+                               "subset of the training set; a DataLoader's first ones)", min=1)
     samples_per_image: int = option(10, "sampled output values per image (ThiNet: 10)", min=1)
     batch_size: int = option(64, "images per forward pass while sampling", min=1)
     prune_trunk: bool = option(False, "also prune groups with several producers (residual "
@@ -155,7 +157,7 @@ class ConsumerSamples:
         return torch.nonzero(mask[self.chan]).flatten()
 
     def contributions(self, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
-        """ThiNet's ``X [R, C]`` and ``y [R]`` (seed 002: ``y_hat = y - b = sum_c x_c``).
+        """ThiNet's ``X [R, C]`` and ``y [R]`` (Luo et al., ICCV 2017: ``y_hat = y - b = sum_c x_c``).
 
         Row ``i`` is the output channel ``rows_o[i]`` at sample ``rows_s[i]``; computed in
         chunks of rows (``[chunk, Kg]`` at a time) and cached.
@@ -287,19 +289,26 @@ class OriginalTargets:
     original : nn.Module
     names : sequence of str
         The consumer layers (Conv2d or Linear).
-    data : ImageDataset
-    images : LongTensor
-        Calibration image indices, streamed in chunks of ``batch_size``.
+    data : ImageDataset, Dataset, DataLoader or Tensor
+        Calibration data (labels are not read).
+    images : LongTensor, int or Selection
+        Calibration image indices of an indexable ``data``, streamed in chunks of
+        ``batch_size``; or a number ``n`` (the first ``n`` inputs, the only choice for a
+        ``DataLoader``, read in its own batches); or a
+        :func:`~prunekit.data.batches.select` result. Every later pass
+        (:func:`sample_group`) reads the same inputs in the same batches.
     samples_per_image : int
     batch_size : int
     seed : int
     """
 
-    def __init__(self, original: nn.Module, names: Sequence[str], data: Any, images: torch.Tensor, *,
-                 samples_per_image: int = 10, batch_size: int = 64, seed: int = 0) -> None:
-        if data is None or len(data) == 0:
+    def __init__(self, original: nn.Module, names: Sequence[str], data: Any,
+                 images: torch.Tensor | int | Selection, *, samples_per_image: int = 10,
+                 batch_size: int = 64, seed: int = 0) -> None:
+        if is_empty(data):
             raise DataError("reconstruction pruning needs calibration data (got none)")
-        self.data, self.images, self.batch_size = data, images, batch_size
+        self.selection = _selection(data, images, batch_size)
+        self.data, self.images, self.batch_size = data, self.selection.indices, batch_size
         self.m = samples_per_image
         mods = dict(original.named_modules())
         names = list(dict.fromkeys(names))
@@ -354,9 +363,9 @@ class OriginalTargets:
         dev = module_device(original)
         try:
             with torch.no_grad():
-                for idx in images.split(batch_size):
+                for x, _ in self.selection:
                     seen.clear()
-                    _forward_until(original, data.batch(idx)[0].to(dev))
+                    _forward_until(original, x.to(dev))
                     if len(seen) != len(names):
                         raise UnsupportedLayerError(f"layers {sorted(set(names) - seen)} were not run "
                                                     "by the forward pass of the original model")
@@ -364,6 +373,20 @@ class OriginalTargets:
             for h in handles:
                 h.remove()
             original.train(was_training)
+
+
+def _selection(data: Any, images: torch.Tensor | int | Selection, batch_size: int) -> Selection:
+    """The calibration inputs as a :class:`~prunekit.data.batches.Selection` (see
+    :class:`OriginalTargets`)."""
+    if isinstance(images, Selection):
+        return images
+    if isinstance(images, int):
+        return select_inputs(data, images, batch_size)
+    if is_loader(data):
+        raise DataError("a DataLoader is read in its own order: give the number of calibration "
+                        "images (its first n), not indices")
+    idx = torch.as_tensor(images, dtype=torch.long)
+    return Selection(data, list(idx.split(batch_size)), len(idx))
 
 
 class _Collector:
@@ -438,7 +461,8 @@ class _Collector:
 
 @torch.no_grad()
 def sample_group(model: nn.Module, original: nn.Module | OriginalTargets, group: ChannelGroup,
-                 data: Any, images: torch.Tensor, *, samples_per_image: int = 10, batch_size: int = 64,
+                 data: Any, images: torch.Tensor | int | Selection, *, samples_per_image: int = 10,
+                 batch_size: int = 64,
                  seed: int = 0, out_rows: dict[str, torch.Tensor] | None = None
                  ) -> list[ConsumerSamples]:
     """Sample every consumer of ``group``: inputs from ``model``, targets from the original.
@@ -451,10 +475,12 @@ def sample_group(model: nn.Module, original: nn.Module | OriginalTargets, group:
         The unpruned network (same module names), or targets already sampled from it (which
         fix the images, places, ``samples_per_image`` and ``batch_size``).
     group : ChannelGroup
-    data : ImageDataset
-        Calibration images (``data.batch(idx) -> (x, y)``).
-    images : LongTensor
-        Indices of the calibration images (ignored when ``original`` is ``OriginalTargets``).
+    data : ImageDataset, Dataset, DataLoader or Tensor
+        Calibration images (ignored when ``original`` is ``OriginalTargets``, which holds
+        them).
+    images : LongTensor, int or Selection
+        The calibration images, as for :class:`OriginalTargets` (ignored when ``original`` is
+        ``OriginalTargets``).
     samples_per_image : int
     batch_size : int
     seed : int
@@ -500,9 +526,9 @@ def sample_group(model: nn.Module, original: nn.Module | OriginalTargets, group:
 
     handles = [work_mods[n].register_forward_pre_hook(pre_hook(n)) for n in cols]
     with eval_mode(model, handles):
-        for idx in targets.images.split(targets.batch_size):
+        for x, _ in targets.selection:
             seen.clear()
-            _forward_until(model, targets.data.batch(idx)[0].to(dev))
+            _forward_until(model, x.to(dev))
             if len(seen) != len(cols):
                 raise UnsupportedLayerError(f"consumers {sorted(set(cols) - seen)} of group "
                                             f"{group.name!r} were not run by the forward pass")
@@ -528,7 +554,7 @@ def stacked_contributions(samples: list[ConsumerSamples]) -> tuple[torch.Tensor,
 def scaled_weights(samples: list[ConsumerSamples], keep: list[int],
                    scale: Callable[[torch.Tensor, torch.Tensor, list[int]], torch.Tensor]
                    ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-    """ThiNet's channel scaling (seed 002, optimisation target 2), per consumer.
+    """ThiNet's channel scaling (Luo et al., ICCV 2017, optimisation target 2), per consumer.
 
     Parameters
     ----------
@@ -652,11 +678,11 @@ def _budget(ctx: PruneContext, info: DependencyInfo, names: list[str]) -> tuple[
 
 
 def _finetune(model: nn.Module, ctx: PruneContext, epochs: float, lr: float, step: int) -> None:
-    from ..train import TrainConfig, fit
+    from ..train import TrainConfig, epoch_steps, fit
 
     data = ctx.train_set
-    batch = min(128, len(data))
-    steps = max(1, len(data) // batch)
+    batch = min(128, count(data))
+    steps = epoch_steps(data, batch)
     cfg = TrainConfig(epochs=max(1, int(math.ceil(epochs))), batch_size=batch, lr=lr, augment=False,
                       seed=ctx.seed + step, eval_every=0, device=str(module_device(model)),
                       max_steps_per_epoch=max(1, int(round(epochs * steps))) if epochs < 1 else None)
@@ -687,7 +713,7 @@ def prune_network(ctx: PruneContext, method: str, select: Selector,
     """
     opts = opts if opts is not None else ctx.parse(ReconstructOptions, method)
     data = ctx.train_set
-    if data is None or len(data) == 0:
+    if is_empty(data):
         raise DataError(f"{method} needs calibration data (the training set); got none")
     original = ctx.reference()  # the targets come from the unpruned network
     was_training = original.training
@@ -700,8 +726,9 @@ def prune_network(ctx: PruneContext, method: str, select: Selector,
                                     f"(skipped: {skipped})")
     widths, ratio, frac = _budget(ctx, info, names)
     gen = torch.Generator().manual_seed(ctx.seed)
-    n_images = min(opts.calib_images, len(data))
-    images = torch.randperm(len(data), generator=gen)[:n_images]
+    # a seeded random subset of an indexable dataset; a DataLoader's first n inputs
+    images = select_inputs(data, opts.calib_images, opts.batch_size, generator=gen)
+    n_images = len(images)
 
     out_rows: dict[str, torch.Tensor] = {}
     plans: list[GroupPlan] = []

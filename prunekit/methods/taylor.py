@@ -1,10 +1,10 @@
-"""Iterative Taylor-FO pruning (Molchanov et al. 2017; ``seeds/004_*.txt``).
+"""Iterative Taylor-FO pruning (Molchanov et al., ICLR 2017).
 
-The steps, repeated ``steps`` times (``../shared/METHODS.md`` section 5, ``docs/sparsity.md``):
+The steps, repeated ``steps`` times (``docs/sparsity.md``):
 
 T1 score
     every channel ``k`` of layer ``l`` gets the first-order Taylor estimate of the change of the
-    loss when its feature map ``z`` is set to zero (seed 004, eq. for ``Theta_TE``)::
+    loss when its feature map ``z`` is set to zero (the paper's ``Theta_TE``)::
 
         Theta(z_l^k) = | 1/M * sum_m dC/dz_{l,m}^k * z_{l,m}^k |
 
@@ -28,7 +28,7 @@ References
 .. [1] P. Molchanov, S. Tyree, T. Karras, T. Aila, J. Kautz. Pruning convolutional neural
    networks for resource efficient inference. ICLR 2017 (arXiv:1611.06440).
 .. [2] J. Gildenblat. Pruning deep neural networks to make them fast and small, 2017
-   (``seeds/004_*.txt``, Chinese translation).
+   (a blog post; the source document cites it).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from typing import Any
 import torch.nn as nn
 
 from ..criteria import score
+from ..data.batches import is_empty
 from ..engine import DependencyInfo, PruningPlan, analyse, apply_plan
 from ..engine.budget import check_fraction, count_macs_params, solve_budget
 from ..engine.ranking import global_widths, keep_top
@@ -132,7 +133,7 @@ def run(ctx: PruneContext) -> MethodOutput:
         fraction after it.
     """
     opts = ctx.parse(TaylorOptions, "taylor")
-    if ctx.train_set is None or len(ctx.train_set) == 0:
+    if is_empty(ctx.train_set):
         raise DataError("iterative Taylor pruning needs calibration / training data (data=...)")
     if ctx.target_macs is None:
         check_fraction("ratio", ctx.ratio)

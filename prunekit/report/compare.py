@@ -31,7 +31,7 @@ from torch import nn
 
 from .. import methods as _methods
 from ..api import check_budget, finetune, prune, split_data
-from ..errors import ConfigError, PrunekitError
+from ..errors import ConfigError, DataError, PrunekitError
 from ..utils import atomic_path
 
 __all__ = ["SCHEMA", "check_methods", "compare", "fit_budget", "finetune_epochs_left", "slug", "machine_info"]
@@ -122,8 +122,14 @@ def _describe_data(dataset: Any) -> dict[str, Any] | None:
     """Name, size and a content hash of a dataset (``None`` for no dataset)."""
     if dataset is None:
         return None
-    out: dict[str, Any] = {"name": getattr(dataset, "name", type(dataset).__name__),
-                           "samples": len(dataset)}
+    from ..data.batches import count, is_loader
+
+    name = getattr(dataset.dataset if is_loader(dataset) else dataset, "name", type(dataset).__name__)
+    try:
+        samples: int | None = count(dataset)
+    except DataError:  # a loader without a length
+        samples = None
+    out: dict[str, Any] = {"name": name, "samples": samples}
     images, targets = getattr(dataset, "images", None), getattr(dataset, "targets", None)
     if isinstance(images, torch.Tensor) and isinstance(targets, torch.Tensor):
         h = hashlib.sha256()
@@ -519,7 +525,8 @@ def compare(model: nn.Module, example_inputs: torch.Tensor | None, methods: Sequ
     if example_inputs is None:
         if train_set is None:
             raise ConfigError("example_inputs or training data is required")
-        example_inputs = train_set.example_input(1)
+        from ..data.batches import first_input
+        example_inputs = first_input(train_set)
     x = example_inputs.detach().cpu()
     if x.dim() == 3:
         x = x.unsqueeze(0)

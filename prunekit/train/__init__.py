@@ -11,7 +11,8 @@ distillation, and hooks that pruning methods plug into.
 from __future__ import annotations
 
 from .config import Hooks, TrainConfig, TrainResult
-from .loop import evaluate, fit
+from .loop import epoch_steps, evaluate, fit
 from .losses import distillation_loss
 
-__all__ = ["Hooks", "TrainConfig", "TrainResult", "distillation_loss", "evaluate", "fit"]
+__all__ = ["Hooks", "TrainConfig", "TrainResult", "distillation_loss", "epoch_steps", "evaluate",
+           "fit"]
