@@ -10,6 +10,7 @@ ranking, a swapped criterion or a swapped normalisation fails.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -21,7 +22,9 @@ import torch.nn.functional as F
 import prunekit
 from prunekit.api import PruneResult
 from prunekit.data.dataset import ImageDataset
-from prunekit.methods import PruneContext, oneshot
+from prunekit.engine import DependencyInfo
+from prunekit.engine.ranking import global_widths
+from prunekit.methods import PruneContext, lasso, oneshot, thinet
 
 torch.set_num_threads(1)
 
@@ -248,7 +251,7 @@ def test_random_peer_keeps_the_top_of_its_draws(monkeypatch: pytest.MonkeyPatch)
     draw = tp.importance.RandomImportance.__call__
     drawn: dict[int, list[float]] = {}
 
-    def record(self, group, **kw):  # noqa: ANN001, ANN202 (Torch-Pruning's signature)
+    def record(self: object, group: object, **kw: object) -> torch.Tensor:
         v = draw(self, group, **kw)
         drawn[len(v)] = v.tolist()
         return v
@@ -441,3 +444,301 @@ def test_curl_keeps_the_channels_whose_removal_moves_the_output_most() -> None:
     assert _origins(res.model) == TAYLOR_TOP4
     kl = res.report["method_scores"]["conv1"]
     assert sorted(range(8), key=lambda c: kl[c]) == sorted(range(8), key=lambda c: T_SCALE[c])
+
+
+# ------------------------------------------------------------------------- global ranking
+# Three groups with hand-set scores (conv1: A, conv2: B, conv3: C); 2 of the 8 channels go.
+#   normalize  A = [3, 1, 6, 7]             B = [2, 4]      C = [8, 3]      two lowest  widths
+#   "none"     3, 1, 6, 7                   2, 4            8, 3            A1, B0      3, 1, 2
+#   "max"      .43, .14, .86, 1             .5, 1           1, .38          A1, C1      3, 2, 1
+#   "l2"       .31, .10, .62, .72 (/9.75)   .45, .89 (/4.47) .94, .35 (/8.54) A1, A0    2, 2, 2
+# and local ranking (2 - round(0.25 * C) per group, no ranking across groups): 3, 2, 2.
+GLOBAL = {"conv1": [3.0, 1.0, 6.0, 7.0], "conv2": [2.0, 4.0], "conv3": [8.0, 3.0]}
+GLOBAL_WIDTHS = {"none": {"conv1": 3, "conv2": 1, "conv3": 2},
+                 "max": {"conv1": 3, "conv2": 2, "conv3": 1},
+                 "l2": {"conv1": 2, "conv2": 2, "conv3": 2}}
+
+
+def _global_scores() -> dict[str, torch.Tensor]:
+    return {k: torch.tensor(v, dtype=torch.float64) for k, v in GLOBAL.items()}
+
+
+def _global_net() -> Chain:
+    """1x1 convs whose filters have a single non-zero weight +-score (so l1 = l2 = the score),
+    and BatchNorm scales +-score: every weight criterion and slimming see ``GLOBAL``."""
+    model = Chain([4, 2, 2], in_channels=1, kernel=1).eval()
+    with torch.no_grad():
+        for i, values in enumerate(GLOBAL.values(), 1):
+            conv, bn = getattr(model, f"conv{i}"), getattr(model, f"bn{i}")
+            conv.weight.zero_()
+            for c, v in enumerate(values):
+                sign = (-1) ** (c + i)
+                conv.weight[c, c if i > 1 else 0] = sign * v
+                bn.weight[c] = sign * v
+    return model
+
+
+def _global_expected(widths: dict[str, int]) -> dict[str, list[int]]:
+    return {name: _top(GLOBAL[name], widths[name]) for name in GLOBAL}
+
+
+def _all_kept(result: PruneResult) -> dict[str, list[int]]:
+    return {name: _kept(result, name, len(v)) for name, v in GLOBAL.items()}
+
+
+GLOBAL_X = torch.ones(1, 1, 4, 4)
+
+
+def test_global_widths_of_each_normalisation() -> None:
+    """The three normalisations give the three different hand-computed widths of the table."""
+    for normalize, widths in GLOBAL_WIDTHS.items():
+        assert global_widths(_global_scores(), 0.25, normalize) == widths, normalize
+    assert global_widths(_global_scores(), 0.25) == GLOBAL_WIDTHS["l2"]    # the default
+    assert len({tuple(w.values()) for w in GLOBAL_WIDTHS.values()} | {(3, 2, 2)}) == 4
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2", "bn-scale"])
+def test_global_ranking_option_uses_l2_normalised_scores(criterion: str) -> None:
+    """``global_ranking=True`` removes the two lowest L2-normalised scores network-wide (both in
+    conv1); without it every group loses round(0.25 C) of its own lowest channels."""
+    res = prunekit.prune(_global_net(), GLOBAL_X, method=criterion, ratio=0.25, global_ranking=True)
+    assert _all_kept(res) == _global_expected(GLOBAL_WIDTHS["l2"])
+    local = prunekit.prune(_global_net(), GLOBAL_X, method=criterion, ratio=0.25)
+    assert _all_kept(local) == _global_expected({"conv1": 3, "conv2": 2, "conv3": 2})
+
+
+def test_slimming_ranks_the_raw_bn_scales_across_layers() -> None:
+    """Network slimming (no sparsity training) cuts the two smallest |gamma| of the whole network
+    without normalisation: conv1's 1 and conv2's 2."""
+    res = prunekit.prune(_global_net(), GLOBAL_X, method="slimming", ratio=0.25, sparsity_epochs=0)
+    assert _all_kept(res) == _global_expected(GLOBAL_WIDTHS["none"])
+    ref = _global_net()
+    assert torch.equal(res.model.bn2.weight, ref.bn2.weight[[1]])
+
+
+def _scores_by_hand(info: DependencyInfo, *args: object, **kwargs: object) -> dict[str, torch.Tensor]:
+    """Stands in for a method's scoring pass: the hand-set ``GLOBAL`` scores."""
+    return {g.name: _global_scores()[g.name] for g in info.groups}
+
+
+@pytest.mark.parametrize("normalize", ["l2", "max", "none"])
+def test_curl_global_ranking_follows_its_normalisation(normalize: str,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """CURL with hand-set KL scores: each ``normalize`` option gives its own widths (the table)
+    and keeps each group's highest scores."""
+    from prunekit.methods import curl
+
+    monkeypatch.setattr(curl, "kl_scores", _scores_by_hand)
+    data = _dataset(torch.randint(0, 256, (4, 1, 4, 4), generator=torch.Generator().manual_seed(0)))
+    res = prunekit.prune(_global_net(), GLOBAL_X, method="curl", ratio=0.25, data=data,
+                         normalize=normalize)
+    assert _all_kept(res) == _global_expected(GLOBAL_WIDTHS[normalize])
+
+
+def test_iterative_taylor_ranks_l2_normalised_scores_across_layers(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Iterative Taylor with hand-set scores divides each layer's scores by their L2 norm
+    before the network-wide ranking (seed 004)."""
+    from prunekit.methods import taylor
+
+    monkeypatch.setattr(taylor, "score", _scores_by_hand)
+    data = _dataset(torch.randint(0, 256, (4, 1, 4, 4), generator=torch.Generator().manual_seed(0)))
+    res = prunekit.prune(_global_net(), GLOBAL_X, method="taylor", ratio=0.25, data=data,
+                         steps=1, finetune_epochs_per_step=0)
+    assert _all_kept(res) == _global_expected(GLOBAL_WIDTHS["l2"])
+
+
+# ------------------------------------------------------------------------------------ MRTS
+# Polarised BN scales: in each layer a few factors near 0 and the rest far from it (a negative
+# one among them: the factor is |gamma|). The budget asks for exactly the near-zero channels.
+TINY = {"conv1": [0, 3, 5], "conv2": [2, 4]}
+
+
+def _polarised_net() -> Chain:
+    torch.manual_seed(0)
+    model = Chain([8, 6], in_channels=1, kernel=3).eval()
+    big = iter([0.9, 0.6, -1.1, 0.7, 1.3, 0.8, 1.2, -0.5, 1.0])
+    with torch.no_grad():
+        for i, tiny in enumerate(TINY.values(), 1):
+            bn = getattr(model, f"bn{i}")
+            for c in range(bn.num_features):
+                bn.weight[c] = 1e-3 * (tiny.index(c) + 1) if c in tiny else next(big)
+    return model
+
+
+def test_mrts_thresholds_cut_exactly_the_near_zero_factors() -> None:
+    """MRTS (no sparsity training) at the ratio of near-zero factors (5 of 14) cuts each layer at
+    the gap between its two modes: every near-zero channel goes, every other one stays."""
+    res = prunekit.prune(_polarised_net(), WEIGHT_X, method="mrts", ratio=5 / 14, sparsity_epochs=0)
+    assert res.report["method_budget_met_by_thresholds"] is True
+    for name, size in (("conv1", 8), ("conv2", 6)):
+        assert _kept(res, name, size) == [c for c in range(size) if c not in TINY[name]]
+
+
+# ------------------------------------------------------------------------------------ C-SGD
+# Channel c of the survey set is a constant image s_c * L_k(n) + o_c with k = CLUSTER[c] one
+# of three random level sequences: within a cluster the GAP vectors are exact positive affine
+# copies (Pearson correlation 1), across clusters they are unrelated.
+CLUSTER = [0, 0, 1, 2, 1, 0, 2, 1]
+
+
+def _clustered_data(n: int = 16) -> tuple[ImageDataset, list[list[int]]]:
+    g = torch.Generator().manual_seed(0)
+    levels = torch.randint(0, 101, (3, n), generator=g)
+    scale = [1, 2, 2, 1, 1, 2, 1, 2]
+    offset = [0, 10, 30, 20, 5, 0, 25, 15]
+    images = torch.stack([scale[c] * levels[k] + offset[c] for c, k in enumerate(CLUSTER)], 1)
+    clusters = [[c for c in range(8) if CLUSTER[c] == k] for k in range(3)]
+    return _dataset(images[:, :, None, None].expand(n, 8, 2, 2).contiguous()), clusters
+
+
+def test_csgd_merges_each_planted_cluster_into_its_lowest_member() -> None:
+    """C-SGD's clustering (S2) finds the three planted clusters; the plan keeps each cluster's
+    lowest channel and merges the rest into it (the pruned classifier column of a kept channel
+    is the sum of its cluster's columns). No centripetal training: only the selection."""
+    data, clusters = _clustered_data()
+    levels = torch.tensor([[float(data.images[n, cl[0], 0, 0]) for n in range(16)] for cl in clusters])
+    cross = torch.corrcoef(levels).abs() - torch.eye(3)
+    assert float(cross.max()) < 0.9                                  # the clusters are distinct
+    model = _identity_net()
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        res = prunekit.prune(model, data.example_input(2), method="csgd", ratio=5 / 8, data=data,
+                             centripetal_epochs=0, recalibrate_bn=False, survey_samples=16)
+    (gp,) = res.plan.groups
+    assert gp.keep == [cl[0] for cl in clusters] != [0, 1, 2]
+    assert gp.merge == {cl[0]: cl[1:] for cl in clusters}
+    assert _origins(res.model) == gp.keep
+    for i, cl in enumerate(clusters):
+        assert torch.allclose(res.model.fc.weight[:, i], model.fc.weight[:, cl].sum(1))
+
+
+# ------------------------------------------------------------------------------- AutoPruner
+GATES = [0.9, 0.2, 0.8, 0.1, 0.7, 0.95, 0.3, 0.6]
+
+
+@pytest.mark.parametrize("enforce_budget", [True, False])
+def test_autopruner_keeps_the_highest_gates(enforce_budget: bool,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the trained gate values replaced by hand-set ones, AutoPruner keeps the four highest
+    gates (budget enforced, ratio 0.5) or exactly the gates above 0.5 (not enforced)."""
+    from prunekit.methods import autopruner
+
+    monkeypatch.setattr(autopruner, "gate_values",
+                        lambda *a, **k: {"conv1": torch.tensor(GATES, dtype=torch.float64)})
+    data = _taylor_data()
+    res = prunekit.prune(_identity_net(), data.example_input(2), method="autopruner", ratio=0.5,
+                         data=data, epochs=1, max_steps_per_epoch=1, batch_size=4, augment=False,
+                         device="cpu", enforce_budget=enforce_budget)
+    want = _top(GATES, 4) if enforce_budget else [c for c, v in enumerate(GATES) if v > 0.5]
+    assert _kept(res, "conv1", 8) == want
+    assert _origins(res.model) == want
+
+
+# ------------------------------------------------------------------- ThiNet and LASSO kernels
+def _orthonormal(n: int, c: int, seed: int = 0) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(n, c, generator=torch.Generator().manual_seed(seed),
+                                       dtype=torch.float64))
+    return q
+
+
+def test_thinet_greedy_finds_the_cancelling_pair() -> None:
+    """ThiNet, y = sum of the contributions, keep 3 of 5 (q_i orthonormal):
+    X0 = 10 q0, X1 = 3 q1, X2 = -3 q1 + 7^.5 q2, X3 = 12^.5 q3, X4 = 10 q4. Greedy: X1 has the
+    smallest norm (9) and goes first; then removing X2 as well adds -18 + 16 = -2 (it cancels
+    X1) against 12 for X3: X1 and X2 go, error ||X1 + X2||^2 = 7, the brute-force optimum.
+    Keeping the largest norms would remove X1 and X3 instead (error 21)."""
+    q = _orthonormal(40, 5)
+    X = torch.stack([10 * q[:, 0], 3 * q[:, 1], -3 * q[:, 1] + math.sqrt(7) * q[:, 2],
+                     math.sqrt(12) * q[:, 3], 10 * q[:, 4]], 1)
+    y = X.sum(1)
+
+    def error(kept: Sequence[int]) -> float:
+        return float((y - X[:, list(kept)].sum(1)).pow(2).sum())
+
+    best = min(itertools.combinations(range(5), 3), key=error)
+    assert list(best) == [0, 3, 4] and error(best) == pytest.approx(7)
+    assert thinet.select_channels(X, y, 3) == [0, 3, 4]
+    assert _top(X.norm(dim=0).tolist(), 3) == [0, 2, 4]              # not the norm ranking
+
+
+def test_lasso_keeps_the_largest_true_coefficients() -> None:
+    """LASSO on orthogonal contributions, y = 3 X1 + 1 X3 + 2 X4 + 4 X6: channels 0, 2, 5, 7
+    have 5x larger columns but do not enter y (X_j . y = 0, their coefficient is 0 at every
+    penalty); with equal norms the soft threshold keeps the largest |beta|: 6, 1, 4 for
+    keep=3, all four true channels for keep=4."""
+    q = _orthonormal(40, 8)
+    norms = torch.tensor([5.0, 1, 5, 1, 1, 5, 1, 5], dtype=torch.float64)
+    X = q * norms
+    beta = torch.tensor([0.0, 3, 0, 1, 2, 0, 4, 0], dtype=torch.float64)
+    y = X @ beta
+    assert lasso.select_channels(X, y, 3) == _top(beta.abs().tolist(), 3) == [1, 4, 6]
+    assert lasso.select_channels(X, y, 4) == [1, 3, 4, 6]
+
+
+DEAD = [0, 3, 5, 6]
+
+
+@pytest.mark.parametrize("method", ["thinet", "lasso"])
+def test_reconstruction_methods_drop_channels_the_next_layer_ignores(method: str) -> None:
+    """conv2 reads none of conv1's channels 0, 3, 5, 6 (zero input columns): their contribution
+    to every sampled output is 0, so ThiNet (removal costs nothing) and LASSO (coefficient 0)
+    drop exactly them at ratio 0.5, end to end."""
+    torch.manual_seed(0)
+    model = Chain([8, 4], in_channels=1, kernel=3).eval()
+    with torch.no_grad():
+        model.conv2.weight[:, DEAD] = 0
+    g = torch.Generator().manual_seed(1)
+    data = _dataset(torch.randint(0, 256, (16, 1, 8, 8), generator=g))
+    res = prunekit.prune(model, data.example_input(2), method=method, ratio=0.5, data=data,
+                         calib_images=16)
+    want = [c for c in range(8) if c not in DEAD]
+    assert _kept(res, "conv1", 8) == want
+    assert _surviving(model.conv1.weight, res.model.conv1.weight) == want
+
+
+# ---------------------------------------------------------------------------------- round_to
+@pytest.mark.parametrize("criterion", ["l1", "l2", "bn-scale"])
+def test_round_to_peer_gets_our_widths_and_channels(criterion: str) -> None:
+    """ratio 0.2 keeps 6 of conv1's 8 and 5 of conv2's 6 channels, rounded down to multiples of
+    4: 4 and 4. The criterion and its tp:* peer both keep exactly the top four of each group."""
+    ours = prunekit.prune(_weight_net(), WEIGHT_X, method=criterion, ratio=0.2, round_to=4)
+    peer = prunekit.prune(_weight_net(), WEIGHT_X, method=f"tp:{criterion}", ratio=0.2, round_to=4)
+    want = _weight_expected(criterion, 4, 4)
+    assert (_kept(ours, "conv1", 8), _kept(ours, "conv2", 6)) == want
+    assert _weight_survivors(ours.model) == _weight_survivors(peer.model) == want
+
+
+@pytest.mark.parametrize("peer", ["tp:taylor", "tp:random"])
+def test_round_to_gives_every_peer_our_widths(peer: str) -> None:
+    """The peers that rank by gradients or at random get the same rounded widths (4 and 4)."""
+    data = _dataset(torch.randint(0, 256, (8, 1, 6, 6), generator=torch.Generator().manual_seed(0)))
+    res = prunekit.prune(_weight_net(), WEIGHT_X, method=peer, ratio=0.2, round_to=4, data=data,
+                         calib_images=8)
+    assert (res.model.conv1.out_channels, res.model.conv2.out_channels) == (4, 4)
+
+
+def test_round_to_with_a_macs_target_matches_the_peer() -> None:
+    """At a MACs target with round_to=4, l1 and tp:l1 reach the same rounded widths and keep
+    the same (top l1) filters."""
+    ours = prunekit.prune(_weight_net(), WEIGHT_X, method="l1", target_macs=0.5, round_to=4)
+    peer = prunekit.prune(_weight_net(), WEIGHT_X, method="tp:l1", target_macs=0.5, round_to=4)
+    n1, n2 = ours.model.conv1.out_channels, ours.model.conv2.out_channels
+    assert (n1 % 4, n2 % 4) == (0, 0) and (n1, n2) != (8, 6)
+    assert (peer.model.conv1.out_channels, peer.model.conv2.out_channels) == (n1, n2)
+    assert _weight_survivors(ours.model) == _weight_survivors(peer.model) == _weight_expected("l1", n1, n2)
+
+
+# ---------------------------------------------------------------------------------- coverage
+COVERED_CRITERIA = {"random", "l1", "l2", "bn-scale", "taylor", *ACTIVATION}
+COVERED_METHODS = (COVERED_CRITERIA - {"taylor"}) | {
+    "taylor", "slimming", "mrts", "curl", "autopruner", "thinet", "lasso", "csgd",
+    "tp:l1", "tp:l2", "tp:bn-scale", "tp:taylor", "tp:random"}
+
+
+def test_every_criterion_and_method_has_a_selection_test() -> None:
+    """A criterion or method added later must get a selection test here too."""
+    from prunekit.criteria import CRITERIA
+    from prunekit.methods import available
+
+    assert set(CRITERIA) == COVERED_CRITERIA
+    assert set(available()) <= COVERED_METHODS, set(available()) - COVERED_METHODS
