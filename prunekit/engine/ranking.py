@@ -1,5 +1,6 @@
-"""Ranking helpers every method shares: keep each group's best channels, or rank all channels
-of the network at once (global ranking with a per-group normalisation)."""
+"""Helpers every method shares: keep each group's best channels, rank all channels of the
+network at once (global ranking with a per-group normalisation), and find which input columns
+of a consumer carry which channel of a group."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from .plan import GroupPlan, PruningPlan
 #: group name -> per-channel scores (higher = more important)
 Scores = dict[str, torch.Tensor]
 
-__all__ = ["NORMALIZE", "consumer_index", "global_widths", "keep_top"]
+__all__ = ["NORMALIZE", "channel_multiplier", "consumer_index", "feature_index", "global_widths",
+           "keep_top"]
 
 
 def keep_top(info: DependencyInfo, scores: Scores, widths: Widths) -> PruningPlan:
@@ -92,3 +94,21 @@ def consumer_index(slot: Slot, size: int) -> tuple[torch.Tensor, torch.Tensor]:
             cols.append(p)
             chans.append(c)
     return torch.tensor(cols, dtype=torch.long), torch.tensor(chans, dtype=torch.long)
+
+
+def feature_index(slot: Slot, size: int) -> torch.Tensor | None:
+    """``[C, P]`` input columns of a consumer that carries all ``size`` channels (``P`` positions
+    per channel, truncated to the smallest count), or ``None`` when some channel is missing."""
+    if any(not slot.positions.get(c) for c in range(size)):
+        return None
+    p = min(len(slot.positions[c]) for c in range(size))
+    return torch.tensor([slot.positions[c][:p] for c in range(size)], dtype=torch.long)
+
+
+def channel_multiplier(x: torch.Tensor, cols: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``x`` with its input columns ``cols`` (dim 1) multiplied by ``values`` (out of place,
+    differentiable in ``values``). ``x`` is ``[N, C_in, ...]``."""
+    mult = torch.ones(x.shape[1], dtype=values.dtype, device=x.device)
+    mult = mult.index_put((cols.to(x.device),), values)
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    return x * mult.view(shape).to(x.dtype)

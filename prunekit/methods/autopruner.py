@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from ..data.batches import count, is_empty, iter_batches
 from ..engine import ChannelGroup, DependencyInfo, GroupPlan, PruningPlan, Slot, analyse, apply_plan
 from ..engine.budget import Widths, budget_widths
-from ..engine.ranking import consumer_index
+from ..engine.ranking import channel_multiplier, consumer_index, feature_index
 from ..errors import ConfigError, DataError, UnsupportedLayerError
 from ..utils import eval_mode, resolve_device
 from . import MethodOutput, PruneContext
@@ -70,24 +70,6 @@ __all__ = ["AutoPrunerOptions", "ChannelGate", "GateController", "GatedModel", "
 
 
 # ----------------------------------------------------------------------------- channel indexing
-def feature_index(slot: Slot, size: int) -> torch.Tensor | None:
-    """``[C, P]`` input columns of a consumer that carries all ``size`` channels (``P`` positions
-    per channel, truncated to the smallest count), or ``None`` when some channel is missing."""
-    if any(not slot.positions.get(c) for c in range(size)):
-        return None
-    p = min(len(slot.positions[c]) for c in range(size))
-    return torch.tensor([slot.positions[c][:p] for c in range(size)], dtype=torch.long)
-
-
-def channel_multiplier(x: torch.Tensor, cols: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """``x`` with its input columns ``cols`` (dim 1) multiplied by ``values`` (out of place,
-    differentiable in ``values``). ``x`` is ``[N, C_in, ...]``."""
-    mult = torch.ones(x.shape[1], dtype=values.dtype, device=x.device)
-    mult = mult.index_put((cols.to(x.device),), values)
-    shape = [1, -1] + [1] * (x.dim() - 2)
-    return x * mult.view(shape).to(x.dtype)
-
-
 # ----------------------------------------------------------------------------- the gate layer
 class ChannelGate(nn.Module):
     """S1: ``v = sigmoid(alpha * FC(maxpool(mean_batch(x))))`` for one group of ``C`` channels.
