@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -212,12 +213,17 @@ def save(model: nn.Module, path: str | os.PathLike, meta: dict | None = None,
     arch = getattr(model, "prunekit_arch", None)
     if arch is not None and not isinstance(arch, dict):
         raise ConfigError(f"model.prunekit_arch must be a dict, got {type(arch).__name__}")
+    state = model.state_dict()
     payload = {
         "format": FORMAT,
         "version": VERSION,
         "arch": _json_value(arch, "model.prunekit_arch"),
         "shapes": layer_shapes(model),
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "state_dict": {k: v.detach().cpu().clone() for k, v in state.items()},
+        # the modules' versions (``state_dict()._metadata``): some architectures read them when
+        # loading (torchvision's MNASNet refuses a state dict without them)
+        "state_metadata": {k: {str(a): b for a, b in dict(v).items() if isinstance(b, (int, float, str))}
+                           for k, v in getattr(state, "_metadata", {}).items()},
         "meta": _json_value(meta, "meta"),
         "plan": _json_value(plan, "plan"),
     }
@@ -313,9 +319,13 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
         resize_layers(model, payload.get("shapes") or {})
     except CheckpointError as e:
         raise CheckpointError(f"{p} does not fit the model: {e}") from None
+    state = OrderedDict(payload["state_dict"])
+    if isinstance(payload.get("state_metadata"), dict):
+        state._metadata = OrderedDict(  # type: ignore[attr-defined]
+            (k, dict(v)) for k, v in payload["state_metadata"].items() if isinstance(v, dict))
     try:
-        model.load_state_dict(payload["state_dict"], strict=True)
-    except RuntimeError as e:
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, ValueError, KeyError) as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         detail = " ".join(lines[1:3]) if len(lines) > 1 else (lines[0] if lines else "")
         raise CheckpointError(f"{p}: weights do not fit the model: {detail[:300]}") from None
