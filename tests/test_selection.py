@@ -158,6 +158,7 @@ def _weight_net() -> Chain:
 
 
 WEIGHT_X = torch.randn(1, 1, 6, 6, generator=torch.Generator().manual_seed(0))
+HALF = (_width(8, 0.5), _width(6, 0.5))        # channels kept at ratio 0.5: 4 of 8, 3 of 6
 
 
 def _weight_scores(criterion: str) -> tuple[list[float], list[float]]:
@@ -183,9 +184,10 @@ def _weight_survivors(model: nn.Module) -> tuple[list[int], list[int]]:
             _surviving(ref.conv2.weight[:, :1], model.conv2.weight[:, :1]))
 
 
-def test_weight_construction_makes_the_criteria_disagree() -> None:
-    """The hand-set scores are what the construction says (L1 up, L2 down with the rank), and
-    l1, l2 and bn-scale keep three different sets, none the first or the last channels."""
+def _check_weight_construction() -> None:
+    """The premise of the weight tests: the hand-set scores are what the construction says (L1
+    up, L2 down with the rank), and l1, l2 and bn-scale keep three different sets, none the
+    first or the last channels."""
     model = _weight_net()
     for crit, (s1, s2) in ((c, _weight_scores(c)) for c in ("l1", "l2")):
         p = 1 if crit == "l1" else 2
@@ -193,7 +195,7 @@ def test_weight_construction_makes_the_criteria_disagree() -> None:
         got2 = model.conv2.weight.flatten(1).norm(p=p, dim=1)
         assert torch.allclose(got1, torch.tensor(s1), rtol=1e-5)
         assert torch.allclose(got2, torch.tensor(s2), rtol=1e-5)
-    sets = {c: _weight_expected(c, 4, 3) for c in ("l1", "l2", "bn-scale")}
+    sets = {c: _weight_expected(c, *HALF) for c in ("l1", "l2", "bn-scale")}
     assert len({(tuple(a), tuple(b)) for a, b in sets.values()}) == 3
     for s1, s2 in sets.values():
         assert s1 not in ([0, 1, 2, 3], [4, 5, 6, 7]) and s2 not in ([0, 1, 2], [3, 4, 5])
@@ -203,8 +205,9 @@ def test_weight_construction_makes_the_criteria_disagree() -> None:
 def test_weight_criterion_keeps_its_top_channels(criterion: str) -> None:
     """One-shot l1 / l2 / bn-scale at ratio 0.5 keep, in each group, exactly the channels with
     the highest hand-set filter norm / |gamma|; the pruned model holds those original filters."""
+    _check_weight_construction()
     res = prunekit.prune(_weight_net(), WEIGHT_X, method=criterion, ratio=0.5)
-    want1, want2 = _weight_expected(criterion, 4, 3)
+    want1, want2 = _weight_expected(criterion, *HALF)
     assert _kept(res, "conv1", 8) == want1
     assert _kept(res, "conv2", 6) == want2
     assert _weight_survivors(res.model) == (want1, want2)
@@ -218,7 +221,7 @@ def test_peer_keeps_the_same_top_channels(peer: str) -> None:
     of the same name on the hand-set network (read from the surviving filters)."""
     res = prunekit.prune(_weight_net(), WEIGHT_X, method=peer, ratio=0.5)
     assert res.plan is None
-    assert _weight_survivors(res.model) == _weight_expected(peer[3:], 4, 3)
+    assert _weight_survivors(res.model) == _weight_expected(peer[3:], *HALF)
 
 
 def _random_expected(seed: int, n1: int, n2: int) -> tuple[list[int], list[int]]:
@@ -237,7 +240,7 @@ def test_random_criterion_keeps_the_top_of_its_seeded_scores() -> None:
     for seed in (0, 1):
         res = prunekit.prune(_weight_net(), WEIGHT_X, method="random", ratio=0.5, seed=seed)
         kept[seed] = (_kept(res, "conv1", 8), _kept(res, "conv2", 6))
-        assert kept[seed] == _random_expected(seed, 4, 3)
+        assert kept[seed] == _random_expected(seed, *HALF)
         assert _weight_survivors(res.model) == kept[seed]
     assert kept[0] != kept[1]
 
@@ -263,7 +266,7 @@ def test_random_peer_keeps_the_top_of_its_draws(monkeypatch: pytest.MonkeyPatch)
         res = prunekit.prune(_weight_net(), WEIGHT_X, method="tp:random", ratio=0.5, seed=seed)
         assert sorted(drawn) == [6, 8]
         kept[seed] = _weight_survivors(res.model)
-        assert kept[seed] == (_top(drawn[8], 4), _top(drawn[6], 3))
+        assert kept[seed] == (_top(drawn[8], HALF[0]), _top(drawn[6], HALF[1]))
     assert kept[0] != kept[1]
 
 
@@ -320,8 +323,9 @@ def _activation_data() -> ImageDataset:
 
 
 def _reference_statistic(criterion: str, maps: torch.Tensor) -> float:
-    """The documented statistic of one channel's maps ``[N, H, W]`` (plain float64 formulas)."""
-    a = maps.double().flatten(1) / 255
+    """The documented statistic of one channel's rectified maps ``[N, H, W]`` (plain float64
+    formulas)."""
+    a = maps.double().flatten(1).clamp_min(0)
     n2 = a.norm(dim=1)
     if criterion == "apoz":
         return float(1 - (a == 0).double().mean())
@@ -343,7 +347,7 @@ ACTIVATION = ("apoz", "mean-mean", "mean-std", "mean-l1", "mean-l2", "var-l2")
 
 def _activation_expected(criterion: str, n: int = 4) -> list[int]:
     images = _activation_data().images
-    return _top([_reference_statistic(criterion, images[:, c]) for c in range(8)], n)
+    return _top([_reference_statistic(criterion, images[:, c] / 255) for c in range(8)], n)
 
 
 def _identity_net(channels: int = 8) -> Chain:
@@ -352,9 +356,9 @@ def _identity_net(channels: int = 8) -> Chain:
     return model
 
 
-def test_activation_construction_makes_the_criteria_disagree() -> None:
-    """The five distinct data statistics keep five different sets of four channels on the
-    hand-made maps, none the first or the last four."""
+def _check_activation_construction() -> None:
+    """The premise of the data-criteria tests: the five distinct statistics keep five different
+    sets of four channels of the hand-made maps, none the first or the last four."""
     sets = {c: tuple(_activation_expected(c)) for c in ACTIVATION}
     assert sets["mean-l1"] == sets["mean-mean"]
     distinct = {sets[c] for c in ACTIVATION if c != "mean-l1"}
@@ -366,12 +370,40 @@ def test_activation_construction_makes_the_criteria_disagree() -> None:
 def test_activation_criterion_keeps_its_top_channels(criterion: str) -> None:
     """Each data criterion at ratio 0.5 keeps exactly the four channels whose statistic of the
     hand-made maps is highest; the pruned conv1 still reads those four input channels."""
+    _check_activation_construction()
     data = _activation_data()
     res = prunekit.prune(_identity_net(), data.example_input(2), method=criterion, ratio=0.5,
                          data=data, calib_images=2)
     want = _activation_expected(criterion)
     assert _kept(res, "conv1", 8) == want
     assert _origins(res.model) == want
+
+
+
+# The data criteria read the BatchNorm's output, not the conv's: here all 8 conv outputs are
+# the same map u (identity conv, identical input channels) and only bn1 tells the channels
+# apart, by its scale K_c (every statistic but apoz grows with K_c) or by its shift B_c < 0 (the
+# share of u above -B_c, i.e. apoz, grows with B_c). Read at the conv, all channels would tie.
+BN_SCALE = [0.5, 2.0, 1.25, 0.25, 1.75, 0.75, 1.5, 1.0]
+BN_SHIFT = [-0.35, -0.05, -0.3, -0.5, -0.15, -0.45, -0.1, -0.25]
+
+
+@pytest.mark.parametrize("criterion", ACTIVATION)
+def test_data_criteria_read_the_batchnorm_output(criterion: str) -> None:
+    """Each data criterion ranks the BN output ``K_c u + B_c`` (rectified): the four channels it
+    keeps are the top four of the reference statistic of that map, not the first four."""
+    data = _taylor_data()
+    model = _identity_net()
+    shift = criterion == "apoz"
+    with torch.no_grad():
+        model.bn1.weight.copy_(torch.ones(8) if shift else torch.tensor(BN_SCALE))
+        model.bn1.bias.copy_(torch.tensor(BN_SHIFT) if shift else torch.zeros(8))
+        bn_out = model.bn1(data.batch(torch.arange(len(data)))[0])
+    want = _top([_reference_statistic(criterion, bn_out[:, c]) for c in range(8)], 4)
+    assert want == (_top(BN_SHIFT, 4) if shift else _top(BN_SCALE, 4))
+    res = prunekit.prune(model, data.example_input(2), method=criterion, ratio=0.5, data=data,
+                         calib_images=len(data))
+    assert _kept(res, "conv1", 8) == want != [0, 1, 2, 3]
 
 
 # ----------------------------------------------------- gradient / output criteria (Taylor, KL)
@@ -444,6 +476,67 @@ def test_curl_keeps_the_channels_whose_removal_moves_the_output_most() -> None:
     assert _origins(res.model) == TAYLOR_TOP4
     kl = res.report["method_scores"]["conv1"]
     assert sorted(range(8), key=lambda c: kl[c]) == sorted(range(8), key=lambda c: T_SCALE[c])
+
+
+
+# ---------------------------------------------------------------------- coupled (residual) group
+# The stem conv1 and the block's last conv3 write the same trunk channels (a residual add):
+# one group of 6 channels scored as the MEAN over its two producers (l1) / its two BatchNorms
+# (bn-scale). Each layer alone, and the larger of the two, would keep other channels:
+#   layer 1        .9   .1   .5   .7   .2   .6     top 3: 0 3 5
+#   layer 3        .04 -.92  .5   .08  .76  .56    top 3 (by size): 1 4 5
+#   mean |.|       .47  .51  .5   .39  .48  .58    top 3: 1 2 5
+#   max |.|        .9   .92  .5   .7   .76  .6     top 3: 0 1 4
+TRUNK1 = [0.9, 0.1, 0.5, 0.7, 0.2, 0.6]
+TRUNK3 = [0.04, -0.92, 0.5, 0.08, 0.76, 0.56]
+INNER = [0.3, 0.9, 0.1, 0.6]          # conv2's filters and bn2's scales: keeps 1 and 3
+
+
+class Residual(nn.Module):
+    """``t = relu(bn1(conv1 x))``; ``relu(t + bn3(conv3 relu(bn2(conv2 t))))``; pool; fc."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 6, 1, bias=False), nn.BatchNorm2d(6)
+        self.conv2, self.bn2 = nn.Conv2d(6, 4, 1, bias=False), nn.BatchNorm2d(4)
+        self.conv3, self.bn3 = nn.Conv2d(4, 6, 1, bias=False), nn.BatchNorm2d(6)
+        self.pool, self.flatten, self.fc = nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = F.relu(self.bn1(self.conv1(x)))
+        h = F.relu(self.bn2(self.conv2(t)))
+        return self.fc(self.flatten(self.pool(F.relu(t + self.bn3(self.conv3(h))))))
+
+
+def _residual_net() -> Residual:
+    """Each filter has one non-zero weight, equal to its BatchNorm's scale (so the filter's l1
+    and |gamma| are the table's values)."""
+    model = Residual().eval()
+    with torch.no_grad():
+        for conv, bn, values in ((model.conv1, model.bn1, TRUNK1), (model.conv2, model.bn2, INNER),
+                                 (model.conv3, model.bn3, TRUNK3)):
+            conv.weight.zero_()
+            conv.weight[:, 0] = torch.tensor(values)[:, None, None]
+            bn.weight.copy_(torch.tensor(values))
+    return model
+
+
+@pytest.mark.parametrize("method", ["l1", "bn-scale", "tp:bn-scale"])
+def test_coupled_group_is_ranked_by_the_mean_over_its_layers(method: str) -> None:
+    """A residual trunk keeps the channels with the largest mean |score| over its producers /
+    BatchNorms (not the first layer's, the last layer's or the largest); the block's own group
+    keeps its top two."""
+    trunk = [(abs(a) + abs(b)) / 2 for a, b in zip(TRUNK1, TRUNK3, strict=True)]
+    want = _top(trunk, 3)
+    assert len({tuple(want), tuple(_top(TRUNK1, 3)), tuple(_top([abs(v) for v in TRUNK3], 3)),
+                tuple(_top([max(abs(a), abs(b)) for a, b in zip(TRUNK1, TRUNK3, strict=True)], 3))}) == 4
+    ref = _residual_net()
+    res = prunekit.prune(_residual_net(), torch.ones(1, 1, 4, 4), method=method, ratio=0.5)
+    assert _surviving(ref.bn1.weight[:, None], res.model.bn1.weight[:, None]) == want
+    assert _surviving(ref.bn3.weight[:, None], res.model.bn3.weight[:, None]) == want
+    assert _surviving(ref.bn2.weight[:, None], res.model.bn2.weight[:, None]) == _top(INNER, 2)
+    if res.plan is not None:
+        assert _kept(res, "conv1", 6) == want
 
 
 # ------------------------------------------------------------------------- global ranking
