@@ -186,7 +186,7 @@ def _fold_case(arch: str) -> tuple[nn.Module, torch.Tensor]:
     net = randomise_bn(models.create(arch, num_classes=10, in_channels=3)).double().eval()
     for i, m in enumerate(m for m in net.modules() if isinstance(m, nn.BatchNorm2d)):
         m.eps = (1e-5, 1e-3, 0.1)[i % 3]       # the module's own eps must be used
-    return net, torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    return net, torch.randn(2, 3, 16, 16, dtype=torch.float64)
 
 
 @pytest.mark.parametrize("arch", ["resnet20", "densenet40", "mobilenetv2"])
