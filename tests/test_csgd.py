@@ -147,7 +147,7 @@ def test_bad_cluster_counts_and_methods_raise():
 
 
 def test_agglomerative_scales_to_2048_channels():
-    """2048 channels into 1280 clusters finishes (its speed is measured in bench/, not here) and
+    """2048 channels into 1280 clusters finishes (its speed: bench/selection_scaling.py) and
     yields a partition."""
     v = torch.randn(2048, 256)
     clusters = csgd.cluster(v, 1280)
