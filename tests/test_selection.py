@@ -539,6 +539,54 @@ def test_coupled_group_is_ranked_by_the_mean_over_its_layers(method: str) -> Non
         assert _kept(res, "conv1", 6) == want
 
 
+
+# ------------------------------------------------------------------- concatenated group (DenseNet)
+# ``cat([a, b])`` with a = conv1's 5 channels and b = conv2's 3 feeds bn3 (8 features): conv1's
+# channel c is scored by bn1[c] and bn3[c], conv2's channel j by bn2[j] and bn3[5 + j]:
+#   bn1        .1   .9   .5   .7   .2    top 2: 1 3      bn2         .4   .9   .5    top 1: 1
+#   bn3[:5]    .8   .1   .6   .2   .75   top 2: 0 4      bn3[5:]     .7   .05  .65   top 1: 0
+#   mean       .45  .5   .55  .45  .475  top 2: 1 2      mean        .55  .475 .575  top 1: 2
+# (bn3[0:3] in place of bn3[5:] would make conv2 keep 0.)
+CAT_BN1 = [0.1, 0.9, 0.5, 0.7, 0.2]
+CAT_BN2 = [0.4, 0.9, 0.5]
+CAT_BN3 = [0.8, 0.1, 0.6, 0.2, 0.75, 0.7, 0.05, 0.65]
+
+
+class Concat(nn.Module):
+    """``a = relu(bn1(conv1 x))``, ``b = relu(bn2(conv2 a))``, ``relu(bn3(cat[a, b]))``, pool, fc."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 5, 1, bias=False), nn.BatchNorm2d(5)
+        self.conv2, self.bn2 = nn.Conv2d(5, 3, 1, bias=False), nn.BatchNorm2d(3)
+        self.bn3 = nn.BatchNorm2d(8)
+        self.pool, self.flatten, self.fc = nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = F.relu(self.bn1(self.conv1(x)))
+        b = F.relu(self.bn2(self.conv2(a)))
+        return self.fc(self.flatten(self.pool(F.relu(self.bn3(torch.cat([a, b], 1))))))
+
+
+@pytest.mark.parametrize("method", ["bn-scale", "tp:bn-scale"])
+def test_concatenated_channels_are_scored_at_their_own_positions(method: str) -> None:
+    """After a concatenation each group reads its own slice of the shared BatchNorm: conv1 keeps
+    the top two and conv2 the top one of the mean over their two BatchNorms (the table)."""
+    model = Concat().eval()
+    with torch.no_grad():
+        for bn, values in ((model.bn1, CAT_BN1), (model.bn2, CAT_BN2), (model.bn3, CAT_BN3)):
+            bn.weight.copy_(torch.tensor(values))
+    mean1 = [(a + b) / 2 for a, b in zip(CAT_BN1, CAT_BN3[:5], strict=True)]
+    mean2 = [(a + b) / 2 for a, b in zip(CAT_BN2, CAT_BN3[5:], strict=True)]
+    want1, want2 = _top(mean1, 2), _top(mean2, 1)
+    assert want2 != _top([(a + b) / 2 for a, b in zip(CAT_BN2, CAT_BN3[:3], strict=True)], 1)
+    res = prunekit.prune(model, torch.ones(1, 1, 4, 4), method=method, ratio=0.6)
+    assert _surviving(model.bn1.weight[:, None], res.model.bn1.weight[:, None]) == want1
+    assert _surviving(model.bn2.weight[:, None], res.model.bn2.weight[:, None]) == want2
+    kept3 = want1 + [5 + j for j in want2]
+    assert torch.equal(res.model.bn3.weight, model.bn3.weight[kept3])
+
+
 # ------------------------------------------------------------------------- global ranking
 # Three groups with hand-set scores (conv1: A, conv2: B, conv3: C); 2 of the 8 channels go.
 #   normalize  A = [3, 1, 6, 7]             B = [2, 4]      C = [8, 3]      two lowest  widths
@@ -666,6 +714,18 @@ def test_mrts_thresholds_cut_exactly_the_near_zero_factors() -> None:
     assert res.report["method_budget_met_by_thresholds"] is True
     for name, size in (("conv1", 8), ("conv2", 6)):
         assert _kept(res, name, size) == [c for c in range(size) if c not in TINY[name]]
+
+
+
+def test_mrts_falls_back_to_the_raw_global_ranking() -> None:
+    """Factors that are not polarised (``GLOBAL``): the cheapest layer thresholds that remove 2
+    channels cut conv1's 1 and 3, 4/17 of its mass (one channel of conv2 or conv3 would cut 2/6
+    or 3/11), far above ``max_delta``; MRTS reports the fallback and ranks the raw factors
+    network-wide, like slimming (the "none" row of the table)."""
+    res = prunekit.prune(_global_net(), GLOBAL_X, method="mrts", ratio=0.25, sparsity_epochs=0)
+    assert res.report["method_delta_needed"] == pytest.approx(4 / 17, abs=1e-6)
+    assert res.report["method_fallback"] == "global-ranking"
+    assert _all_kept(res) == _global_expected(GLOBAL_WIDTHS["none"])
 
 
 # ------------------------------------------------------------------------------------ C-SGD
