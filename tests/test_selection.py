@@ -317,9 +317,11 @@ def _pattern(kind: str, h: int, c: int) -> torch.Tensor:
     return m.view(2, 2, 2)
 
 
-def _activation_data() -> ImageDataset:
+def _activation_data(copies: int = 40) -> ImageDataset:
+    """The two images, repeated: 80 images, scored in two batches (64 + 16) with the same
+    statistics as the pair."""
     images = torch.stack([_pattern(k, h, c) for c, (k, h) in enumerate(PATTERNS)], 1)
-    return _dataset(images, torch.tensor([0, 1]))
+    return _dataset(images.repeat(copies, 1, 1, 1), torch.tensor([0, 1]).repeat(copies))
 
 
 def _reference_statistic(criterion: str, maps: torch.Tensor) -> float:
@@ -373,7 +375,7 @@ def test_activation_criterion_keeps_its_top_channels(criterion: str) -> None:
     _check_activation_construction()
     data = _activation_data()
     res = prunekit.prune(_identity_net(), data.example_input(2), method=criterion, ratio=0.5,
-                         data=data, calib_images=2)
+                         data=data, calib_images=len(data))
     want = _activation_expected(criterion)
     assert _kept(res, "conv1", 8) == want
     assert _origins(res.model) == want
@@ -476,6 +478,12 @@ def test_curl_keeps_the_channels_whose_removal_moves_the_output_most() -> None:
     assert _origins(res.model) == TAYLOR_TOP4
     kl = res.report["method_scores"]["conv1"]
     assert sorted(range(8), key=lambda c: kl[c]) == sorted(range(8), key=lambda c: T_SCALE[c])
+    # in two rounds: the two lowest go first, then the next two of the re-scored smaller model
+    res = prunekit.prune(_taylor_net(), data.example_input(2), method="curl", ratio=0.5,
+                         data=data, calib_images=8, steps=2)
+    first = _top(T_SCALE, 6)
+    assert [list(gp.keep) for gp in res.plan] == [first, _top([T_SCALE[c] for c in first], 4)]
+    assert _origins(res.model) == TAYLOR_TOP4
 
 
 
