@@ -689,7 +689,7 @@ def check_method(spec: Spec, method: str, ratio: float, tmp: Path,
     removed exactly the planned channels everywhere); the checkpoint reloads into a fresh
     unpruned instance with identical outputs.
     """
-    from .. import prune
+    from .. import methods, prune
     from ..engine.budget import count_macs_params
     from ..errors import ModelError
 
@@ -700,9 +700,11 @@ def check_method(spec: Spec, method: str, ratio: float, tmp: Path,
     try:
         macs0 = count_macs_params(model, x)[0]
         try:
+            quick = {"calib_images": 8, "steps": 1, "finetune_epochs_per_step": 0}
+            accepted = set(methods.spec(method).options.names())
             res = prune(model, x, method=method, ratio=ratio, data=calibration_set(spec),
-                        seed=spec["seed"], evaluate=False, calib_images=8, steps=1,
-                        finetune_epochs_per_step=0)
+                        seed=spec["seed"], evaluate=False,
+                        **{k: v for k, v in quick.items() if k in accepted})
         except ModelError as e:
             _expect(_names_a_layer(str(e), model), f"{type(e).__name__} names no layer: {e}")
             outcome.status, outcome.message = "rejected", f"{type(e).__name__}: {e}"
