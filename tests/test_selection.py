@@ -486,7 +486,6 @@ def test_curl_keeps_the_channels_whose_removal_moves_the_output_most() -> None:
     assert _origins(res.model) == TAYLOR_TOP4
 
 
-
 # ---------------------------------------------------------------------- coupled (residual) group
 # The stem conv1 and the block's last conv3 write the same trunk channels (a residual add):
 # one group of 6 channels scored as the MEAN over its two producers (l1) / its two BatchNorms
