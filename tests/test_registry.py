@@ -199,3 +199,21 @@ def test_csgd_survey_from_a_dataloader(model) -> None:
     a = csgd.survey(model, ds, samples=33, batch_size=8)
     b = csgd.survey(model, loader, samples=33, batch_size=8)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_compare_shared_options_go_to_the_methods_that_take_them(model, tmp_path) -> None:
+    """``"*"`` options reach the methods that have them (l1's calib_images; mrts has none);
+    a shared key no compared method takes is refused with the closest name."""
+    from prunekit.report import compare
+
+    data = (images(64, 0), images(32, 1))
+    with pytest.raises(ConfigError, match="did you mean 'calib_images'"):
+        compare(model, None, ["l1", "mrts"], ratio=0.5, data=data, out_dir=tmp_path / "a",
+                onnx=False, progress=False, report=False, method_options={"*": {"calib_image": 8}})
+    out = compare(model, None, ["apoz", "mrts"], ratio=0.5, data=data, out_dir=tmp_path / "b",
+                  onnx=False, progress=False, report=False, latency_seconds=0.01, batch_sizes=(1,),
+                  method_options={"*": {"calib_images": 8}, "mrts": {"sparsity_epochs": 0}})
+    apoz, mrts = out["methods"]
+    assert apoz["status"] == mrts["status"] == "ok"
+    assert apoz["settings"]["options"] == {"calib_images": 8}
+    assert mrts["settings"]["options"] == {"sparsity_epochs": 0}

@@ -430,6 +430,12 @@ def _check_options(method_options: Mapping[str, Any] | None, names: list[str]) -
         if not isinstance(v, Mapping):
             raise ConfigError(f"method_options[{k!r}] must be a mapping of option -> value, "
                               f"got {type(v).__name__}")
+    shared = dict(opts.get("*") or {})
+    accepted = {n: set(_methods.spec(n).options.names()) | {"round_to"} for n in names}
+    for key in shared:
+        if not any(key in a for a in accepted.values()):
+            from ..methods.options import unknown_option
+            raise unknown_option(key, ", ".join(names), set().union(*accepted.values()))
     return {k: dict(v) for k, v in opts.items() if k == "*" or k in names}  # others: not compared
 
 
@@ -472,8 +478,8 @@ def compare(model: nn.Module, example_inputs: torch.Tensor | None, methods: Sequ
     distill : bool
         Fine-tune with knowledge distillation from the original model.
     method_options : mapping, optional
-        ``{method: {option: value}}``; the key ``"*"`` gives options to every method (they must
-        be options every compared method accepts, e.g. ``calib_images``).
+        ``{method: {option: value}}``; the key ``"*"`` gives options to every method that takes
+        them (e.g. ``calib_images``; each must be an option of at least one compared method).
     seed : int
         Seed of every method's pruning and fine-tuning.
     onnx : bool
@@ -572,7 +578,9 @@ def compare(model: nn.Module, example_inputs: torch.Tensor | None, methods: Sequ
     redone: dict[str, str] = {}
     failed: dict[str, str] = {}
     for i, method in enumerate(names, 1):
-        given = {**options.get("*", {}), **options.get(method, {})}
+        takes = set(_methods.spec(method).options.names()) | {"round_to"}  # a prune() keyword
+        given = {**{k: v for k, v in options.get("*", {}).items() if k in takes},
+                 **options.get(method, {})}
         fitted = fit_budget(method, budget, given)
         opts = {**given, **fitted}
         settings = _roundtrip({**common, "method": method, "options": opts})
