@@ -136,7 +136,7 @@ def index_batches(data: Any, batches: Sequence[torch.Tensor]) -> Iterator[Batch]
             yield data.batch(idx)
         return
     workers = _workers(data)
-    if workers and len(batches) > 1:
+    if workers and batches:
         loader = DataLoader(data, batch_sampler=[[int(i) for i in idx] for idx in batches],
                             num_workers=min(workers, len(batches)))
         for item in loader:
@@ -287,7 +287,9 @@ def select(data: Any, samples: int | None = None, batch_size: int = 64, *,
 
 
 def first_input(data: Any) -> torch.Tensor:
-    """One input of ``data``, batch dimension kept (``[1, ...]``)."""
+    """One input of ``data``, batch dimension kept (``[1, ...]``; for tracing: any input does)."""
+    if isinstance(data, DataLoader) and callable(getattr(data.dataset, "example_input", None)):
+        return data.dataset.example_input(1)  # no worker start for one image
     if callable(getattr(data, "example_input", None)):
         return data.example_input(1)
     x, _ = next(iter_batches(data, 1, 1))
