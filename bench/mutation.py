@@ -21,6 +21,20 @@ The issue's goal is every mutant killed; each survivor gets a test or a written 
 test written for a survivor belongs in that mutant's ``tests`` (or, for a one-off run, pass it
 with ``--extra TARGET``, which adds it to every mutant).
 
+The first run (``bench/results/mutation_before.md``, commit 9528e50) killed 22 of 37. The
+15 survivors, and what kills each now (the ``K_*`` targets, ``tests/test_mutants_killed.py``,
+or the exact-selection tests of ``tests/test_selection.py``, ``SEL_*``): M01 and M05-M08
+(which channels a criterion keeps: ``SEL_WEIGHT`` / ``SEL_ACT`` / ``SEL_TAYLOR``), M03 (a
+group-size division that happened to give the L2 table's widths: ``K_GLOBAL``), M09 (the
+taylor scores' unit norm, which a later per-group L2 normalisation made invisible to every
+ranking test: ``K_TAYLOR``), M17 (``K_RECAL``: the exact average of the batch statistics),
+M19 (``K_SCALE``), M20 (``K_GREEDY``: the step-by-step greedy on correlated columns), M21
+(``K_BIAS``), M22 (``K_TARGET``: a consumer with a non-zero bias; the zoo models' classifier
+biases start at zero), M23 (``K_LASSO``: the search must end on a penalty with exactly
+``keep`` non-zeros; ``_top_support`` hid a failed search), M26 (``K_MRTS``: a limit equal to
+a partial sum) and M30 (``K_RATIO``: 0.3 x 12 = 3.6 and 0.3 x 6 = 1.8, where ``round`` and
+``int`` differ). No mutant of the list is equivalent.
+
 Mutants must change behaviour. Two candidates were left out as (nearly) equivalent: dropping
 the first-sample slicing of ``prunekit.measure.counting._first_sample`` or of
 ``engine.budget.count_macs_params`` alone (each path slices twice, and torch-pruning's counter
@@ -34,6 +48,10 @@ Usage::
     python bench/mutation.py --ref 9528e50 --name mutation_before
     python bench/mutation.py --only M01,M07 --name mutation_try --tree /tmp/copy
     python bench/mutation.py --extra tests/test_new.py     # a new test file for every mutant
+
+Unless ``--before ''`` (or the run is itself the before run), the table also compares with
+``bench/results/<--before>.json`` (default ``mutation_before``): a summary line and a
+``before`` column.
 
 Writes ``bench/results/<name>.json`` and ``bench/results/<name>.md`` (default name
 ``mutation``); the files are rewritten after every mutant, so an interrupted run leaves its
@@ -125,55 +143,90 @@ IO_CORE = _nodes("test_io.py", "test_round_trip_identical_outputs",
 IO_FUZZ = _nodes("test_fuzz.py", "test_fuzz_net_checkpoint_needs_the_instance", "test_pruned_prelu_reloads")
 T_RESUME = _nodes("test_train.py", "test_resume_after_interruption_is_identical",
                   "test_resume_missing_or_corrupt_state")
+T_RESUME2 = _nodes("test_resume.py", "test_resume_follows_the_stored_epoch_counter",
+                   "test_resume_after_epoch_k_trains_exactly_the_remaining_epochs")
+# tests/test_selection.py: the exact channels each criterion / method keeps
+SEL_WEIGHT = _nodes("test_selection.py", "test_weight_criterion_keeps_its_top_channels")
+SEL_ACT = _nodes("test_selection.py", "test_activation_criterion_keeps_its_top_channels")
+SEL_TAYLOR = _nodes("test_selection.py",
+                    "test_taylor_criterion_keeps_the_channels_with_the_largest_gradient_share",
+                    "test_iterative_taylor_removes_the_lowest_channels_step_by_step",
+                    "test_iterative_taylor_ranks_l2_normalised_scores_across_layers")
+SEL_GLOBAL = _nodes("test_selection.py", "test_global_widths_of_each_normalisation",
+                    "test_global_ranking_option_uses_l2_normalised_scores",
+                    "test_slimming_ranks_the_raw_bn_scales_across_layers")
+SEL_MRTS = _nodes("test_selection.py", "test_mrts_thresholds_cut_exactly_the_near_zero_factors")
+SEL_CSGD = _nodes("test_selection.py", "test_csgd_merges_each_planted_cluster_into_its_lowest_member")
+SEL_RECON = _nodes("test_selection.py", "test_thinet_greedy_finds_the_cancelling_pair",
+                   "test_lasso_keeps_the_largest_true_coefficients",
+                   "test_reconstruction_methods_drop_channels_the_next_layer_ignores")
+
+
+def _killed(*names: str) -> tuple[str, ...]:
+    """Tests of tests/test_mutants_killed.py, written for the survivors of the first run."""
+    return _nodes("test_mutants_killed.py", *names)
+
+
+K_GLOBAL = _killed("test_global_ranking_divides_each_group_by_its_l2_norm")
+K_TAYLOR = _killed("test_taylor_scores_have_unit_l2_norm_per_layer")
+K_RECAL = _killed("test_recalibrate_bn_stores_the_exact_average_of_the_batch_statistics")
+K_SCALE = _killed("test_thinet_scales_multiply_the_kept_columns")
+K_GREEDY = _killed("test_thinet_greedy_equals_the_step_by_step_greedy_on_correlated_columns")
+K_BIAS = _killed("test_auto_fit_bias_leaves_bias_free_consumers_bias_free",
+                 "test_lasso_pruning_adds_no_bias_to_a_bias_free_consumer")
+K_TARGET = _killed("test_thinet_target_removes_the_consumer_bias")
+K_LASSO = _killed("test_lasso_search_finds_a_penalty_with_exactly_keep_nonzeros")
+K_MRTS = _killed("test_mrts_threshold_at_an_exact_tie_keeps_gamma_t")
+K_RATIO = _killed("test_ratio_budget_rounds_the_removed_count")
 
 MUTANTS: tuple[Mutant, ...] = (
     # ---------------------------------------------------------------- ranking (oneshot)
-    Mutant("M01", "prunekit/methods/oneshot.py",
+    Mutant("M01", "prunekit/engine/ranking.py",
            "order = torch.argsort(-scores[g.name], stable=True)",
            "order = torch.argsort(scores[g.name], stable=True)",
            "local ranking keeps the lowest-scoring channels instead of the highest",
-           (*E_PLAN, *E_CRIT, *E_GLOBAL, *S_MRTS, *S_TAYLOR)),
-    Mutant("M02", "prunekit/methods/oneshot.py",
+           (*SEL_WEIGHT, *E_PLAN, *E_CRIT, *E_GLOBAL, *S_MRTS, *S_TAYLOR)),
+    Mutant("M02", "prunekit/engine/ranking.py",
            "    entries.sort()\n",
            "    entries.sort(reverse=True)\n",
            "global ranking removes the most important channels first",
-           (*E_GLOBAL, *S_GLOBAL, *S_MRTS)),
-    Mutant("M03", "prunekit/methods/oneshot.py",
+           (*SEL_GLOBAL, *E_GLOBAL, *S_GLOBAL, *S_MRTS)),
+    Mutant("M03", "prunekit/engine/ranking.py",
            "s = s / s.norm().clamp_min(1e-30)",
            "s = s / s.numel()",
            "global ranking's per-group L2 normalisation replaced by a division by the group size",
-           (*E_GLOBAL, *S_TAYLOR)),
-    Mutant("M04", "prunekit/methods/slimming.py",
+           (*K_GLOBAL, *SEL_GLOBAL, *E_GLOBAL, *S_TAYLOR)),
+    Mutant("M04", "prunekit/methods/sparsity.py",
            'ratio, normalize="none")',
            'ratio, normalize="l2")',
            "slimming's global threshold normalises the BN factors per layer (should be raw)",
-           (*S_GLOBAL, *S_MRTS)),
+           (*SEL_GLOBAL, *S_GLOBAL, *S_MRTS)),
     # ---------------------------------------------------------------- criteria
     Mutant("M05", "prunekit/criteria/__init__.py",
            'p = 1 if criterion in ("l1", "bn-scale") else 2',
            'p = 2 if criterion in ("l1", "bn-scale") else 1',
            "l1 and l2 criteria swapped (l1 computes the L2 norm and vice versa)",
-           (*E_PLAN, *E_CRIT)),
+           (*SEL_WEIGHT, *E_PLAN, *E_CRIT)),
     Mutant("M06", "prunekit/criteria/__init__.py",
            "lambda s: s.module.weight.detach().abs().cpu())",
            "lambda s: s.module.weight.detach().cpu())",
            "bn-scale uses the signed gamma instead of |gamma|",
-           E_CRIT),
+           (*SEL_WEIGHT, *E_CRIT)),
     Mutant("M07", "prunekit/criteria/__init__.py",
            'return 1.0 - self.sums["s"] / n',
            'return self.sums["s"] / n',
            "apoz scores the fraction of zeros (mostly-dead channels rank highest)",
-           E_CRIT),
+           (*SEL_ACT, *E_CRIT)),
     Mutant("M08", "prunekit/criteria/__init__.py",
            "v = (out.detach() * grad).mean(dim=dims).abs().double().cpu()",
            "v = (out.detach() * grad).mean(dim=dims).double().cpu()",
            "taylor drops the absolute value of the first-order term",
-           (*E_CRIT, *S_TAYLOR)),
+           (*SEL_TAYLOR, *E_CRIT, *S_TAYLOR)),
     Mutant("M09", "prunekit/criteria/__init__.py",
-           "return v / v.norm().clamp_min(1e-12)  # seed 004: per-layer L2 normalisation",
+           "return v / v.norm().clamp_min(1e-12)  # Molchanov et al. (2017): per-layer L2 normalisation",
            "return v",
            "taylor's per-layer L2 normalisation dropped",
-           (*E_CRIT, *S_TAYLOR)),
+           (*K_TAYLOR, *SEL_TAYLOR, *E_CRIT, *S_TAYLOR)),
     # ---------------------------------------------------------------- surgery
     Mutant("M10", "prunekit/engine/surgery.py",
            "info.pruning_group(group.root, info.out_handler(group.root), remove).prune()",
@@ -191,79 +244,80 @@ MUTANTS: tuple[Mutant, ...] = (
            "make_identical leaves the BN running variance of cluster members unequal",
            (*E_MERGE, *C_MERGE)),
     # ---------------------------------------------------------------- C-SGD
-    Mutant("M13", "prunekit/methods/csgd.py",
+    Mutant("M13", "prunekit/methods/csgd/centripetal.py",
            "new_rows = mean_g + wd * w_rows + eps * (w_rows - mean_w)",
            "new_rows = mean_g + wd * w_rows - eps * (w_rows - mean_w)",
            "centripetal term's sign flipped: members pushed away from the cluster centre",
            C_S3),
-    Mutant("M14", "prunekit/methods/csgd.py",
+    Mutant("M14", "prunekit/methods/csgd/centripetal.py",
            "mean_w = _label_mean(w_rows, e).index_select(0, e.labels)",
            "mean_w = _label_mean(w_rows, e, True).index_select(0, e.labels)",
            "cluster centre is the members' sum instead of their mean",
            C_S3),
-    Mutant("M15", "prunekit/methods/csgd.py",
+    Mutant("M15", "prunekit/methods/csgd/centripetal.py",
            'mean_g = _label_mean(g_rows, e, self.gradient == "sum").index_select(0, e.labels)',
            "mean_g = g_rows",
            "members keep their own gradient instead of the cluster's shared gradient",
            C_S3),
-    Mutant("M16", "prunekit/methods/csgd.py",
+    Mutant("M16", "prunekit/methods/csgd/merge.py",
            "{c[0]: c[1:] for c in cl if len(c) > 1}",
            "{c[0]: c[1:] for c in cl if len(c) > 2}",
            "merge plan forgets to fold the second member of two-member clusters",
-           (*C_MERGE, *C_RECAL)),
-    Mutant("M17", "prunekit/methods/csgd.py",
+           (*C_MERGE, *SEL_CSGD, *C_RECAL)),
+    Mutant("M17", "prunekit/train/bn.py",
            "        m.momentum = None  # cumulative average\n",
            "",
            "BN recalibration keeps momentum 0.1 (exponential, not the exact average)",
-           C_RECAL),
-    Mutant("M18", "prunekit/methods/csgd.py",
+           (*K_RECAL, *C_RECAL)),
+    Mutant("M18", "prunekit/train/bn.py",
            "        m.reset_running_stats()\n",
            "",
            "BN recalibration does not reset the running statistics first",
-           C_RECAL),
+           (*K_RECAL, *C_RECAL)),
     # ---------------------------------------------------------------- reconstruction
     Mutant("M19", "prunekit/methods/reconstruct.py",
            "W = cs.weight[:, cs.cols[idx]].double() * factors.to(cs.weight.device)",
            "W = cs.weight[:, cs.cols[idx]].double() / factors.to(cs.weight.device)",
            "ThiNet folds its least-squares scales by division instead of multiplication",
-           R_CORE),
+           (*K_SCALE, *R_CORE)),
     Mutant("M20", "prunekit/methods/thinet.py",
            "cost = torch.where(removed, inf, 2.0 * h + diag)",
            "cost = torch.where(removed, inf, h + diag)",
            "ThiNet greedy removal cost loses the factor 2 of the cross term",
-           R_CORE),
+           (*K_GREEDY, *SEL_RECON, *R_CORE)),
     Mutant("M21", "prunekit/methods/reconstruct.py",
            'with_bias = (cs.bias is not None) if fit_bias == "auto" else bool(fit_bias)',
            "with_bias = bool(fit_bias)",
            'least-squares refit treats fit_bias="auto" as True (adds a bias to every consumer)',
-           (*R_CORE, *_nodes("test_io.py", "test_a_bias_added_by_reconstruction_survives_save_and_load"))),
-    Mutant("M22", "prunekit/methods/reconstruct.py",
+           (*K_BIAS, *R_CORE,
+            *_nodes("test_io.py", "test_a_bias_added_by_reconstruction_survives_save_and_load"))),
+    Mutant("M22", "prunekit/methods/sampling.py",
            "                y = y - self.bias[self.rows_o]\n",
            "                y = y + self.bias[self.rows_o]\n",
            "ThiNet's target y - b adds the consumer bias instead of removing it",
-           R_CORE),
+           (*K_TARGET, *R_CORE)),
     Mutant("M23", "prunekit/methods/lasso.py",
            "            if nz > keep:\n                lo = alpha\n",
            "            if nz < keep:\n                lo = alpha\n",
            "LASSO penalty bisection moves the wrong bound",
-           R_CORE),
+           (*K_LASSO, *SEL_RECON, *R_CORE)),
     # ---------------------------------------------------------------- thresholds (slimming / MRTS)
     Mutant("M24", "prunekit/methods/slimming.py",
            "{n: max(1, int((scores[n].abs() >= t).sum()))",
            "{n: max(1, int((scores[n].abs() > t).sum()))",
            "MRTS threshold prunes the threshold factor itself (> instead of >=)",
-           S_THRESH),
+           (*K_MRTS, *SEL_MRTS, *S_THRESH)),
     Mutant("M25", "prunekit/methods/slimming.py",
            "limit = float(delta) * float(cum[-1])",
            "limit = float(delta)",
            "eq. 11: delta taken as an absolute mass instead of a share of the layer's total",
-           S_THRESH),
+           (*K_MRTS, *SEL_MRTS, *S_THRESH)),
     Mutant("M26", "prunekit/methods/slimming.py",
            "torch.tensor([limit], dtype=torch.float64))[0])",
            "torch.tensor([limit], dtype=torch.float64), right=True)[0])",
            "eq. 11 comparison < / <= swapped at the threshold (searchsorted right)",
-           S_THRESH),
-    Mutant("M27", "prunekit/methods/slimming.py",
+           (*K_MRTS, *SEL_MRTS, *S_THRESH)),
+    Mutant("M27", "prunekit/methods/sparsity.py",
            "g = g * (self.tau - torch.sign(w.abs().double() - means[gd]) + mean_sign[gd])",
            "g = g * (self.tau + torch.sign(w.abs().double() - means[gd]) + mean_sign[gd])",
            "polarisation subgradient's sign term flipped",
@@ -283,7 +337,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "max(1, g.size - int(round(ratio * g.size)))",
            "max(1, g.size - int(ratio * g.size))",
            "ratio budget truncates the number of removed channels instead of rounding it",
-           (*E_PLAN, *E_ROUND, *E_CRIT)),
+           (*K_RATIO, *E_PLAN, *E_ROUND, *E_CRIT)),
     # ---------------------------------------------------------------- MACs counting
     Mutant("M31", "prunekit/engine/budget.py",
            "return count_macs_params(pruned, info.example_inputs)[0]",
@@ -316,12 +370,12 @@ MUTANTS: tuple[Mutant, ...] = (
            'return int(state["epoch"]), bool(state.get("stopped_early", False))',
            'return int(state["epoch"]) + 1, bool(state.get("stopped_early", False))',
            "resume starts one epoch late (the state's epoch count read as the last index)",
-           T_RESUME),
+           (*T_RESUME2, *T_RESUME)),
     Mutant("M37", "prunekit/train/state.py",
            '        scheduler.load_state_dict(state["scheduler"])\n',
            "",
            "resume does not restore the learning-rate schedule",
-           T_RESUME),
+           (*T_RESUME2, *T_RESUME)),
 )
 
 
@@ -556,6 +610,14 @@ def write_results(name: str, out_dir: Path, payload: dict[str, Any]) -> tuple[Pa
     survived = [r["id"] for r in rows if r["status"] == "survived"]
     errors = [r["id"] for r in rows if r["status"] == "error"]
     s = payload["settings"]
+    before = payload.get("before")
+    before_line = []
+    if before:
+        before_line = [f"Before / after: {before['killed']}/{before['total']} killed at "
+                       f"`{before['commit'][:7]}` ({before['name']}.md; survived: "
+                       f"{', '.join(before['survived']) or 'none'}) → {killed}/{len(rows)} killed "
+                       f"at `{payload['commit'][:7]}`"
+                       + ("" if payload["complete"] else " (incomplete run)") + ".", ""]
     lines = [
         "# Mutation score of the test suite",
         "",
@@ -576,12 +638,13 @@ def write_results(name: str, out_dir: Path, payload: dict[str, Any]) -> tuple[Pa
         + f".** Total {payload['seconds'] / 60:.1f} min"
         + ("" if payload["complete"] else f" (incomplete: {len(rows)} of {s['mutants']} run)") + ".",
         "",
+        *before_line,
         "A mutant is killed when a target fails (exit 1), errors (exit 2) or times out. "
         "`killed by`: the first failing test. Mutants are listed in `bench/mutation.py` (MUTANTS).",
         "",
         "| id | file | what it changes | change | tests run | result | killed by (or tests passed) "
-        "| seconds |",
-        "|---|---|---|---|---|---|---|---|",
+        "| seconds |" + (" before |" if before else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if before else ""),
     ]
     for r in rows:
         result = r["status"] if r["status"] != "killed" or r["how"] == "tests failed" else \
@@ -589,12 +652,26 @@ def write_results(name: str, out_dir: Path, payload: dict[str, Any]) -> tuple[Pa
         lines.append("| " + " | ".join(_cell(v) for v in (
             r["id"], r["path"], r["description"], f"`{r['change']}`".replace("|", "\\|"),
             "<br>".join(t.removeprefix("tests/") for t in r["tests"]), result,
-            r.get("first_failure") or r.get("summary") or "", r["seconds"])) + " |")
+            r.get("first_failure") or r.get("summary") or "", r["seconds"],
+            *([before["status"].get(r["id"], "")] if before else []))) + " |")
     lines.append("")
     tmp = md.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines))
     tmp.replace(md)
     return js, md
+
+
+def read_before(path: Path) -> dict[str, Any] | None:
+    """Summary of an earlier run's JSON (None when absent or unreadable)."""
+    try:
+        old = json.loads(path.read_text())
+        rows = old["rows"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return {"name": path.stem, "commit": old.get("commit", "?"),
+            "killed": sum(r["status"] == "killed" for r in rows), "total": len(rows),
+            "survived": [r["id"] for r in rows if r["status"] == "survived"],
+            "status": {r["id"]: r["status"] for r in rows}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -631,6 +708,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "test file not yet named in MUTANTS")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per pytest run (default 300)")
     p.add_argument("--python", default=default_python(), help="interpreter that runs pytest (default: .venv)")
+    p.add_argument("--before", default="mutation_before",
+                   help="stem of an earlier run under --out-dir to compare with ('' for none)")
     p.add_argument("--list", action="store_true", help="validate the mutant list and print it; run nothing")
     args = p.parse_args(argv)
     mutants = select(args.only)
@@ -678,6 +757,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "summary": base["summary"], "seconds": base["seconds"]},
             "complete": False, "seconds": 0.0, "mutants": [asdict(m) for m in mutants], "rows": [],
         }
+        if args.before and args.before != args.name:
+            payload["before"] = read_before(args.out_dir / f"{args.before}.json")
         if base["rc"] != 0:
             payload["baseline"]["tail"] = base["tail"]
             payload["seconds"] = time.perf_counter() - t_start
