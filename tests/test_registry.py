@@ -126,10 +126,16 @@ def test_no_method_name_literal_outside_methods() -> None:
     assert found == []
 
 
-def test_method_in_one_file_registers_and_runs(model, tmp_path) -> None:
-    """The worked example of docs/architecture.md: one file, and prune / compare know it."""
-    import example_method  # noqa: F401 (registers "mean-abs")
+def test_method_in_one_file_registers_and_runs(model, tmp_path, monkeypatch) -> None:
+    """The worked example of docs/architecture.md: one file, and prune / compare know it
+    (registered into a copy of the registry, so other tests see only prunekit's methods)."""
+    import importlib
 
+    monkeypatch.setattr(methods.registry, "_REGISTRY", dict(methods.specs()))
+    import example_method
+
+    if "mean-abs" not in methods.registry._REGISTRY:  # imported by an earlier run of this test
+        importlib.reload(example_method)
     assert "mean-abs" in methods.available()
     data = (images(64, 0), images(32, 1))
     res = prunekit.prune(model, None, method="mean-abs", ratio=0.5, data=data, calib_images=32)

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from ..criteria import Scores
+from ..data.batches import count, is_empty, is_loader
 from ..engine import ChannelGroup, DependencyInfo, Slot, analyse, apply_plan
 from ..engine.budget import Widths, count_macs_params, macs_of_widths
 from ..engine.ranking import global_widths, keep_top
@@ -462,7 +463,9 @@ def _sparsity_phase(ctx: PruneContext, kind: Kind) -> tuple[DependencyInfo, Spar
     opts = ctx.parse(SparsityOptions, "slimming" if kind == "l1" else "mrts")
     info = analyse(ctx.model, ctx.example_inputs, ignored_layers=ctx.ignored_layers)
     cfg = phase_config(opts, max(1, opts.sparsity_epochs), ctx.seed, ctx.options)
-    n_train = len(ctx.train_set) if ctx.train_set is not None else 0
+    if is_loader(ctx.train_set) and ctx.train_set.batch_size:  # the trainer uses the loader's batches
+        cfg.batch_size = int(ctx.train_set.batch_size)
+    n_train = 0 if is_empty(ctx.train_set) else count(ctx.train_set)
     strength = resolve_sparsity(opts, info, cfg, n_train) if opts.sparsity_epochs > 0 else 0.0
     reg = make_regulariser(info, kind, opts, strength)
     no_bn = [g.name for g in info.groups if not bn_slots(g)]
@@ -479,7 +482,7 @@ def _sparsity_phase(ctx: PruneContext, kind: Kind) -> tuple[DependencyInfo, Spar
                      clamp_max=reg.clamp_max if opts.clamp else None)
     epochs = 0.0
     if opts.sparsity_epochs > 0:
-        if ctx.train_set is None or len(ctx.train_set) == 0:
+        if is_empty(ctx.train_set):
             raise DataError(f"sparsity training ({opts.sparsity_epochs} epochs) needs training data; "
                             "pass data=... or sparsity_epochs=0 to cut on the factors as they are")
         torch.manual_seed(ctx.seed)

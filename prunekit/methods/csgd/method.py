@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ...data.batches import count
+from ...data.batches import is_empty
 from ...engine import DependencyInfo, analyse, apply_plan
 from ...engine.budget import budget_widths
 from ...errors import ConfigError, DataError
@@ -110,12 +110,12 @@ def _train_config(o: CsgdOptions, ctx: PruneContext):
     return cfg
 
 
-def _planned_lrs(cfg, n_train: int) -> list[float]:
+def _planned_lrs(cfg, train_set: Any) -> list[float]:
+    """The learning rate of every optimizer step S3's trainer will take on ``train_set``."""
+    from ...train import epoch_steps
     from ...train.schedule import lr_factor
 
-    steps = max(1, n_train // min(cfg.batch_size, n_train))
-    if cfg.max_steps_per_epoch is not None:
-        steps = min(steps, cfg.max_steps_per_epoch)
+    steps = epoch_steps(train_set, cfg.batch_size, cfg.max_steps_per_epoch)
     return [cfg.lr * lr_factor(s, cfg, steps) for s in range(cfg.epochs * steps)]
 
 
@@ -162,7 +162,7 @@ def run(ctx: PruneContext) -> MethodOutput:
     stands for ``survey_samples`` when that is not given.
     """
     o = ctx.parse(CsgdOptions, "csgd")
-    if ctx.train_set is None or count(ctx.train_set) == 0:
+    if is_empty(ctx.train_set):
         raise DataError("csgd needs training data (survey and centripetal training)")
     teacher = ctx.reference() if o.centripetal_distill else None  # read before S3 trains ctx.model
     model, x = ctx.model, ctx.example_inputs
@@ -182,7 +182,7 @@ def run(ctx: PruneContext) -> MethodOutput:
     transform = CentripetalTransform(info, clusters, cfg.weight_decay, 0.0, o.bn_epsilon_scale,
                                      gradient=o.gradient)
     d0 = transform.max_distance()
-    epsilon, reachable = resolve_epsilon(o, cfg, d0, count(ctx.train_set))
+    epsilon, reachable = resolve_epsilon(o, cfg, d0, ctx.train_set)
     transform.epsilon = epsilon
     epochs_run, history = _train_centripetal(model, ctx.train_set, cfg, transform, o, teacher, d0)
     if o.recalibrate_bn and o.recalibrate_samples > 0:
@@ -225,13 +225,13 @@ def _cluster_groups(vectors: Mapping[str, torch.Tensor], targets: Mapping[str, i
     return clusters, seconds
 
 
-def resolve_epsilon(o: CsgdOptions, cfg: Any, d0: float, n_train: int) -> tuple[float, bool]:
+def resolve_epsilon(o: CsgdOptions, cfg: Any, d0: float, train_set: Any) -> tuple[float, bool]:
     """S3's centripetal strength: the option's number, or for ``"auto"`` the smallest epsilon
     that shrinks the initial distance ``d0`` below the tolerance on the planned schedule
     (:func:`auto_epsilon`); also whether the schedule can converge at all (a warning if not)."""
     if o.epsilon != "auto":
         return float(o.epsilon), True
-    lrs = _planned_lrs(cfg, n_train)
+    lrs = _planned_lrs(cfg, train_set)
     nesterov = cfg.nesterov and cfg.momentum > 0
     target = 0.1 * o.tolerance / max(d0, o.tolerance)
     epsilon, reachable = auto_epsilon(lrs, momentum=cfg.momentum, nesterov=nesterov,
