@@ -28,7 +28,7 @@ from typing import Annotated, Any, TextIO
 import typer
 
 from .errors import CheckpointError, ConfigError, PrunekitError
-from .utils import resolve_device
+from .utils import jsonable, resolve_device
 
 app = typer.Typer(
     name="prunekit",
@@ -71,23 +71,6 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _jsonable(value: Any) -> Any:
-    """Make ``value`` strict JSON: non-finite floats become ``null``, tuples lists, paths str."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if hasattr(value, "item"):  # numpy / torch scalars
-        return _jsonable(value.item())
-    return str(value)
-
-
 class Output:
     """Where a command's output goes.
 
@@ -126,7 +109,7 @@ class Output:
         if not self.main:
             return
         if self.json_mode:
-            self._stdout.write(json.dumps(_jsonable(obj), allow_nan=False) + "\n")
+            self._stdout.write(json.dumps(jsonable(obj), allow_nan=False) + "\n")
         else:
             for line in summary:
                 self._stdout.write(line + "\n")
@@ -315,7 +298,7 @@ def _train(out: Output, *, model: str, data: str, data_dir: Path | None, train_s
         "seconds_per_epoch": result.seconds_per_epoch,
     }
     if is_main_process():
-        pk_io.save(net, out_path, meta=_jsonable(meta))
+        pk_io.save(net, out_path, meta=jsonable(meta))
     return {"out": str(out_path), "state": str(state_path), **meta}
 
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 import os
 import random
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -92,3 +94,26 @@ def eval_mode(model: torch.nn.Module, handles: Iterable = ()) -> Iterator[torch.
         for h in handles:
             h.remove()
         model.train(was_training)
+
+
+def jsonable(value: Any) -> Any:
+    """Strict-JSON form of ``value``: non-finite floats -> ``None``, tuples -> lists, tensors and
+    NumPy scalars -> Python numbers, dataclasses -> dicts, anything else unknown -> ``str``."""
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return jsonable(dataclasses.asdict(value))
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return jsonable(value.item())
+    if hasattr(value, "item") and callable(value.item):
+        with contextlib.suppress(TypeError, ValueError):
+            return jsonable(value.item())
+    return str(value)

@@ -32,7 +32,7 @@ from torch import nn
 from .. import methods as _methods
 from ..api import check_budget, finetune, prune, split_data
 from ..errors import ConfigError, DataError, PrunekitError
-from ..utils import atomic_path
+from ..utils import atomic_path, jsonable
 
 __all__ = ["SCHEMA", "check_methods", "compare", "fit_budget", "finetune_epochs_left", "slug", "machine_info"]
 
@@ -53,29 +53,6 @@ def slug(method: str) -> str:
     in a relative link would read as a URL scheme in Markdown and HTML).
     """
     return re.sub(r"[^A-Za-z0-9_.-]", "-", method)
-
-
-def jsonable(value: Any) -> Any:
-    """Strict-JSON form of ``value``: non-finite floats -> ``None``, tuples -> lists, tensors and
-    NumPy scalars -> Python numbers, dataclasses -> dicts, anything else unknown -> ``str``."""
-    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return jsonable(dataclasses.asdict(value))
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return jsonable(value.item())
-    if hasattr(value, "item") and callable(value.item):
-        with contextlib.suppress(TypeError, ValueError):
-            return jsonable(value.item())
-    return str(value)
 
 
 def _write_json(path: Path, obj: Any) -> None:
