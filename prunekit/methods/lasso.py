@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -83,7 +84,8 @@ def select_channels(X: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray, 
                     alpha0: float = 1e-3, max_fits: int = 60, max_samples: int | None = 20000,
                     tol: float = 1e-6, seed: int = 0, return_search: bool = False
                     ) -> list[int] | tuple[list[int], LassoSearch]:
-    """Seed 001, channel selection: LASSO on channel coefficients until ``keep`` are non-zero.
+    """Channel selection (He et al., 2017, eq. 3): LASSO on channel coefficients until ``keep``
+    are non-zero.
 
     Solves ``min_beta (1/2n) ||y - X beta||^2 + alpha ||beta||_1`` (``y ~ sum_c beta_c X[:, c]``,
     no intercept) with :class:`sklearn.linear_model.Lasso` on the precomputed Gram matrix, after
@@ -179,6 +181,20 @@ def select_channels(X: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray, 
         fits[alpha] = coef
         return nz
 
+    alpha, exact = _search_penalty(fit, path, keep, alpha0, max_fits)
+    coef = fits[alpha]
+    chosen = _top_support(coef, keep, np.linalg.norm(Xn, axis=0))
+    search = LassoSearch(float(alpha), int(np.count_nonzero(coef)), exact, len(path), path)
+    return (chosen, search) if return_search else chosen
+
+
+def _search_penalty(fit: Callable[[float], int], path: list[tuple[float, int]], keep: int,
+                    alpha0: float, max_fits: int) -> tuple[float, bool]:
+    """The authors' penalty search: from ``alpha0`` double until at most ``keep`` coefficients
+    are non-zero (or halve while too few are), then bisect geometrically between the last two
+    penalties until exactly ``keep`` are. ``fit(alpha)`` fits and returns the non-zero count,
+    appending ``(alpha, count)`` to ``path``. Returns the penalty to use and whether it has
+    exactly ``keep`` non-zeros (else: the closest fit from above, or the weakest penalty)."""
     alpha = alpha0
     nz = fit(alpha)
     lo = hi = None  # lo: penalty with nz > keep, hi: penalty with nz < keep
@@ -208,18 +224,9 @@ def select_channels(X: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray, 
             if hi / lo < 1 + 1e-9:
                 break
     if nz == keep:
-        coef, exact = fits[alpha], True
-    else:
-        above = [(a, k) for a, k in path if k > keep]
-        if above:
-            alpha = max(a for a, _ in above)
-            coef, exact = fits[alpha], False
-        else:
-            alpha = min(a for a, _ in path)
-            coef, exact = fits[alpha], False
-    chosen = _top_support(coef, keep, np.linalg.norm(Xn, axis=0))
-    search = LassoSearch(float(alpha), int(np.count_nonzero(coef)), exact, len(path), path)
-    return (chosen, search) if return_search else chosen
+        return alpha, True
+    above = [a for a, k in path if k > keep]  # the closest fit from above, else the weakest penalty
+    return (max(above) if above else min(a for a, _ in path)), False
 
 
 def _top_support(coef: np.ndarray, keep: int, col_norms: np.ndarray) -> list[int]:
