@@ -141,3 +141,13 @@ def write_image_folder(root: Path, sizes: dict[str, int]) -> Path:
                 pixels = rng.integers(0, 120, (8, 8)) + 120 * label
                 Image.fromarray(pixels.astype(np.uint8), mode="L").save(d / f"{i}.png")
     return root
+
+
+def random_images(n: int, seed: int):
+    """``n`` random 1x16x16 images with random labels of 4 classes (an ImageDataset)."""
+    from prunekit.data import ImageDataset
+
+    g = torch.Generator().manual_seed(seed)
+    return ImageDataset(torch.randint(0, 256, (n, 1, 16, 16), generator=g, dtype=torch.uint8),
+                        torch.randint(0, 4, (n,), generator=g), mean=[0.5], std=[0.25],
+                        num_classes=4, name="random")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_image_folder
+from conftest import random_images, write_image_folder
 
 import prunekit
 from prunekit import cli
@@ -23,13 +23,6 @@ FAST = {"latency_seconds": 0.01, "batch_sizes": (1, 8), "progress": False}
 CSGD = {"survey_samples": 64, "recalibrate_samples": 64}
 
 
-
-
-def random_images(n: int, seed: int) -> ImageDataset:
-    g = torch.Generator().manual_seed(seed)
-    return ImageDataset(torch.randint(0, 256, (n, 1, 16, 16), generator=g, dtype=torch.uint8),
-                        torch.randint(0, 4, (n,), generator=g), mean=[0.5], std=[0.25],
-                        num_classes=4, name="random")
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_image_folder
+from conftest import random_images, write_image_folder
 from torch.utils.data import DataLoader, TensorDataset
 
 import prunekit
 from prunekit import cli, methods
-from prunekit.data import ImageDataset
 from prunekit.data.batches import iter_batches
 from prunekit.errors import ConfigError
 from prunekit.io import save
@@ -23,11 +22,7 @@ from prunekit.models import create
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def images(n: int, seed: int) -> ImageDataset:
-    g = torch.Generator().manual_seed(seed)
-    return ImageDataset(torch.randint(0, 256, (n, 1, 16, 16), generator=g, dtype=torch.uint8),
-                        torch.randint(0, 4, (n,), generator=g), mean=[0.5], std=[0.25],
-                        num_classes=4, name="random")
+images = random_images
 
 
 @pytest.fixture(scope="module")
