@@ -60,6 +60,13 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cud
 InputShapeOpt = Annotated[str | None, typer.Option(
     "--input-shape", help="Input shape C,H,W when the checkpoint does not record it (e.g. 3,32,32).")]
 CheckpointArg = Annotated[Path, typer.Argument(help="A prunekit checkpoint (.pt).", show_default=False)]
+CheckpointOrModelArg = Annotated[Path | None, typer.Argument(
+    help="A prunekit checkpoint (.pt); or give --model instead.", show_default=False)]
+ModelOpt = Annotated[str | None, typer.Option(
+    "--model", help="Your own model instead of a checkpoint: path/to/file.py:FUNC, "
+                    "package.module:FUNC or zoo:NAME (FUNC returns the nn.Module).")]
+WeightsOpt = Annotated[Path | None, typer.Option(
+    "--weights", help="With --model: a state dict to load (.pt/.pth, or .safetensors).")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,6 +248,28 @@ def load_checkpoint(path: Path):
     return load(path)
 
 
+def model_from_cli(checkpoint: Path | None, model_spec: str | None,
+                   weights: Path | None) -> tuple[Any, dict[str, Any], str]:
+    """``(model, meta, source)`` from exactly one of a checkpoint or ``--model`` (with its
+    optional ``--weights``); a model built from a spec has ``meta["model_spec"]``."""
+    if (checkpoint is None) == (model_spec is None):
+        raise ConfigError("give exactly one of a CHECKPOINT argument or --model SPEC")
+    if weights is not None and model_spec is None:
+        raise ConfigError("--weights applies to --model (a checkpoint holds its own weights)")
+    if checkpoint is not None:
+        model, meta = load_checkpoint(checkpoint)
+        return model, meta, str(checkpoint)
+    from .models.spec import build, load_weights
+
+    model = build(model_spec)
+    if weights is not None:
+        load_weights(model, weights)
+    model.eval()
+    spec = getattr(model, "prunekit_spec", None)
+    meta: dict[str, Any] = {"model_spec": spec} if spec is not None else {}
+    return model, meta, model_spec
+
+
 def fmt_count(n: float) -> str:
     """13824 -> ``"13.8K"``, 40_550_000 -> ``"40.55M"``."""
     for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
@@ -336,27 +365,34 @@ def train(
 
 @app.command("eval")
 def eval_(
-    checkpoint: CheckpointArg,
+    checkpoint: CheckpointOrModelArg = None,
     data: DataOptionalOpt = None,
     data_dir: DataDirOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 512,
     device: DeviceOpt = "auto",
+    input_shape: InputShapeOpt = None,
+    model_spec: ModelOpt = None,
+    weights: WeightsOpt = None,
     json_: JsonOpt = False,
 ) -> None:
-    """Top-1 accuracy of a checkpoint on a dataset's test split."""
+    """Top-1 accuracy of a checkpoint (or --model SPEC [--weights FILE]) on a dataset's test
+    split."""
     from .train import evaluate
 
     with Output(json_) as o:
         device = check_device(device)
-        model, meta = load_checkpoint(checkpoint)
+        if model_spec is not None and input_shape is None:
+            raise ConfigError("--model needs --input-shape C,H,W")
+        model, meta, source = model_from_cli(checkpoint, model_spec, weights)
         name = data or meta.get("data")
         if not name:
             raise ConfigError("the checkpoint does not record its dataset; pass --data")
-        _, test_set = load_data(name, data_dir, input_shape=meta.get("input_shape"))
+        shape = input_shape_for(meta, input_shape) if input_shape is not None else meta.get("input_shape")
+        _, test_set = load_data(name, data_dir, input_shape=shape)
         acc = evaluate(model, test_set, batch_size=batch_size, device=resolve_device(device))
-        o.result({"checkpoint": str(checkpoint), "data": name, "samples": len(test_set),
+        o.result({"checkpoint": source, "data": name, "samples": len(test_set),
                   "test_acc": acc},
-                 [f"{checkpoint}: test accuracy {acc:.2f}% on {name} ({len(test_set)} images)"])
+                 [f"{source}: test accuracy {acc:.2f}% on {name} ({len(test_set)} images)"])
 
 
 def profile_summary(name: str, report: dict[str, Any]) -> list[str]:
@@ -377,16 +413,19 @@ def profile_summary(name: str, report: dict[str, Any]) -> list[str]:
 
 @app.command("profile")
 def profile_(
-    checkpoint: CheckpointArg,
+    checkpoint: CheckpointOrModelArg = None,
     onnx: Annotated[bool, typer.Option("--onnx", help="Also export to ONNX and time ONNX Runtime.")] = False,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated batch sizes.")] = "1,64",
     input_shape: InputShapeOpt = None,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads.")] = None,
     max_seconds: Annotated[float, typer.Option(
         "--max-seconds", help="Timed seconds per setting.")] = 1.0,
+    model_spec: ModelOpt = None,
+    weights: WeightsOpt = None,
     json_: JsonOpt = False,
 ) -> None:
-    """MACs, parameters, file size and measured latency of a checkpoint.
+    """MACs, parameters, file size and measured latency of a checkpoint (or of --model SPEC
+    [--weights FILE]).
 
     Latency is timed in three settings: NCHW, channels_last, and deploy (channels_last with
     every conv -> BatchNorm pair folded into one conv, as inference runtimes run it).
@@ -395,11 +434,11 @@ def profile_(
 
     with Output(json_) as o:
         sizes = parse_int_list(batch_sizes, "--batch-sizes")
-        model, meta = load_checkpoint(checkpoint)
+        model, meta, source = model_from_cli(checkpoint, model_spec, weights)
         shape = input_shape_for(meta, input_shape)
         report = profile(model, example_input(shape), sizes, onnx=onnx, checkpoint_path=checkpoint,
                          threads=threads, max_seconds=max_seconds)
-        o.result({"checkpoint": str(checkpoint), **report}, profile_summary(str(checkpoint), report))
+        o.result({"checkpoint": source, **report}, profile_summary(source, report))
 
 
 @app.command()
@@ -440,7 +479,8 @@ def method_options_from_cli(method: str, words: Sequence[str]) -> dict[str, Any]
                     "--name value (e.g. --calib-images 256) or --opt name=value.")
 def prune_(
     ctx: typer.Context,
-    checkpoint: CheckpointArg,
+    checkpoint: CheckpointOrModelArg = None,
+    *,
     method: Annotated[str, typer.Option("--method", help="A method: `prunekit methods` lists them "
                                         "(criteria such as l1 prune in one shot; tp:* are "
                                         "Torch-Pruning's own pruner).")],
@@ -461,6 +501,8 @@ def prune_(
     distill: Annotated[bool, typer.Option(
         "--distill", help="Fine-tune with distillation from the original model.")] = False,
     input_shape: InputShapeOpt = None,
+    model_spec: ModelOpt = None,
+    weights: WeightsOpt = None,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue the method's own training from <out>.state (methods that "
         "checkpoint it).")] = False,
@@ -472,7 +514,8 @@ def prune_(
     device: DeviceOpt = "auto",
     json_: JsonOpt = False,
 ) -> None:
-    """Prune a checkpoint with one method to a --ratio or a --target-macs budget."""
+    """Prune a checkpoint (or your own model: --model SPEC [--weights FILE]) with one method to
+    a --ratio or a --target-macs budget."""
     import time
 
     from . import methods as _methods
@@ -495,9 +538,14 @@ def prune_(
         if resume and not state_path.is_file():
             raise CheckpointError(f"cannot resume: state file not found: {state_path}")
         device = check_device(device)
+        if model_spec is not None and checkpoint is None:
+            if input_shape is None:
+                raise ConfigError("--model needs --input-shape C,H,W")
+            if data is None:
+                raise ConfigError("--model needs --data")
         t0 = time.perf_counter()
-        model, meta = load_checkpoint(checkpoint)
-        check_finite(model, checkpoint)
+        model, meta, source = model_from_cli(checkpoint, model_spec, weights)
+        check_finite(model, Path(str(weights or checkpoint or source)))
         shape = input_shape_for(meta, input_shape)
         data_name = data or meta.get("data")
         if data_name is None:
@@ -506,15 +554,16 @@ def prune_(
         load_s = time.perf_counter() - t0
         if spec.resumable:
             options.update(state_path=str(state_path), resume=resume)
-        o.note(f"pruning {checkpoint} with {method} ...")
+        o.note(f"pruning {source} with {method} ...")
         res = prune(model, example_input(shape), method=method, ratio=ratio, target_macs=target_macs,
                     data=(train_set, test_set), finetune_epochs=finetune_epochs, distill=distill,
                     train_config=TrainConfig(lr=finetune_lr, seed=seed, device=device), seed=seed,
                     round_to=round_to, expand=expand, refine_labels=refine_labels, **options)
         report = res.report
         report["times"]["load_s"] = load_s
-        new_meta = {**{k: v for k, v in meta.items() if k in ("data", "input_shape")},
-                    "data": data_name, "pruned_from": str(checkpoint), "method": method,
+        new_meta = {**{k: v for k, v in meta.items() if k in ("data", "input_shape", "model_spec")},
+                    **({"input_shape": shape} if model_spec is not None else {}),
+                    "data": data_name, "pruned_from": source, "method": method,
                     "test_acc": report.get("acc_final"),
                     "report": {k: v for k, v in report.items() if k != "widths"}}
         t1 = time.perf_counter()

@@ -7,10 +7,13 @@ A prunekit checkpoint is a ``torch.save`` file holding only tensors and JSON-lik
      "shapes": {module_name: {"type": "Conv2d", "in_channels", "out_channels", "groups"}, ...},
      "state_dict": {...}, "meta": {...} or None, "plan": str, dict or None}
 
-It is always read with ``torch.load(weights_only=True)``, so a file cannot run code when it is
-loaded. ``shapes`` records the width of every conv, linear and normalisation layer: loading
-builds the architecture (from the zoo, or the instance the caller passes), narrows the layers
-whose recorded width differs, then loads the weights strictly.
+It is always read with ``torch.load(weights_only=True)``, so the file itself cannot run code
+when it is loaded. ``shapes`` records the width of every conv, linear and normalisation layer:
+loading builds the architecture (from the zoo, the instance the caller passes, or the model
+spec recorded in ``meta["model_spec"]``), narrows the layers whose recorded width differs,
+then loads the weights strictly. A recorded spec names the user's factory
+(``/abs/path/net.py:make_net``): :func:`load` imports and calls it, so load such a file only
+when you trust the code it names (pass ``model=`` to build the model yourself instead).
 """
 
 from __future__ import annotations
@@ -213,6 +216,9 @@ def save(model: nn.Module, path: str | os.PathLike, meta: dict | None = None,
     arch = getattr(model, "prunekit_arch", None)
     if arch is not None and not isinstance(arch, dict):
         raise ConfigError(f"model.prunekit_arch must be a dict, got {type(arch).__name__}")
+    model_spec = getattr(model, "prunekit_spec", None)
+    if arch is None and isinstance(model_spec, dict) and "model_spec" not in (meta or {}):
+        meta = {**(meta or {}), "model_spec": model_spec}  # lets load() rebuild a factory model
     state = model.state_dict()
     payload = {
         "format": FORMAT,
@@ -279,8 +285,10 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
         A file written by :func:`save`.
     model : nn.Module, optional
         An instance of the original (unpruned) architecture, modified in place (on failure it
-        may be left partly resized). Needed when the checkpoint has no zoo architecture
-        (``arch``); otherwise the zoo builds it.
+        may be left partly resized). Needed when the checkpoint has neither a zoo architecture
+        (``arch``) nor a model spec (``meta["model_spec"]``, written for a model built by
+        :func:`prunekit.models.build` or ``prunekit prune --model``); otherwise the zoo, or the
+        factory the spec names (its code is imported and run), builds it.
     map_location : str or torch.device
         Where tensors are loaded (and where a zoo-built model is placed).
 
@@ -299,18 +307,30 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
     payload = read(path, map_location=map_location)
     p = Path(path)
     arch = payload.get("arch")
+    meta = payload.get("meta") if isinstance(payload.get("meta"), dict) else {}
+    model_spec = meta.get("model_spec")
     if model is None:
-        if not isinstance(arch, dict) or "name" not in arch:
-            raise CheckpointError(f"{p} records no zoo architecture; pass the unpruned model "
-                                  "instance: load(path, model=...)")
         from ..errors import PrunekitError
-        from ..models import create
 
-        try:
-            model = create(arch["name"], num_classes=arch.get("num_classes", 10),
-                           in_channels=arch.get("in_channels", 3), **(arch.get("kwargs") or {}))
-        except (PrunekitError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{p}: cannot build architecture {arch.get('name')!r}: {e}") from None
+        if isinstance(arch, dict) and "name" in arch:
+            from ..models import create
+
+            try:
+                model = create(arch["name"], num_classes=arch.get("num_classes", 10),
+                               in_channels=arch.get("in_channels", 3), **(arch.get("kwargs") or {}))
+            except (PrunekitError, TypeError, ValueError) as e:
+                raise CheckpointError(f"{p}: cannot build architecture {arch.get('name')!r}: {e}") from None
+        elif isinstance(model_spec, dict) and isinstance(model_spec.get("spec"), str):
+            from ..models.spec import build
+
+            try:
+                model = build(model_spec["spec"], num_classes=model_spec.get("num_classes"),
+                              **(model_spec.get("kwargs") or {}))
+            except PrunekitError as e:
+                raise CheckpointError(f"{p}: cannot build its model {model_spec['spec']!r}: {e}") from None
+        else:
+            raise CheckpointError(f"{p} records no zoo architecture or model spec; pass the "
+                                  "unpruned model instance: load(path, model=...)")
         if isinstance(map_location, (str, torch.device)):
             model = model.to(map_location)
     elif not isinstance(model, nn.Module):
@@ -331,5 +351,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
         raise CheckpointError(f"{p}: weights do not fit the model: {detail[:300]}") from None
     if arch is not None and getattr(model, "prunekit_arch", None) is None:
         model.prunekit_arch = arch
+    if isinstance(model_spec, dict) and getattr(model, "prunekit_spec", None) is None:
+        model.prunekit_spec = model_spec
     model.eval()
-    return model, dict(payload.get("meta") or {})
+    return model, dict(meta)
