@@ -45,6 +45,9 @@ EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 # ---------------------------------------------------------------------------------------------
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else.")]
+TrustCodeOpt = Annotated[bool, typer.Option(
+    "--trust-code", help="Allow a checkpoint that names code (a --model file.py:FUNC factory) to "
+                         "import and run it to rebuild its model. Only for files you trust.")]
 DataOpt = Annotated[str, typer.Option(
     "--data", help="Dataset: fashion-mnist, cifar10, cifar100 or folder:PATH.")]
 DataOptionalOpt = Annotated[str | None, typer.Option(
@@ -241,15 +244,16 @@ def load_data(name: str, data_dir: Path | None, train_samples: int | None = None
     return load(name, root=data_dir, train_samples=train_samples, image_size=size)
 
 
-def load_checkpoint(path: Path):
-    """``(model, meta)`` from a prunekit checkpoint (zoo architecture required)."""
+def load_checkpoint(path: Path, trust_code: bool = False):
+    """``(model, meta)`` from a prunekit checkpoint; one that names code to build its model (a
+    factory spec) loads only with ``trust_code`` (``--trust-code``)."""
     from .io import load
 
-    return load(path)
+    return load(path, trust_code=trust_code)
 
 
 def model_from_cli(checkpoint: Path | None, model_spec: str | None,
-                   weights: Path | None) -> tuple[Any, dict[str, Any], str]:
+                   weights: Path | None, trust_code: bool = False) -> tuple[Any, dict[str, Any], str]:
     """``(model, meta, source)`` from exactly one of a checkpoint or ``--model`` (with its
     optional ``--weights``); a model built from a spec has ``meta["model_spec"]``."""
     if (checkpoint is None) == (model_spec is None):
@@ -257,7 +261,7 @@ def model_from_cli(checkpoint: Path | None, model_spec: str | None,
     if weights is not None and model_spec is None:
         raise ConfigError("--weights applies to --model (a checkpoint holds its own weights)")
     if checkpoint is not None:
-        model, meta = load_checkpoint(checkpoint)
+        model, meta = load_checkpoint(checkpoint, trust_code)
         return model, meta, str(checkpoint)
     from .models.spec import build, load_weights
 
@@ -373,6 +377,7 @@ def eval_(
     input_shape: InputShapeOpt = None,
     model_spec: ModelOpt = None,
     weights: WeightsOpt = None,
+    trust_code: TrustCodeOpt = False,
     json_: JsonOpt = False,
 ) -> None:
     """Top-1 accuracy of a checkpoint (or --model SPEC [--weights FILE]) on a dataset's test
@@ -383,7 +388,7 @@ def eval_(
         device = check_device(device)
         if model_spec is not None and input_shape is None:
             raise ConfigError("--model needs --input-shape C,H,W")
-        model, meta, source = model_from_cli(checkpoint, model_spec, weights)
+        model, meta, source = model_from_cli(checkpoint, model_spec, weights, trust_code)
         name = data or meta.get("data")
         if not name:
             raise ConfigError("the checkpoint does not record its dataset; pass --data")
@@ -422,6 +427,7 @@ def profile_(
         "--max-seconds", help="Timed seconds per setting.")] = 1.0,
     model_spec: ModelOpt = None,
     weights: WeightsOpt = None,
+    trust_code: TrustCodeOpt = False,
     json_: JsonOpt = False,
 ) -> None:
     """MACs, parameters, file size and measured latency of a checkpoint (or of --model SPEC
@@ -434,7 +440,7 @@ def profile_(
 
     with Output(json_) as o:
         sizes = parse_int_list(batch_sizes, "--batch-sizes")
-        model, meta, source = model_from_cli(checkpoint, model_spec, weights)
+        model, meta, source = model_from_cli(checkpoint, model_spec, weights, trust_code)
         shape = input_shape_for(meta, input_shape)
         report = profile(model, example_input(shape), sizes, onnx=onnx, checkpoint_path=checkpoint,
                          threads=threads, max_seconds=max_seconds)
@@ -449,6 +455,7 @@ def export(
     opset: Annotated[int | None, typer.Option("--opset", min=7, help="ONNX opset.")] = None,
     dynamic_batch: Annotated[bool, typer.Option(
         "--dynamic-batch/--static-batch", help="Dynamic or fixed (1) batch dimension.")] = True,
+    trust_code: TrustCodeOpt = False,
     json_: JsonOpt = False,
 ) -> None:
     """Export a checkpoint to ONNX, verified against PyTorch with ONNX Runtime."""
@@ -456,7 +463,7 @@ def export(
 
     with Output(json_) as o:
         check_output_path(onnx)
-        model, meta = load_checkpoint(checkpoint)
+        model, meta = load_checkpoint(checkpoint, trust_code)
         shape = input_shape_for(meta, input_shape)
         info = export_onnx(model, example_input(shape), onnx, opset=opset, dynamic_batch=dynamic_batch)
         o.result({"checkpoint": str(checkpoint), **info},
@@ -512,6 +519,7 @@ def prune_(
         "--refine-labels", help="Small-data fine-tuning: refine soft labels.")] = False,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
+    trust_code: TrustCodeOpt = False,
     json_: JsonOpt = False,
 ) -> None:
     """Prune a checkpoint (or your own model: --model SPEC [--weights FILE]) with one method to
@@ -544,7 +552,7 @@ def prune_(
             if data is None:
                 raise ConfigError("--model needs --data")
         t0 = time.perf_counter()
-        model, meta, source = model_from_cli(checkpoint, model_spec, weights)
+        model, meta, source = model_from_cli(checkpoint, model_spec, weights, trust_code)
         check_finite(model, Path(str(weights or checkpoint or source)))
         shape = input_shape_for(meta, input_shape)
         data_name = data or meta.get("data")
@@ -643,6 +651,7 @@ def compare_(
                          "command-line flags override it.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed (default 0).")] = None,
     device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = None,
+    trust_code: TrustCodeOpt = False,
     json_: JsonOpt = False,
 ) -> None:
     """Compare pruning methods on one checkpoint under the same MACs and training budgets."""
@@ -679,7 +688,7 @@ def compare_(
         method_options = {k: dict(v) for k, v in (opt.get("method_options") or {}).items()}
         if opt.get("calib_images") is not None:
             method_options.setdefault("*", {})["calib_images"] = opt["calib_images"]
-        model, meta = load_checkpoint(checkpoint)
+        model, meta = load_checkpoint(checkpoint, trust_code)
         shape = input_shape_for(meta, None)
         data_name = opt.get("data") or meta.get("data")
         if data_name is None:

@@ -163,7 +163,9 @@ def test_prune_factory_model_through_the_api_and_load_from_file_alone(net_file, 
     assert res.report["params_after"] < res.report["params_before"]
     out = tmp_path / "p.pt"
     prunekit.save(res.model, out)
-    loaded, meta = prunekit.load(out)
+    with pytest.raises(CheckpointError, match="trust_code=True"):
+        prunekit.load(out)  # the file names code: never run without the caller's consent
+    loaded, meta = prunekit.load(out, trust_code=True)
     assert meta["model_spec"]["spec"].endswith("net.py:make_net")
     res.model.eval()
     with torch.no_grad():
@@ -182,7 +184,11 @@ def test_cli_prune_own_model_then_load_alone(capsys, net_file, tmp_path, folder_
                             "--ratio", "0.5", "--out", out, "--device", "cpu")
     assert code == 0, err
     assert f"saved {out}" in stdout
-    loaded, meta = prunekit.load(out)
+    code, stdout, err = run(capsys, "eval", out, "--data", folder_data)
+    assert code == 2 and "--trust-code" in err and len(err.strip().splitlines()) == 1
+    code, stdout, err = run(capsys, "eval", out, "--data", folder_data, "--trust-code")
+    assert code == 0, err
+    loaded, meta = prunekit.load(out, trust_code=True)
     assert meta["model_spec"]["spec"] == f"{net_file.resolve()}:make_net"
     assert meta["input_shape"] == [1, 8, 8]
     original = load_weights(build(f"{net_file}:make_net"), weights).eval()
@@ -195,7 +201,7 @@ def test_cli_prune_own_model_then_load_alone(capsys, net_file, tmp_path, folder_
     with torch.no_grad():
         assert torch.allclose(loaded(x), res.model(x), atol=1e-5)
     # the pruned file is used like any checkpoint
-    code, stdout, err = run(capsys, "eval", out, "--device", "cpu", "--json")
+    code, stdout, err = run(capsys, "eval", out, "--device", "cpu", "--json", "--trust-code")
     assert code == 0, err
     code, stdout, err = run(capsys, "profile", "--model", f"{net_file}:make_net", "--input-shape",
                             "1,8,8", "--batch-sizes", "1", "--max-seconds", "0.01", "--json")

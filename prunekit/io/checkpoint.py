@@ -276,7 +276,7 @@ def read(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
 
 
 def load(path: str | os.PathLike, model: nn.Module | None = None,
-         map_location: Any = "cpu") -> tuple[nn.Module, dict]:
+         map_location: Any = "cpu", *, trust_code: bool = False) -> tuple[nn.Module, dict]:
     """Rebuild a model from a prunekit checkpoint, pruned widths included.
 
     Parameters
@@ -288,9 +288,13 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
         may be left partly resized). Needed when the checkpoint has neither a zoo architecture
         (``arch``) nor a model spec (``meta["model_spec"]``, written for a model built by
         :func:`prunekit.models.build` or ``prunekit prune --model``); otherwise the zoo, or the
-        factory the spec names (its code is imported and run), builds it.
+        factory the spec names (its code is imported and run: only with ``trust_code``).
     map_location : str or torch.device
         Where tensors are loaded (and where a zoo-built model is placed).
+    trust_code : bool
+        Allow a checkpoint whose model spec names a factory (``file.py:FUNC``,
+        ``package.module:FUNC``) to import and run it. Off by default: reading a file never runs
+        code the file names unless you say so.
 
     Returns
     -------
@@ -321,7 +325,13 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
             except (PrunekitError, TypeError, ValueError) as e:
                 raise CheckpointError(f"{p}: cannot build architecture {arch.get('name')!r}: {e}") from None
         elif isinstance(model_spec, dict) and isinstance(model_spec.get("spec"), str):
-            from ..models.spec import build
+            from ..models.spec import build, names_code
+
+            if names_code(model_spec["spec"]) and not trust_code:
+                raise CheckpointError(
+                    f"{p} rebuilds its model by running code it names ({model_spec['spec']}); load "
+                    "it only if you trust that code: prunekit.load(path, trust_code=True) or "
+                    "--trust-code, or pass the unpruned model: load(path, model=...)")
 
             try:
                 model = build(model_spec["spec"], num_classes=model_spec.get("num_classes"),

@@ -59,6 +59,12 @@ def _split(spec: str) -> tuple[str, str, str]:
     return ("file" if is_file else "module"), source, name
 
 
+def names_code(spec: str) -> bool:
+    """Whether building ``spec`` imports and runs code it names (a factory ``file.py:FUNC`` or
+    ``package.module:FUNC``), as opposed to a model of the zoo or of an installed library."""
+    return _split(spec)[0] in ("file", "module")
+
+
 def canonical(spec: str) -> str:
     """``spec`` with a factory file made absolute (what a checkpoint records, so that it is
     rebuilt from any working directory)."""
