@@ -35,8 +35,9 @@ demo: setup data
 lint: setup
 	$(BIN)/ruff check prunekit tests bench
 
+# two workers (one torch thread each, a test file per worker): the 2-core machines' cores
 test: setup data lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
