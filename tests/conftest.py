@@ -151,3 +151,25 @@ def random_images(n: int, seed: int):
     return ImageDataset(torch.randint(0, 256, (n, 1, 16, 16), generator=g, dtype=torch.uint8),
                         torch.randint(0, 4, (n,), generator=g), mean=[0.5], std=[0.25],
                         num_classes=4, name="random")
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    """``prunekit ARGV`` in process: (exit code, stdout, stderr)."""
+    from prunekit import cli
+
+    code = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code: int, out: str, err: str, match: str | None = None) -> str:
+    """Bad input: exit 2, nothing on stdout, one ``prunekit: error:`` line on stderr (containing
+    ``match`` when given), no traceback; returns that line."""
+    assert code == 2, (code, err)
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("prunekit: error: ") and "Traceback" not in err
+    if match is not None:
+        assert match.lower() in lines[0].lower(), lines[0]
+    return lines[0]

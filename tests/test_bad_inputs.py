@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_one_line_error, run
 
 import prunekit
-from prunekit import cli
 from prunekit.data.dataset import ImageDataset
 from prunekit.errors import CheckpointError, ConfigError, DataError, TrainingError
 from prunekit.models import create
@@ -59,21 +59,7 @@ def snapshot(d: Path) -> dict[str, bytes]:
     return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = cli.main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
-
-def assert_one_line_error(code: int, out: str, err: str, match: str | None = None) -> str:
-    assert code == 2, (code, err)
-    assert out == ""
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("prunekit: error: ") and "Traceback" not in err
-    if match is not None:
-        assert match.lower() in lines[0].lower(), lines[0]
-    return lines[0]
 
 
 class Payload:

@@ -10,26 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_image_folder
+from conftest import assert_one_line_error, run, write_image_folder
 from test_resume import Crash, chain_epoch_hook, edit_state
 
 from prunekit import cli
 from prunekit.io import load
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = cli.main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(code: int, out: str, err: str) -> None:
-    assert code == 2, err
-    assert out == ""
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("prunekit: error: ")
-    assert "Traceback" not in err
 
 
 @pytest.fixture(scope="module")

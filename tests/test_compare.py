@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_images, write_image_folder
+from conftest import assert_one_line_error, random_images, run, write_image_folder
 
 import prunekit
-from prunekit import cli
 from prunekit.data import ImageDataset
 from prunekit.models import create
 from prunekit.report import compare, finetune_epochs_left, fit_budget
@@ -185,18 +184,7 @@ def checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = cli.main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
-
-def assert_one_line_error(code: int, out: str, err: str) -> str:
-    assert code == 2, err
-    assert out == ""
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("prunekit: error: "), err
-    return lines[0]
 
 
 def test_cli_config_file_and_flag_override(checkpoint, tmp_path, capsys) -> None:

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_image_folder
+from conftest import assert_one_line_error, run, write_image_folder
 from torch import nn
 
 import prunekit
-from prunekit import cli
 from prunekit.errors import CheckpointError, ConfigError, ModelError
 from prunekit.models.spec import build, load_weights
 
@@ -54,19 +53,7 @@ NET = textwrap.dedent('''
 ''')
 
 
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = cli.main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
-
-def assert_one_line_error(code: int, out: str, err: str) -> None:
-    assert code == 2, err
-    assert out == ""
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("prunekit: error: ")
-    assert "Traceback" not in err
 
 
 class Evil:  # pickled by reference: a weights_only load must refuse it

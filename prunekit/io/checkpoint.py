@@ -237,6 +237,23 @@ def save(model: nn.Module, path: str | os.PathLike, meta: dict | None = None,
         torch.save(payload, tmp)
 
 
+def safe_torch_load(path: Path, map_location: Any = "cpu", what: str = "file") -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain containers only, never pickled
+    code; every failure is one :class:`CheckpointError` line naming ``what`` and the cause."""
+    try:
+        with warnings.catch_warnings():  # e.g. "pickle protocol 4": the refusal below says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many types: UnpicklingError, RuntimeError, EOFError...
+        text = str(e).strip()
+        if "weights only load failed" in text.lower() or "unsupported global" in text.lower():
+            detail = "it contains pickled objects other than tensors (refused for safety)"
+        else:
+            first = text.splitlines()[0].split(". ")[0][:120] if text else ""
+            detail = f"corrupt, truncated or not a PyTorch file ({type(e).__name__}: {first})"
+        raise CheckpointError(f"cannot read {what} {path}: {detail}") from None
+
+
 def read(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
     """The validated raw content of a prunekit checkpoint (no model is built).
 
@@ -251,18 +268,7 @@ def read(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
         raise CheckpointError(f"checkpoint not found: {p}")
     if not p.is_file():
         raise CheckpointError(f"checkpoint is not a file: {p}")
-    try:
-        with warnings.catch_warnings():  # e.g. "pickle protocol 4": the refusal below says it all
-            warnings.simplefilter("ignore")
-            payload = torch.load(p, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises many types: UnpicklingError, RuntimeError, EOFError...
-        text = str(e).strip()
-        if "weights only load failed" in text.lower() or "unsupported global" in text.lower():
-            detail = "it contains pickled objects other than tensors (refused for safety)"
-        else:
-            first = text.splitlines()[0].split(". ")[0][:120] if text else ""
-            detail = f"corrupt, truncated or not a PyTorch file ({type(e).__name__}: {first})"
-        raise CheckpointError(f"cannot read checkpoint {p}: {detail}") from None
+    payload = safe_torch_load(p, map_location, "checkpoint")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{p} is not a prunekit checkpoint (write one with prunekit.save or "
                               "`prunekit train`)")

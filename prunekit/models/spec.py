@@ -25,7 +25,6 @@ import importlib.util
 import inspect
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -208,18 +207,9 @@ def load_weights(model: nn.Module, path: str | os.PathLike, map_location: Any = 
             raise CheckpointError(f"cannot read weights {p}: {type(e).__name__}: "
                                   f"{str(e).splitlines()[0][:120] if str(e) else ''}") from None
     else:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                state = torch.load(p, map_location=map_location, weights_only=True)
-        except Exception as e:
-            text = str(e).strip()
-            if "weights only load failed" in text.lower() or "unsupported global" in text.lower():
-                detail = "it contains pickled objects other than tensors (refused for safety)"
-            else:
-                first = text.splitlines()[0].split(". ")[0][:120] if text else ""
-                detail = f"corrupt, truncated or not a PyTorch file ({type(e).__name__}: {first})"
-            raise CheckpointError(f"cannot read weights {p}: {detail}") from None
+        from ..io.checkpoint import safe_torch_load
+
+        state = safe_torch_load(p, map_location, "weights")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
