@@ -254,6 +254,17 @@ def safe_torch_load(path: Path, map_location: Any = "cpu", what: str = "file") -
         raise CheckpointError(f"cannot read {what} {path}: {detail}") from None
 
 
+def load_state_strict(model: nn.Module, state: Any, path: Path) -> None:
+    """``model.load_state_dict(state, strict=True)``; weights that do not fit (or a module that
+    refuses them) are one :class:`CheckpointError` line naming ``path``."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, ValueError, KeyError) as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = " ".join(lines[1:3]) if len(lines) > 1 else (lines[0] if lines else "")
+        raise CheckpointError(f"{path}: weights do not fit the model: {detail[:300]}") from None
+
+
 def read(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
     """The validated raw content of a prunekit checkpoint (no model is built).
 
@@ -359,12 +370,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
     if isinstance(payload.get("state_metadata"), dict):
         state._metadata = OrderedDict(  # type: ignore[attr-defined]
             (k, dict(v)) for k, v in payload["state_metadata"].items() if isinstance(v, dict))
-    try:
-        model.load_state_dict(state, strict=True)
-    except (RuntimeError, ValueError, KeyError) as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        detail = " ".join(lines[1:3]) if len(lines) > 1 else (lines[0] if lines else "")
-        raise CheckpointError(f"{p}: weights do not fit the model: {detail[:300]}") from None
+    load_state_strict(model, state, p)
     if arch is not None and getattr(model, "prunekit_arch", None) is None:
         model.prunekit_arch = arch
     if isinstance(model_spec, dict) and getattr(model, "prunekit_spec", None) is None:

@@ -193,6 +193,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike, map_location: Any = 
     ConfigError
         A ``.safetensors`` file without the ``safetensors`` package.
     """
+    from ..io.checkpoint import load_state_strict, safe_torch_load
+
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"weights not found: {p}" if not p.exists() else f"weights are not a file: {p}")
@@ -207,17 +209,10 @@ def load_weights(model: nn.Module, path: str | os.PathLike, map_location: Any = 
             raise CheckpointError(f"cannot read weights {p}: {type(e).__name__}: "
                                   f"{str(e).splitlines()[0][:120] if str(e) else ''}") from None
     else:
-        from ..io.checkpoint import safe_torch_load
-
         state = safe_torch_load(p, map_location, "weights")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{p} is not a state dict (a mapping of names to tensors)")
-    try:
-        model.load_state_dict(state, strict=True)
-    except (RuntimeError, ValueError, KeyError) as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        detail = " ".join(lines[1:3]) if len(lines) > 1 else (lines[0] if lines else "")
-        raise CheckpointError(f"{p}: weights do not fit the model: {detail[:300]}") from None
+    load_state_strict(model, state, p)
     return model
