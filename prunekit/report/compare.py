@@ -394,6 +394,12 @@ def check_methods(methods: Sequence[str] | str) -> list[str]:
     return names
 
 
+def _accepted_options(method: str) -> set[str]:
+    """What a method's entry of ``method_options`` may hold: its options, and ``round_to`` (a
+    :func:`~prunekit.prune` keyword that compare passes through)."""
+    return set(_methods.spec(method).options.names()) | {"round_to"}
+
+
 def _check_options(method_options: Mapping[str, Any] | None, names: list[str]) -> dict[str, dict]:
     opts = dict(method_options or {})
     for k in opts:
@@ -408,7 +414,7 @@ def _check_options(method_options: Mapping[str, Any] | None, names: list[str]) -
             raise ConfigError(f"method_options[{k!r}] must be a mapping of option -> value, "
                               f"got {type(v).__name__}")
     shared = dict(opts.get("*") or {})
-    accepted = {n: set(_methods.spec(n).options.names()) | {"round_to"} for n in names}
+    accepted = {n: _accepted_options(n) for n in names}
     for key in shared:
         if not any(key in a for a in accepted.values()):
             from ..methods.options import unknown_option
@@ -555,7 +561,7 @@ def compare(model: nn.Module, example_inputs: torch.Tensor | None, methods: Sequ
     redone: dict[str, str] = {}
     failed: dict[str, str] = {}
     for i, method in enumerate(names, 1):
-        takes = set(_methods.spec(method).options.names()) | {"round_to"}  # a prune() keyword
+        takes = _accepted_options(method)
         given = {**{k: v for k, v in options.get("*", {}).items() if k in takes},
                  **options.get(method, {})}
         fitted = fit_budget(method, budget, given)
