@@ -66,10 +66,14 @@ CheckpointArg = Annotated[Path, typer.Argument(help="A prunekit checkpoint (.pt)
 CheckpointOrModelArg = Annotated[Path | None, typer.Argument(
     help="A prunekit checkpoint (.pt); or give --model instead.", show_default=False)]
 ModelOpt = Annotated[str | None, typer.Option(
-    "--model", help="Your own model instead of a checkpoint: path/to/file.py:FUNC, "
-                    "package.module:FUNC or zoo:NAME (FUNC returns the nn.Module).")]
+    "--model", help="Your own model instead of a checkpoint: torchvision:NAME, timm:NAME, "
+                    "hf:MODEL_TYPE, path/to/file.py:FUNC, package.module:FUNC or zoo:NAME "
+                    "(FUNC returns the nn.Module).")]
 WeightsOpt = Annotated[Path | None, typer.Option(
     "--weights", help="With --model: a state dict to load (.pt/.pth, or .safetensors).")]
+NumClassesOpt = Annotated[int | None, typer.Option(
+    "--num-classes", min=1, help="With --model: the number of classes, passed to the model's "
+                                 "builder (when it takes num_classes).")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,22 +106,36 @@ class Output:
             self._stack.enter_context(contextlib.redirect_stdout(sys.stderr))
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        from .utils import drop_held_lines, flush_held_lines
+
+        if exc_type is None and self.main:
+            flush_held_lines()  # a successful run shows all its notes, before its result
+        drop_held_lines()
         self._stack.close()
 
     def note(self, message: str) -> None:
-        """A progress line on stderr, shown when stderr is a terminal (as the progress bars are;
-        ``PRUNEKIT_PROGRESS=1`` forces it, ``0`` hides it), so a failing run in a script still
-        leaves exactly one error line there."""
-        forced = os.environ.get("PRUNEKIT_PROGRESS")
-        show = (forced == "1") if forced is not None else sys.stderr.isatty()
-        if self.main and show:
+        """A progress line on stderr (also under ``--json``: stdout stays one JSON object): as
+        is on a terminal, prefixed ``prunekit:`` when stderr is a log file or a pipe, hidden with
+        ``PRUNEKIT_PROGRESS=0`` (:func:`prunekit.utils.progress_mode`). Commands validate their
+        input before the first note, so bad input still leaves exactly one error line."""
+        from .utils import hold_line, progress_mode
+
+        mode = progress_mode()
+        if not self.main or mode == "off":
+            return
+        if mode == "bar":
             print(message, file=sys.stderr, flush=True)
+        else:  # held until the next progress line, so that an early failure stays one line
+            hold_line(f"prunekit: {message}")
 
     def result(self, obj: dict[str, Any], summary: Sequence[str] = ()) -> None:
         """The command's result: ``obj`` as JSON under ``--json``, else ``summary``."""
         if not self.main:
             return
+        from .utils import flush_held_lines
+
+        flush_held_lines()
         if self.json_mode:
             self._stdout.write(json.dumps(jsonable(obj), allow_nan=False) + "\n")
         else:
@@ -253,19 +271,23 @@ def load_checkpoint(path: Path, trust_code: bool = False):
 
 
 def model_from_cli(checkpoint: Path | None, model_spec: str | None,
-                   weights: Path | None, trust_code: bool = False) -> tuple[Any, dict[str, Any], str]:
+                   weights: Path | None, trust_code: bool = False,
+                   num_classes: int | None = None) -> tuple[Any, dict[str, Any], str]:
     """``(model, meta, source)`` from exactly one of a checkpoint or ``--model`` (with its
-    optional ``--weights``); a model built from a spec has ``meta["model_spec"]``."""
+    optional ``--weights`` and ``--num-classes``); a model built from a spec has
+    ``meta["model_spec"]``."""
     if (checkpoint is None) == (model_spec is None):
         raise ConfigError("give exactly one of a CHECKPOINT argument or --model SPEC")
     if weights is not None and model_spec is None:
         raise ConfigError("--weights applies to --model (a checkpoint holds its own weights)")
+    if num_classes is not None and model_spec is None:
+        raise ConfigError("--num-classes applies to --model (a checkpoint records its own)")
     if checkpoint is not None:
         model, meta = load_checkpoint(checkpoint, trust_code)
         return model, meta, str(checkpoint)
     from .models.spec import build, load_weights
 
-    model = build(model_spec)
+    model = build(model_spec, num_classes=num_classes)
     if weights is not None:
         load_weights(model, weights)
     model.eval()
@@ -289,8 +311,10 @@ def fmt_count(n: float) -> str:
 def _train(out: Output, *, model: str, data: str, data_dir: Path | None, train_samples: int | None,
            epochs: int, batch_size: int, lr: float, weight_decay: float, schedule: str,
            label_smoothing: float, seed: int, device: str, out_path: Path, resume: bool,
-           max_steps_per_epoch: int | None = None) -> dict[str, Any]:
-    """Train a zoo model and save it with its meta; shared by ``train`` and ``demo``."""
+           max_steps_per_epoch: int | None = None, weights: Path | None = None,
+           input_shape: str | None = None, num_classes: int | None = None) -> dict[str, Any]:
+    """Train a model (a zoo name or any ``--model`` spec, optionally from ``weights``) and save
+    it with its meta; shared by ``train`` and ``demo``."""
     from . import io as pk_io
     from .models import create
     from .train import TrainConfig, fit
@@ -304,11 +328,27 @@ def _train(out: Output, *, model: str, data: str, data_dir: Path | None, train_s
     state_path = Path(f"{out_path}.state")
     if resume and not state_path.is_file():
         raise CheckpointError(f"cannot resume: training state file not found: {state_path}")
-    train_set, test_set = load_data(data, data_dir, train_samples)
+    from .models.spec import build, is_zoo, load_weights
+
+    zoo = is_zoo(model)
+    if zoo and weights is not None:
+        raise ConfigError("--weights applies to a --model spec that is not a zoo name "
+                          "(torchvision:, timm:, hf:, file.py:FUNC)")
+    if zoo and num_classes is not None:
+        raise ConfigError("--num-classes applies to a --model spec that is not a zoo name "
+                          "(a zoo model takes the dataset's)")
+    shape = input_shape_for({}, input_shape) if input_shape is not None else None
+    train_set, test_set = load_data(data, data_dir, train_samples, input_shape=shape)
     from .utils import seed_everything
 
     seed_everything(seed)  # the initial weights are part of a seeded run
-    net = create(model, num_classes=train_set.num_classes, in_channels=train_set.in_channels)
+    if zoo:
+        net = create(model.split(":", 1)[-1], num_classes=train_set.num_classes,
+                     in_channels=train_set.in_channels)
+    else:
+        net = build(model, num_classes=num_classes if num_classes is not None else train_set.num_classes)
+        if weights is not None:
+            load_weights(net, weights)
     check_forward(net, train_set.example_input(1), model)
     out.note(f"training {model} on {data} ({len(train_set)} images, {epochs} epoch(s)); "
              f"state file {state_path}")
@@ -337,9 +377,15 @@ def _train(out: Output, *, model: str, data: str, data_dir: Path | None, train_s
 
 @app.command()
 def train(
-    model: Annotated[str, typer.Option("--model", help="Zoo model name (resnet20, vgg16_bn, ...).")],
+    model: Annotated[str, typer.Option("--model", help="Zoo model name (resnet20, vgg16_bn, ...) or "
+                                       "a model spec: torchvision:NAME, timm:NAME, hf:MODEL_TYPE, "
+                                       "path/to/file.py:FUNC, package.module:FUNC.")],
     data: DataOpt,
     out: Annotated[Path, typer.Option("--out", help="Checkpoint to write (.pt).")],
+    weights: WeightsOpt = None,
+    input_shape: Annotated[str | None, typer.Option(
+        "--input-shape", help="C,H,W the images are read at (an image folder; default 32x32).")] = None,
+    num_classes: NumClassesOpt = None,
     data_dir: DataDirOpt = None,
     train_samples: TrainSamplesOpt = None,
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 30,
@@ -355,12 +401,14 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from <out>.state.")] = False,
     json_: JsonOpt = False,
 ) -> None:
-    """Train a zoo model from scratch and save a checkpoint (training state in <out>.state)."""
+    """Train a model (from scratch, or from --weights) and save a checkpoint (training state in
+    <out>.state)."""
     with Output(json_) as o:
         res = _train(o, model=model, data=data, data_dir=data_dir, train_samples=train_samples,
                      epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                      schedule=schedule, label_smoothing=label_smoothing, seed=seed, device=device,
-                     out_path=out, resume=resume, max_steps_per_epoch=max_steps_per_epoch)
+                     out_path=out, resume=resume, max_steps_per_epoch=max_steps_per_epoch,
+                     weights=weights, input_shape=input_shape, num_classes=num_classes)
         acc = res["test_acc"]
         o.result(res, [f"saved {out}: {model} on {data}, test accuracy "
                        f"{'n/a' if acc is None else f'{acc:.2f}%'} after {res['epochs']} epoch(s) "
@@ -377,6 +425,7 @@ def eval_(
     input_shape: InputShapeOpt = None,
     model_spec: ModelOpt = None,
     weights: WeightsOpt = None,
+    num_classes: NumClassesOpt = None,
     trust_code: TrustCodeOpt = False,
     json_: JsonOpt = False,
 ) -> None:
@@ -388,7 +437,7 @@ def eval_(
         device = check_device(device)
         if model_spec is not None and input_shape is None:
             raise ConfigError("--model needs --input-shape C,H,W")
-        model, meta, source = model_from_cli(checkpoint, model_spec, weights, trust_code)
+        model, meta, source = model_from_cli(checkpoint, model_spec, weights, trust_code, num_classes)
         name = data or meta.get("data")
         if not name:
             raise ConfigError("the checkpoint does not record its dataset; pass --data")
@@ -427,6 +476,7 @@ def profile_(
         "--max-seconds", help="Timed seconds per setting.")] = 1.0,
     model_spec: ModelOpt = None,
     weights: WeightsOpt = None,
+    num_classes: NumClassesOpt = None,
     trust_code: TrustCodeOpt = False,
     json_: JsonOpt = False,
 ) -> None:
@@ -440,7 +490,7 @@ def profile_(
 
     with Output(json_) as o:
         sizes = parse_int_list(batch_sizes, "--batch-sizes")
-        model, meta, source = model_from_cli(checkpoint, model_spec, weights, trust_code)
+        model, meta, source = model_from_cli(checkpoint, model_spec, weights, trust_code, num_classes)
         shape = input_shape_for(meta, input_shape)
         report = profile(model, example_input(shape), sizes, onnx=onnx, checkpoint_path=checkpoint,
                          threads=threads, max_seconds=max_seconds)
@@ -449,24 +499,29 @@ def profile_(
 
 @app.command()
 def export(
-    checkpoint: CheckpointArg,
+    checkpoint: CheckpointOrModelArg = None,
+    *,
     onnx: Annotated[Path, typer.Option("--onnx", help="ONNX file to write.")],
     input_shape: InputShapeOpt = None,
+    model_spec: ModelOpt = None,
+    weights: WeightsOpt = None,
+    num_classes: NumClassesOpt = None,
     opset: Annotated[int | None, typer.Option("--opset", min=7, help="ONNX opset.")] = None,
     dynamic_batch: Annotated[bool, typer.Option(
         "--dynamic-batch/--static-batch", help="Dynamic or fixed (1) batch dimension.")] = True,
     trust_code: TrustCodeOpt = False,
     json_: JsonOpt = False,
 ) -> None:
-    """Export a checkpoint to ONNX, verified against PyTorch with ONNX Runtime."""
+    """Export a checkpoint (or --model SPEC [--weights FILE]) to ONNX, verified against PyTorch
+    with ONNX Runtime."""
     from .io import export_onnx
 
     with Output(json_) as o:
         check_output_path(onnx)
-        model, meta = load_checkpoint(checkpoint, trust_code)
+        model, meta, source = model_from_cli(checkpoint, model_spec, weights, trust_code, num_classes)
         shape = input_shape_for(meta, input_shape)
         info = export_onnx(model, example_input(shape), onnx, opset=opset, dynamic_batch=dynamic_batch)
-        o.result({"checkpoint": str(checkpoint), **info},
+        o.result({"checkpoint": source, **info},
                  [f"wrote {onnx} (opset {info['opset']}, {info['file_size_bytes'] / 1024:.1f} KiB, "
                   f"max abs diff vs PyTorch {info['max_abs_diff']:.2g})"])
 
@@ -510,6 +565,7 @@ def prune_(
     input_shape: InputShapeOpt = None,
     model_spec: ModelOpt = None,
     weights: WeightsOpt = None,
+    num_classes: NumClassesOpt = None,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue the method's own training from <out>.state (methods that "
         "checkpoint it).")] = False,
@@ -552,7 +608,7 @@ def prune_(
             if data is None:
                 raise ConfigError("--model needs --data")
         t0 = time.perf_counter()
-        model, meta, source = model_from_cli(checkpoint, model_spec, weights, trust_code)
+        model, meta, source = model_from_cli(checkpoint, model_spec, weights, trust_code, num_classes)
         check_finite(model, Path(str(weights or checkpoint or source)))
         shape = input_shape_for(meta, input_shape)
         data_name = data or meta.get("data")
@@ -621,7 +677,7 @@ def _compare_summary(results: dict[str, Any]) -> dict[str, Any]:
 
 @app.command("compare")
 def compare_(
-    checkpoint: CheckpointArg,
+    checkpoint: CheckpointOrModelArg = None,
     methods: Annotated[str | None, typer.Option(
         "--methods", help="Comma-separated methods, e.g. l1,taylor,thinet,csgd,tp:l1,tp:taylor.")] = None,
     report: Annotated[Path | None, typer.Option(
@@ -651,10 +707,15 @@ def compare_(
                          "command-line flags override it.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed (default 0).")] = None,
     device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = None,
+    input_shape: InputShapeOpt = None,
+    model_spec: ModelOpt = None,
+    weights: WeightsOpt = None,
+    num_classes: NumClassesOpt = None,
     trust_code: TrustCodeOpt = False,
     json_: JsonOpt = False,
 ) -> None:
-    """Compare pruning methods on one checkpoint under the same MACs and training budgets."""
+    """Compare pruning methods on one checkpoint (or --model SPEC [--weights FILE]) under the
+    same MACs and training budgets."""
     from .api import check_budget
     from .report import check_methods, compare, text_table
     from .report.config import parse_methods, read_config
@@ -688,8 +749,10 @@ def compare_(
         method_options = {k: dict(v) for k, v in (opt.get("method_options") or {}).items()}
         if opt.get("calib_images") is not None:
             method_options.setdefault("*", {})["calib_images"] = opt["calib_images"]
-        model, meta = load_checkpoint(checkpoint, trust_code)
-        shape = input_shape_for(meta, None)
+        if model_spec is not None and checkpoint is None and input_shape is None:
+            raise ConfigError("--model needs --input-shape C,H,W")
+        model, meta, source = model_from_cli(checkpoint, model_spec, weights, trust_code, num_classes)
+        shape = input_shape_for(meta, input_shape)
         data_name = opt.get("data") or meta.get("data")
         if data_name is None:
             raise ConfigError("the checkpoint does not record its dataset; pass --data")
@@ -702,7 +765,7 @@ def compare_(
             out_dir=out_dir, distill=opt.get("distill", False), method_options=method_options,
             seed=opt.get("seed", 0), onnx=opt.get("onnx", True), progress=o.note,
             train_config=train_config, latency_seconds=opt.get("latency_seconds", 2.0),
-            meta={"checkpoint": str(checkpoint), "model": meta.get("model"), "data": data_name})
+            meta={"checkpoint": source, "model": meta.get("model") or model_spec, "data": data_name})
         if len(results["failed"]) == len(names):
             first, why = next(iter(results["failed"].items()))
             raise PrunekitError(f"every method failed (first: {first}: {why}); "

@@ -9,6 +9,7 @@ import os
 import random
 import sys
 import tempfile
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -63,14 +64,157 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return torch.device(device)
 
 
-def progress(iterable: Iterable[T], desc: str = "", total: int | None = None,
-             disable: bool | None = None, leave: bool = False) -> tqdm:
-    """A tqdm progress bar on stderr; silent when stderr is not a terminal unless
-    ``PRUNEKIT_PROGRESS=1``."""
-    if disable is None:
-        forced = os.environ.get("PRUNEKIT_PROGRESS")
-        disable = (forced == "0") if forced is not None else not sys.stderr.isatty()
-    return tqdm(iterable, desc=desc, total=total, disable=disable, leave=leave,
+#: notes waiting to be printed before the next progress line (see :func:`hold_line`)
+_HELD: list[tuple[float, str]] = []
+
+
+def hold_line(line: str | None = None, *, max_age: float = 2.0) -> None:
+    """Queue a status ``line`` for a non-terminal stderr; it is printed just before the next
+    progress line, or when a later line is queued more than ``max_age`` seconds after it
+    (``hold_line()`` with no line only does that check). A command that fails early thus leaves
+    only its error line; :func:`drop_held_lines` forgets what is queued."""
+    now = time.monotonic()
+    if line is not None:
+        _HELD.append((now, line))
+    if _HELD and now - _HELD[0][0] >= max_age:
+        flush_held_lines()
+
+
+def flush_held_lines(file: Any = None) -> None:
+    """Print the queued lines (:func:`hold_line`) now."""
+    while _HELD:
+        _, line = _HELD.pop(0)
+        print(line, file=file or sys.stderr, flush=True)
+
+
+def drop_held_lines() -> None:
+    """Forget the queued lines (the command ended: its result or its error says the rest)."""
+    _HELD.clear()
+
+
+def progress_mode() -> str:
+    """How long work is shown on stderr: ``"bar"`` (a terminal: tqdm bars), ``"lines"`` (not a
+    terminal, e.g. a log file or a CI job: plain lines at a bounded rate) or ``"off"``.
+
+    ``PRUNEKIT_PROGRESS=0`` turns progress off; ``1`` (or unset) shows it, as bars on a terminal
+    and as plain lines elsewhere.
+    """
+    forced = os.environ.get("PRUNEKIT_PROGRESS")
+    if forced == "0":
+        return "off"
+    try:
+        tty = sys.stderr.isatty()
+    except (AttributeError, ValueError):  # a closed or unusual stream
+        tty = False
+    return "bar" if tty else "lines"
+
+
+class PlainProgress:
+    """A progress reporter for a stderr that is not a terminal: plain ``prunekit: ...`` lines.
+
+    A line is printed when at least ``step`` (10 %) more of the work is done since the last
+    line and ``min_interval`` seconds have passed (default 2, or ``$PRUNEKIT_PROGRESS_INTERVAL``),
+    or every ``max_interval`` seconds when the
+    total is unknown or progress is slow; a final line when the loop ends, if it ran for at least
+    ``min_interval`` seconds. Short loops stay silent, so the rate is bounded in both lines per
+    loop and lines per second. It offers the part of tqdm's interface prunekit uses (iteration,
+    :meth:`update`, :meth:`set_postfix`, :meth:`close`, ``disable``).
+    """
+
+    disable = False
+
+    def __init__(self, iterable: Iterable[T] | None = None, desc: str = "", total: int | None = None,
+                 *, step: float = 0.1, min_interval: float | None = None, max_interval: float = 10.0,
+                 file: Any = None) -> None:
+        if min_interval is None:
+            try:
+                min_interval = float(os.environ.get("PRUNEKIT_PROGRESS_INTERVAL", "2"))
+            except ValueError:
+                min_interval = 2.0
+        self._clock = time.monotonic
+        self.iterable = iterable
+        self.desc = desc
+        if total is None and iterable is not None:
+            with contextlib.suppress(TypeError):
+                total = len(iterable)  # type: ignore[arg-type]
+        self.total = total
+        self.n = 0
+        self.postfix: dict[str, Any] = {}
+        self.step, self.min_interval, self.max_interval = step, min_interval, max_interval
+        self.file = file
+        self.start = self._last_time = self._clock()
+        self._last_n = 0
+        self._closed = False
+
+    def __iter__(self) -> Iterator[T]:
+        try:
+            for item in self.iterable:  # type: ignore[union-attr]
+                yield item
+                self.update(1)
+        finally:
+            self.close()
+
+    def __enter__(self) -> PlainProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def set_postfix(self, ordered_dict: Mapping[str, Any] | None = None, refresh: bool = True,
+                    **kwargs: Any) -> None:
+        self.postfix = {**dict(ordered_dict or {}), **kwargs}
+
+    def set_description(self, desc: str | None = None, refresh: bool = True) -> None:
+        self.desc = desc or ""
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = self._clock()
+        since = now - self._last_time
+        if self.total:
+            advanced = (self.n - self._last_n) / self.total >= self.step
+            due = (advanced and since >= self.min_interval) or since >= self.max_interval
+            due = due and self.n < self.total  # the last step is reported by close()
+        else:
+            due = since >= self.max_interval
+        if due:
+            self._emit(now)
+
+    def line(self, now: float | None = None) -> str:
+        """The line this reporter would print now."""
+        now = self._clock() if now is None else now
+        parts = [f"prunekit: {self.desc}" if self.desc else "prunekit:"]
+        if self.total:
+            parts.append(f"{100 * self.n / self.total:.0f}% ({self.n}/{self.total})")
+        else:
+            parts.append(f"{self.n} done")
+        parts += [f"{k} {v}" for k, v in self.postfix.items()]
+        parts.append(f"[{now - self.start:.1f} s]")
+        return " ".join(parts)
+
+    def _emit(self, now: float) -> None:
+        flush_held_lines(self.file)
+        print(self.line(now), file=self.file or sys.stderr, flush=True)
+        self._last_time, self._last_n = now, self.n
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        now = self._clock()
+        if now - self.start >= self.min_interval and self.n != self._last_n:
+            self._emit(now)
+
+
+def progress(iterable: Iterable[T] | None = None, desc: str = "", total: int | None = None,
+             disable: bool | None = None, leave: bool = False) -> tqdm | PlainProgress:
+    """Progress of a long loop on stderr: a tqdm bar on a terminal, plain lines at a bounded
+    rate otherwise (:class:`PlainProgress`: a log file, a CI job, ``2>log``), nothing when
+    ``disable`` or ``PRUNEKIT_PROGRESS=0`` (see :func:`progress_mode`)."""
+    mode = "off" if disable else progress_mode()
+    if mode == "lines":
+        return PlainProgress(iterable, desc=desc, total=total)
+    return tqdm(iterable, desc=desc, total=total, disable=mode == "off", leave=leave,
                 file=sys.stderr, dynamic_ncols=True)
 
 
