@@ -3,9 +3,11 @@ checkpoints that rebuild a factory model from the file alone."""
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import assert_one_line_error, run, write_image_folder
@@ -123,10 +125,106 @@ def test_build_errors(net_file, tmp_path):
         build(f"{net_file}:not_a_model")
 
 
-def test_package_specs_are_recognised():
-    for spec in ("torchvision:resnet18", "timm:resnet18", "hf:bert"):
-        with pytest.raises(ConfigError, match="package|not supported yet"):
-            build(spec)
+@pytest.mark.parametrize("spec,package", [("torchvision:resnet18", "torchvision"),
+                                          ("timm:resnet18", "timm"), ("hf:resnet", "transformers")])
+def test_library_spec_without_its_package_names_it_and_the_vision_env(monkeypatch, spec, package):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == package else real(name, *a))
+    with pytest.raises(ConfigError, match=f"needs the '{package}' package.*make test-vision"):
+        build(spec)
+
+
+def test_unknown_library_model_suggests_the_closest_name():
+    with pytest.raises(ConfigError, match="unknown hf model 'convnxt'; did you mean hf:convnext"):
+        build("hf:convnxt")
+    with pytest.raises(ConfigError, match="unknown hf model 'bert'"):  # not an image classifier
+        build("hf:bert")
+    with pytest.raises(ConfigError, match="expected hf:NAME"):
+        build("hf:")
+    with pytest.raises(ConfigError, match="num_classes must be a positive integer"):
+        build("hf:resnet", num_classes=0)
+
+
+def test_output_adapter_returns_the_logits():
+    from prunekit.models import OutputAdapter, logits_of
+
+    t = torch.ones(2, 3)
+    assert logits_of(t) is t
+    assert logits_of({"loss": None, "logits": t}) is t
+    assert logits_of((t, torch.zeros(1))) is t
+    with pytest.raises(ModelError, match="holding no tensor"):
+        logits_of({"a": 1})
+
+    class DictNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return {"features": x, "logits": self.fc(x)}
+
+    inner = DictNet()
+    x = torch.randn(2, 4)
+    wrapped = OutputAdapter(inner)
+    assert torch.equal(wrapped(x), inner(x)["logits"])
+    assert set(wrapped.state_dict()) == {"model.fc.weight", "model.fc.bias"}
+
+
+# Hugging Face vision models built from their config class (no download): small configs keep
+# the default suite fast; the full-size ones run in tests_vision/ and bench/compat.py.
+TINY_HF = {
+    "resnet": dict(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1]),
+    "convnext": dict(num_stages=2, hidden_sizes=[16, 32], depths=[1, 1]),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_HF))
+def test_hf_model_prunes_and_reloads_from_the_path_alone(tmp_path, model_type):
+    torch.manual_seed(0)
+    model = build(f"hf:{model_type}", num_classes=3, **TINY_HF[model_type]).eval()
+    assert type(model.model).__name__ == {"resnet": "ResNetForImageClassification",
+                                          "convnext": "ConvNextForImageClassification"}[model_type]
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = model(x)
+    assert isinstance(y, torch.Tensor) and y.shape == (2, 3)
+    with torch.no_grad():  # the adapter returns the library model's own logits
+        assert torch.equal(y, model.model(pixel_values=x).logits)
+    res = prunekit.prune(model, x[:1], method="l1", ratio=0.3)
+    assert res.report["macs_after"] < res.report["macs_before"]
+    widths = [m.out_channels for m in res.model.modules() if isinstance(m, nn.Conv2d)]
+    assert widths != [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+    path = tmp_path / "p.pt"
+    prunekit.save(res.model, path)
+    loaded, meta = prunekit.load(path)  # a library spec: no trust_code needed, no code from the file
+    assert meta["model_spec"] == {"spec": f"hf:{model_type}", "num_classes": 3,
+                                  "kwargs": TINY_HF[model_type], "output_adapter": True}
+    res.model.eval()
+    with torch.no_grad():
+        out = loaded(x)
+        assert out.shape == (2, 3) and torch.isfinite(out).all()
+        assert torch.allclose(out, res.model(x), atol=1e-5)
+
+
+def test_safetensors_weights_of_the_library_model_load_into_its_adapter(tmp_path):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    torch.manual_seed(0)
+    a = build("hf:resnet", num_classes=2, **TINY_HF["resnet"]).eval()
+    path = tmp_path / "w.safetensors"
+    # what a Hugging Face user has: the library model's own state dict (no "model." prefix)
+    safetensors_torch.save_file({k: v.contiguous() for k, v in a.model.state_dict().items()}, path)
+    torch.manual_seed(1)
+    b = load_weights(build("hf:resnet", num_classes=2, **TINY_HF["resnet"]), path).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+    bad = tmp_path / "bad.safetensors"
+    safetensors_torch.save_file({"fc.weight": torch.zeros(3, 3)}, bad)
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_weights(b, bad)
 
 
 def test_load_weights_errors(net_file, tmp_path):
@@ -243,3 +341,65 @@ def test_cli_bad_own_model(capsys, net_file, tmp_path, folder_data, case):
         assert "the GPU is on fire" in err
     if case == "weights_with_code":
         assert "refused" in err
+
+
+def _write_rgb_folder(root: Path, per_class: int, size: tuple[int, int] = (96, 64)) -> Path:
+    """Colour PNGs of another size and aspect ratio than the model's input: classes "red" and
+    "blue", ``per_class`` images each (every fifth goes to the test split)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label, cls in enumerate(("blue", "red")):
+        d = root / cls
+        d.mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 100, (size[1], size[0], 3))
+            pixels[..., 2 if label == 0 else 0] += 150
+            Image.fromarray(pixels.astype(np.uint8), mode="RGB").save(d / f"{i}.png")
+    return root
+
+
+def test_cli_hf_model_on_an_image_folder_at_224(capsys, tmp_path):
+    """prune -> eval -> export of a library model (hf:mobilenet_v2, full size) on colour images
+    read at 3x224x224; the pruned file rebuilds from its path alone (no --trust-code)."""
+    data = f"folder:{_write_rgb_folder(tmp_path / 'imgs', 5)}"
+    out = tmp_path / "o.pt"
+    code, stdout, err = run(capsys, "prune", "--model", "hf:mobilenet_v2", "--num-classes", "2",
+                            "--input-shape", "3,224,224", "--data", data, "--method", "l1",
+                            "--ratio", "0.3", "--out", out, "--device", "cpu", "--json")
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert 0 < report["macs_fraction"] < 1 and report["macs_after"] < report["macs_before"]
+    loaded, meta = prunekit.load(out)
+    assert meta["input_shape"] == [3, 224, 224]
+    assert meta["model_spec"]["spec"] == "hf:mobilenet_v2" and meta["model_spec"]["num_classes"] == 2
+    with torch.no_grad():
+        y = loaded(torch.randn(2, 3, 224, 224))
+    assert y.shape == (2, 2) and torch.isfinite(y).all()
+    code, stdout, err = run(capsys, "eval", out, "--device", "cpu", "--json")
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert result["samples"] == 2 and result["data"] == data
+    assert result["test_acc"] == pytest.approx(report["acc_final"])
+    onnx_path = tmp_path / "o.onnx"
+    code, stdout, err = run(capsys, "export", out, "--onnx", onnx_path, "--json")
+    assert code == 0, err
+    assert onnx_path.is_file() and json.loads(stdout)["max_abs_diff"] < 1e-3
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["profile", "--model", "hf:mobilenetv2", "--input-shape", "3,32,32"], "did you mean hf:mobilenet_v2"),
+    (["export", "--model", "hf:resnet", "--onnx", "{tmp}/o.onnx"], "--input-shape"),
+    (["profile", "{ckpt}", "--num-classes", "3"], "--num-classes applies to --model"),
+    (["compare", "--model", "hf:resnet", "--methods", "l1", "--ratio", "0.3", "--report", "{tmp}/r"],
+     "--input-shape"),
+    (["train", "--model", "resnet8", "--weights", "{tmp}/w.pt", "--data", "fashion-mnist",
+      "--out", "{tmp}/o.pt"], "--weights applies to a --model spec"),
+])
+def test_cli_library_spec_errors(capsys, tmp_path, argv, match):
+    ckpt = tmp_path / "c.pt"
+    prunekit.save(build("simplecnn", in_channels=1), ckpt)
+    argv = [a.format(tmp=tmp_path, ckpt=ckpt) for a in argv]
+    code, stdout, err = run(capsys, *argv)
+    assert_one_line_error(code, stdout, err, match)
+    assert not (tmp_path / "o.onnx").exists() and not (tmp_path / "o.pt").exists()

@@ -13,7 +13,10 @@ loading builds the architecture (from the zoo, the instance the caller passes, o
 spec recorded in ``meta["model_spec"]``), narrows the layers whose recorded width differs,
 then loads the weights strictly. A recorded spec names the user's factory
 (``/abs/path/net.py:make_net``): :func:`load` imports and calls it, so load such a file only
-when you trust the code it names (pass ``model=`` to build the model yourself instead).
+when you trust the code it names (pass ``model=`` to build the model yourself instead). A spec
+naming a library model (``torchvision:NAME``, ``timm:NAME``, ``hf:TYPE``) is rebuilt by
+prunekit's own builders (:func:`prunekit.models.build`, no weights downloaded), so such a file
+loads from the path alone with no code of its own run.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError
 from ..utils import atomic_path
 
-__all__ = ["FORMAT", "VERSION", "save", "load", "read", "layer_shapes", "resize_layers"]
+__all__ = ["FORMAT", "VERSION", "save", "load", "read", "layer_shapes", "resize_layers", "fit_free_tensors"]
 
 FORMAT = "prunekit"
 VERSION = 1
@@ -59,12 +62,15 @@ def _geometry(module: nn.Module) -> dict[str, Any] | None:
         return {"type": kind, "num_groups": module.num_groups, "num_channels": module.num_channels}
     if isinstance(module, nn.PReLU):
         return {"type": kind, "num_parameters": module.num_parameters}
+    if isinstance(module, nn.LayerNorm):  # subclasses too: timm's LayerNorm2d, HF's ConvNextLayerNorm
+        return {"type": kind, "normalized_shape": [int(v) for v in module.normalized_shape]}
     return None
 
 
 def layer_shapes(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Geometry of every ``Conv1d/2d/3d``, ``Linear``, ``BatchNorm1d/2d/3d`` and ``GroupNorm``
-    in ``model``, keyed by module name (transposed convolutions are not recorded)."""
+    """Geometry of every ``Conv1d/2d/3d``, ``Linear``, ``BatchNorm1d/2d/3d``, ``GroupNorm``,
+    ``PReLU`` and ``LayerNorm`` in ``model``, keyed by module name (transposed convolutions are
+    not recorded)."""
     shapes = {}
     for name, module in model.named_modules():
         geom = _geometry(module)
@@ -128,8 +134,48 @@ def _resize(module: nn.Module, geom: dict[str, Any]) -> None:
         n = int(geom["num_parameters"])
         module.num_parameters = n
         module.weight = _new_param(module.weight, (n,))
+    elif isinstance(module, nn.LayerNorm):
+        shape = tuple(int(v) for v in geom["normalized_shape"])
+        if not shape or any(v < 1 for v in shape):
+            raise ValueError(f"bad normalized_shape {list(shape)}")
+        module.normalized_shape = shape
+        module.weight = _new_param(module.weight, shape)
+        module.bias = _new_param(module.bias, shape)
     else:  # pragma: no cover - guarded by the caller
         raise ValueError(f"cannot resize a {type(module).__name__}")
+
+
+def fit_free_tensors(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Give the parameters and buffers that no recorded layer owns the shape they have in
+    ``state``, in place (uninitialised, ready for ``load_state_dict``).
+
+    Pruning narrows tensors that belong to no standard layer as well: ConvNeXt's per-channel
+    ``layer_scale`` / ``gamma``, a class token or position embedding. Only tensors of modules
+    that are not a recorded layer type (:func:`layer_shapes`) and that have the same number of
+    dimensions in both are resized; anything else is left for the strict load to refuse.
+
+    Returns
+    -------
+    list of str
+        Names of the tensors that were resized.
+    """
+    resized = []
+    modules = dict(model.named_modules())
+    for key, value in state.items():
+        owner, _, attr = key.rpartition(".")
+        module = modules.get(owner)
+        if module is None or _geometry(module) is not None or not isinstance(value, torch.Tensor):
+            continue
+        current = module._parameters.get(attr) if attr in module._parameters else module._buffers.get(attr)
+        if current is None or current.shape == value.shape or current.dim() != value.dim():
+            continue
+        fresh = torch.empty(value.shape, dtype=current.dtype, device=current.device)
+        if attr in module._parameters:
+            module._parameters[attr] = nn.Parameter(fresh, requires_grad=current.requires_grad)
+        else:
+            module._buffers[attr] = fresh
+        resized.append(key)
+    return resized
 
 
 def resize_layers(model: nn.Module, shapes: dict[str, dict[str, Any]]) -> list[str]:
@@ -352,6 +398,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
 
             try:
                 model = build(model_spec["spec"], num_classes=model_spec.get("num_classes"),
+                              output_adapter=model_spec.get("output_adapter"),
                               **(model_spec.get("kwargs") or {}))
             except PrunekitError as e:
                 raise CheckpointError(f"{p}: cannot build its model {model_spec['spec']!r}: {e}") from None
@@ -367,6 +414,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
     except CheckpointError as e:
         raise CheckpointError(f"{p} does not fit the model: {e}") from None
     state = OrderedDict(payload["state_dict"])
+    fit_free_tensors(model, state)
     if isinstance(payload.get("state_metadata"), dict):
         state._metadata = OrderedDict(  # type: ignore[attr-defined]
             (k, dict(v)) for k, v in payload["state_metadata"].items() if isinstance(v, dict))

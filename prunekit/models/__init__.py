@@ -12,13 +12,15 @@ Families (one module each): ``resnet_cifar`` (resnet8/20/32/44/56/110, resnet164
 ``vgg`` (vgg16_bn), ``densenet`` (densenet40), ``mobilenetv2`` (mobilenetv2) and
 ``simple`` (simplecnn, mlpcnn).
 
-Your own model: ``build("path/to/net.py:make_net")`` (see :mod:`prunekit.models.spec`).
+Your own model: ``build("path/to/net.py:make_net")``, ``build("torchvision:resnet18")``,
+``build("timm:convnext_nano")``, ``build("hf:resnet")`` (see :mod:`prunekit.models.spec`).
 """
 
 from __future__ import annotations
 
 from . import densenet, mobilenetv2, resnet_cifar, simple, vgg  # noqa: F401  (registers the builders)
 from .registry import create, list_models, register
-from .spec import build, load_weights
+from .spec import OutputAdapter, build, load_weights, logits_of
 
-__all__ = ["build", "create", "list_models", "load_weights", "register"]
+__all__ = ["OutputAdapter", "build", "create", "list_models", "load_weights", "logits_of",
+           "register"]

@@ -4,13 +4,26 @@ A spec names where a model comes from:
 
 * ``zoo:NAME`` (or a bare ``NAME``): a prunekit zoo model, :func:`prunekit.models.create`;
 * ``path/to/file.py:FUNC``: a factory function (or class) in a Python file;
-* ``package.module:FUNC``: a factory in an importable module.
+* ``package.module:FUNC``: a factory in an importable module;
+* ``torchvision:NAME``: ``torchvision.models.get_model(NAME, weights=None)``;
+* ``timm:NAME``: ``timm.create_model(NAME, pretrained=False)``;
+* ``hf:MODEL_TYPE``: a Hugging Face ``transformers`` image classifier built from its config
+  class alone (``AutoConfig.for_model(MODEL_TYPE)`` then
+  ``AutoModelForImageClassification.from_config``), e.g. ``hf:resnet``, ``hf:convnext``,
+  ``hf:mobilenet_v2``, ``hf:regnet``.
 
-The factory is called with no arguments, plus ``num_classes`` when one is given and the
-factory accepts it; it must return an ``nn.Module``. The file or module is imported only
-because it was named: building from a spec runs that code.
+No spec downloads anything: the library models start from random weights (give yours with
+``--weights`` / :func:`load_weights`). The factory is called with no arguments, plus
+``num_classes`` when one is given and the factory accepts it; it must return an ``nn.Module``.
+The file or module is imported only because it was named: building from a spec runs that code.
+The library builders are prunekit's own, so a checkpoint that records ``torchvision:``,
+``timm:`` or ``hf:`` rebuilds without running code the file names.
 
-``torchvision:NAME``, ``timm:NAME`` and ``hf:TYPE`` are recognised but not built yet.
+Models whose forward returns something other than a tensor (a Hugging Face ``ModelOutput``,
+torchvision GoogLeNet's named tuple in training mode) are wrapped in :class:`OutputAdapter`,
+whose forward returns the logits tensor, so pruning, evaluation, profiling and ONNX export see
+a plain ``nn.Module -> Tensor``. Its parameters live under ``model.``; :func:`load_weights`
+reads the unwrapped model's own state dict into it.
 
 >>> from prunekit.models.spec import build
 >>> model = build("zoo:resnet20", num_classes=10)
@@ -19,6 +32,7 @@ because it was named: building from a spec runs that code.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import importlib
 import importlib.util
@@ -33,9 +47,123 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError, ModelError
 
-__all__ = ["build", "canonical", "load_weights"]
+__all__ = ["OutputAdapter", "build", "canonical", "load_weights", "logits_of"]
 
 _PACKAGES = {"torchvision": "torchvision", "timm": "timm", "hf": "transformers"}
+
+# torchvision classifiers whose training-mode forward returns a named tuple (auxiliary heads)
+_TUPLE_OUTPUT = ("googlenet", "inception_v3")
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits tensor in a model's output.
+
+    A tensor is returned as is; from a mapping or dataclass (Hugging Face ``ModelOutput``) the
+    ``logits`` entry, else its first tensor; from a (named) tuple its first element.
+
+    Raises
+    ------
+    ModelError
+        No tensor can be found in ``output``.
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, dict):
+        if isinstance(output.get("logits"), torch.Tensor):
+            return output["logits"]
+        values = list(output.values())
+    elif isinstance(output, (tuple, list)):
+        values = list(output)
+    else:
+        values = []
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            return v
+    raise ModelError(f"the model returned a {type(output).__name__} holding no tensor; prunekit "
+                     "needs a forward that returns the logits (or a dict / ModelOutput with 'logits')")
+
+
+class OutputAdapter(nn.Module):
+    """Wrap a model whose forward returns a dict, dataclass or tuple, so that it returns the
+    logits tensor (:func:`logits_of`).
+
+    The wrapper is itself a plain ``nn.Module`` (pruned in place like any other, saved with
+    its parameters under ``model.``); ``OutputAdapter(net).model is net``.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return logits_of(self.model(x))
+
+
+def _missing_package(spec: str, package: str) -> ConfigError:
+    return ConfigError(f"model spec {spec!r} needs the {package!r} package: pip install {package} "
+                       "(`make test-vision` sets up .venv-vision with torchvision, timm and "
+                       "transformers)")
+
+
+def _unknown(kind: str, name: str, known: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    hint = f"; did you mean {kind}:{close[0]}?" if close else f" (see {where})"
+    return ConfigError(f"unknown {kind} model {name!r}{hint}")
+
+
+def _library_call(spec: str, fn: Any, *args: Any, **kwargs: Any) -> nn.Module:
+    try:
+        model = fn(*args, **kwargs)
+    except Exception as e:
+        text = " ".join(str(e).split())[:300]
+        raise ModelError(f"building {spec} raised {type(e).__name__}: {text}") from None
+    if not isinstance(model, nn.Module):  # pragma: no cover - the libraries return modules
+        raise ModelError(f"building {spec} returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _build_torchvision(spec: str, name: str, num_classes: int | None, kw: dict[str, Any]) -> nn.Module:
+    import torchvision
+
+    known = list(torchvision.models.list_models())
+    if name not in known:
+        raise _unknown("torchvision", name, known, "torchvision.models.list_models()")
+    kwargs = dict(kw)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    return _library_call(spec, torchvision.models.get_model, name, weights=None, **kwargs)
+
+
+def _build_timm(spec: str, name: str, num_classes: int | None, kw: dict[str, Any]) -> nn.Module:
+    import timm
+
+    if not timm.is_model(name.split(".")[0]):  # NAME.TAG (pretrained tags) names NAME
+        raise _unknown("timm", name, list(timm.list_models()), "timm.list_models()")
+    kwargs = dict(kw)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    return _library_call(spec, timm.create_model, name, pretrained=False, **kwargs)
+
+
+def _build_hf(spec: str, model_type: str, num_classes: int | None, kw: dict[str, Any]) -> nn.Module:
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+    known = sorted(MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES)
+    if model_type not in known:
+        raise _unknown("hf", model_type, known, "transformers' image-classification model types")
+    kwargs = dict(kw)
+    if num_classes is not None:
+        kwargs["num_labels"] = num_classes
+    try:
+        config = transformers.AutoConfig.for_model(model_type, **kwargs)
+    except Exception as e:
+        raise ModelError(f"building {spec}: its config refused {kwargs}: {type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:200]}") from None
+    return _library_call(spec, transformers.AutoModelForImageClassification.from_config, config)
 
 
 def _split(spec: str) -> tuple[str, str, str]:
@@ -56,6 +184,11 @@ def _split(spec: str) -> tuple[str, str, str]:
                           "or package.module:FUNC")
     is_file = source.endswith(".py") or "/" in source or os.sep in source
     return ("file" if is_file else "module"), source, name
+
+
+def is_zoo(spec: str) -> bool:
+    """Whether ``spec`` names a prunekit zoo model (``zoo:NAME`` or a bare ``NAME``)."""
+    return _split(spec)[0] == "zoo"
 
 
 def names_code(spec: str) -> bool:
@@ -131,51 +264,79 @@ def _call_factory(fn: Any, where: str, num_classes: int | None, kw: dict[str, An
     return model
 
 
-def build(spec: str, num_classes: int | None = None, **kw: Any) -> nn.Module:
+def build(spec: str, num_classes: int | None = None, *, output_adapter: bool | None = None,
+          **kw: Any) -> nn.Module:
     """Build the model a spec names.
 
     Parameters
     ----------
     spec : str
-        ``zoo:NAME`` (or ``NAME``), ``path/to/file.py:FUNC`` or ``package.module:FUNC``.
+        ``zoo:NAME`` (or ``NAME``), ``torchvision:NAME``, ``timm:NAME``, ``hf:MODEL_TYPE``,
+        ``path/to/file.py:FUNC`` or ``package.module:FUNC``.
     num_classes : int, optional
-        Passed to a zoo model, and to a factory that accepts ``num_classes`` (or ``**kwargs``);
+        Passed to a zoo, torchvision or timm model (``num_classes``), to a Hugging Face config
+        (``num_labels``), and to a factory that accepts ``num_classes`` (or ``**kwargs``);
         ``None`` keeps the model's own default.
+    output_adapter : bool, optional
+        Wrap the model in :class:`OutputAdapter` (its forward then returns the logits tensor).
+        ``None`` (default): for ``hf:`` models and torchvision's GoogLeNet / Inception-v3, whose
+        outputs are a ``ModelOutput`` / a named tuple.
     **kw
-        Further keyword arguments for the zoo model or the factory.
+        Further keyword arguments for the zoo model, the library's builder (the Hugging Face
+        config) or the factory.
 
     Returns
     -------
     nn.Module
-        The fresh model, with ``model.prunekit_spec = {"spec", "num_classes", "kwargs"}`` (the
-        spec with a factory file made absolute) when it came from a factory.
+        The fresh model, with ``model.prunekit_spec = {"spec", "num_classes", "kwargs",
+        "output_adapter"}`` (the spec with a factory file made absolute) unless it is a zoo model
+        (which records ``model.prunekit_arch``); :func:`prunekit.save` writes it into the
+        checkpoint so that :func:`prunekit.load` rebuilds the model from the file alone.
 
     Raises
     ------
     ConfigError
-        A bad spec, a missing file or module, a missing function, a package to install.
+        A bad spec, a missing file or module, a missing function, an unknown library model
+        (with the closest name), a package to install.
     ModelError
-        Importing the code failed, the factory raised, or it returned no ``nn.Module``.
+        Importing the code failed, the factory or the library raised, or no ``nn.Module``.
+
+    Examples
+    --------
+    >>> build("torchvision:resnet18", num_classes=10)  # doctest: +SKIP
+    >>> build("hf:convnext", num_classes=10)  # an OutputAdapter around ConvNextForImageClassification
+    ... # doctest: +SKIP
     """
     kind, source, name = _split(spec)
     if kind == "zoo":
         from .registry import create
 
         return create(name, **({} if num_classes is None else {"num_classes": num_classes}), **kw)
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                    or num_classes < 1):
+        raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
     if kind in _PACKAGES:
         package = _PACKAGES[kind]
+        if not name.strip():
+            raise ConfigError(f"bad model spec {spec!r}: expected {kind}:NAME")
         if importlib.util.find_spec(package) is None:
-            raise ConfigError(f"model spec {spec!r} needs the {package!r} package: pip install {package}")
-        raise ConfigError(f"{kind}: model specs are not supported yet; write a factory "
-                          f"(path/to/file.py:FUNC) that returns the {kind} model")
-    module = _import_file(source) if kind == "file" else _import_module(source)
-    fn = getattr(module, name, None)
-    if fn is None:
-        raise ConfigError(f"{source} has no {name!r}")
-    if not callable(fn):
-        raise ConfigError(f"{source}:{name} is a {type(fn).__name__}, not a function")
-    model = _call_factory(fn, f"{source}:{name}", num_classes, kw)
-    model.prunekit_spec = {"spec": canonical(spec), "num_classes": num_classes, "kwargs": dict(kw)}
+            raise _missing_package(spec, package)
+        builder = {"torchvision": _build_torchvision, "timm": _build_timm, "hf": _build_hf}[kind]
+        model = builder(spec.strip(), name.strip(), num_classes, kw)
+        if output_adapter is None:
+            output_adapter = kind == "hf" or (kind == "torchvision" and name.strip() in _TUPLE_OUTPUT)
+    else:
+        module = _import_file(source) if kind == "file" else _import_module(source)
+        fn = getattr(module, name, None)
+        if fn is None:
+            raise ConfigError(f"{source} has no {name!r}")
+        if not callable(fn):
+            raise ConfigError(f"{source}:{name} is a {type(fn).__name__}, not a function")
+        model = _call_factory(fn, f"{source}:{name}", num_classes, kw)
+    if output_adapter:
+        model = OutputAdapter(model)
+    model.prunekit_spec = {"spec": canonical(spec), "num_classes": num_classes, "kwargs": dict(kw),
+                           "output_adapter": bool(output_adapter)}
     return model
 
 
@@ -184,7 +345,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike, map_location: Any = 
 
     A ``.pt`` file is read with ``torch.load(weights_only=True)``: one that carries pickled
     code is refused. A dict holding a ``"state_dict"`` entry (a prunekit or Lightning file)
-    is accepted too.
+    is accepted too. Into an :class:`OutputAdapter` the weights of the wrapped model are read
+    (the state dict the library's own model writes), or the adapter's own (``model.`` keys).
 
     Raises
     ------
@@ -214,5 +376,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike, map_location: Any = 
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{p} is not a state dict (a mapping of names to tensors)")
-    load_state_strict(model, state, p)
+    target = model
+    if isinstance(model, OutputAdapter) and not all(k.startswith("model.") for k in state):
+        target = model.model
+    load_state_strict(target, state, p)
     return model
