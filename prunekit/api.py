@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from . import methods
-from .engine import PruningPlan, leftover_hooks
+from .engine import PruningPlan, analyse, layer_names, leftover_hooks
 from .engine.budget import check_fraction, check_round_to, count_macs_params
 from .errors import ConfigError, DataError, PrunekitError
 
@@ -65,7 +65,7 @@ def check_budget(ratio: float | None, target_macs: float | None, optional: bool 
 #: :func:`prune`'s own keywords (offered as suggestions for a misspelt method option)
 PRUNE_KEYWORDS = ("model", "example_inputs", "method", "ratio", "target_macs", "data",
                   "finetune_epochs", "distill", "train_config", "ignored_layers", "seed",
-                  "evaluate", "round_to", "expand", "refine_labels")
+                  "evaluate", "round_to", "expand", "refine_labels", "skip_unsupported")
 
 
 def finetune(model: nn.Module, train_set: Any, epochs: int, *, teacher: nn.Module | None = None,
@@ -128,9 +128,10 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None,
           method: str = methods.DEFAULT_METHOD,
           ratio: float | None = None, target_macs: float | None = None, data: Any = None, *,
           finetune_epochs: int = 0, distill: bool = False, train_config: Any = None,
-          ignored_layers: list[nn.Module | str] | None = None, seed: int = 0,
+          ignored_layers: list[nn.Module | str | type] | None = None, seed: int = 0,
           evaluate: bool = True, round_to: int | None = None, expand: bool = False,
-          refine_labels: bool = False, **method_options: Any) -> PruneResult:
+          refine_labels: bool = False, skip_unsupported: bool = False,
+          **method_options: Any) -> PruneResult:
     """Prune ``model`` with ``method`` to a ``ratio`` of removed filters or a ``target_macs``
     fraction of the original MACs.
 
@@ -167,6 +168,14 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None,
         the budget search runs over rounded widths.
     train_config : prunekit.train.TrainConfig, optional
         Fine-tuning settings (epochs are overridden by ``finetune_epochs``).
+    ignored_layers : list, optional
+        Layers whose output channels are kept: modules of ``model``, names, name patterns
+        (``"*.attn"``) or module types (``nn.MultiheadAttention``); a container stands for
+        everything in it (:func:`prunekit.engine.resolve_layers`).
+    skip_unsupported : bool
+        Prune every group the engine supports and leave the others as they are (listed in
+        ``report["skipped_unsupported"]``) instead of raising one
+        :class:`~prunekit.errors.UnsupportedLayerError` that names every unsupported layer.
     **method_options
         The method's options (``prunekit methods NAME`` lists them); an unknown or misspelt
         one raises :class:`~prunekit.errors.ConfigError` naming the closest valid name.
@@ -191,11 +200,17 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None,
     finetune_epochs = int(finetune_epochs)
     if (expand or refine_labels) and finetune_epochs == 0:
         raise ConfigError("expand / refine_labels apply to fine-tuning: give finetune_epochs > 0")
+    ignored = layer_names(model, ignored_layers)  # names: they resolve again in the copy
     original = model
     work = copy.deepcopy(model).eval()
+    skipped: list[dict[str, str]] = []
+    if skip_unsupported:
+        info = analyse(work, example_inputs, ignored_layers=ignored, skip_unsupported=True)
+        skipped = [r.to_dict() for r in info.refused]
+        ignored += sorted({r.group for r in info.refused} - set(ignored))
     times: dict[str, float] = {}
     report: dict[str, Any] = {"method": method, "ratio": ratio, "target_macs": target_macs,
-                              "round_to": round_to,
+                              "round_to": round_to, "skipped_unsupported": skipped,
                               "options": {k: v for k, v in method_options.items()
                                           if isinstance(v, (int, float, str, bool, type(None)))}}
     if evaluate and test_set is not None:
@@ -205,7 +220,7 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None,
         times["eval_s"] = time.perf_counter() - t
 
     ctx = methods.PruneContext(work, example_inputs, ratio, target_macs, train_set, test_set,
-                               dict(method_options), list(ignored_layers or []), seed,
+                               dict(method_options), ignored, seed,
                                round_to=round_to, original=original)
     t = time.perf_counter()
     out = spec.run(ctx)

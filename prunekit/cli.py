@@ -573,6 +573,13 @@ def prune_(
         "--expand", help="Small-data fine-tuning: expand the training set.")] = False,
     refine_labels: Annotated[bool, typer.Option(
         "--refine-labels", help="Small-data fine-tuning: refine soft labels.")] = False,
+    skip_unsupported: Annotated[bool, typer.Option(
+        "--skip-unsupported", help="Leave the layers the engine cannot prune (attention, "
+        "channel shuffles ...) as they are and prune everything else; the JSON field "
+        "skipped_unsupported lists them.")] = False,
+    ignore: Annotated[str | None, typer.Option(
+        "--ignore", help="Comma-separated layer names or patterns (e.g. '*.attn,head') whose "
+        "output channels are kept.")] = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     trust_code: TrustCodeOpt = False,
@@ -622,8 +629,15 @@ def prune_(
         res = prune(model, example_input(shape), method=method, ratio=ratio, target_macs=target_macs,
                     data=(train_set, test_set), finetune_epochs=finetune_epochs, distill=distill,
                     train_config=TrainConfig(lr=finetune_lr, seed=seed, device=device), seed=seed,
-                    round_to=round_to, expand=expand, refine_labels=refine_labels, **options)
+                    round_to=round_to, expand=expand, refine_labels=refine_labels,
+                    skip_unsupported=skip_unsupported,
+                    ignored_layers=[n.strip() for n in (ignore or "").split(",") if n.strip()],
+                    **options)
         report = res.report
+        left = report.get("skipped_unsupported") or []
+        if left:
+            o.note(f"left {len(left)} unsupported group(s) unpruned (--skip-unsupported): "
+                   + ", ".join(sorted({r['layer'] for r in left})))
         report["times"]["load_s"] = load_s
         new_meta = {**{k: v for k, v in meta.items() if k in ("data", "input_shape", "model_spec")},
                     **({"input_shape": shape} if model_spec is not None else {}),

@@ -91,9 +91,20 @@ def test_generator_covers_the_architecture_space() -> None:
     assert sizes == {8, 10, 12, 16} and min(widths) == 2 and max(widths) == 12
 
 
-def test_grouped_conv_is_rejected_naming_the_layer(tmp_path) -> None:
-    seed = next(s for s in range(200) if any(b["op"] == "grouped" for b in random_spec(s)["blocks"]))
-    spec = random_spec(seed)
+def test_grouped_conv_is_pruned_and_passes_every_check(tmp_path) -> None:
+    """Grouped convs are pruned (the same position in every group): seed 55 has one
+    (6 -> 6 channels, 3 groups) after a dense block; every property holds, for a weight
+    criterion, a data criterion and the merge."""
+    spec = random_spec(55)
+    assert any(b["op"] == "grouped" and b["groups"] == 3 for b in spec["blocks"])
+    outcomes = check_architecture(spec, ["l1", "apoz", MERGE], tmp=tmp_path)
+    assert [o.status for o in outcomes] == ["passed"] * 3, [o.message for o in outcomes]
+
+
+def test_grouped_conv_reading_two_groups_at_tied_positions_is_refused(tmp_path) -> None:
+    """Seed 32 concatenates three branches into a conv with 31 groups of 2 channels: a group
+    mixes channels of two branches, which the engine cannot prune one branch at a time."""
+    spec = random_spec(32)
     model, x = build(spec)
     name = next(f"blocks.{i}.conv.0" for i, b in enumerate(spec["blocks"]) if b["op"] == "grouped")
     with pytest.raises(UnsupportedLayerError, match=name.replace(".", r"\.")):

@@ -7,6 +7,10 @@ score is aggregated over the group's layers by one rule:
     for the channel* (a layer that carries the channel at several positions, e.g. a BN after two
     concatenations, contributes the mean over those positions).
 
+Channels tied together by grouped convs (the same position in every group) form one unit
+of the group (:class:`~prunekit.engine.ChannelGroup`): a unit's score is the mean over all its
+channels' positions, so every criterion ranks whole units.
+
 Scored layers: the producers (conv / linear rows) for weight criteria; the BatchNorm layers of the
 group for ``bn-scale`` and for the data criteria (their output, after ReLU, is the feature map the
 rest of the network sees), or the producers' outputs when a group has no BatchNorm.
@@ -130,6 +134,14 @@ class _Accumulator:
         return self.sums["s"] / n
 
 
+def channels_first(module: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    """A hooked layer's output with its channels on axis 1: a Linear or a LayerNorm acts on the
+    last axis, so in a channel-last block (ConvNeXt's ``[N, H, W, C]``) that axis is moved."""
+    if isinstance(module, (nn.Linear, nn.LayerNorm)) and out.dim() > 2:
+        return out.movedim(-1, 1)
+    return out
+
+
 def _hooked_slots(g: ChannelGroup) -> list[Slot]:
     return _bn_slots(g) or g.producers
 
@@ -156,14 +168,15 @@ def data_scores(info: DependencyInfo, criterion: str, data, *, samples: int = 51
     handles = []
 
     def make_hook(name: str):
-        def hook(_m, _inp, out):
+        def hook(m, _inp, out):
             if not taylor:
-                accs[name].update(out)
+                accs[name].update(channels_first(m, out))
                 return
 
-            def grad_hook(grad, out=out):
-                dims = [0] + list(range(2, out.dim()))
-                v = (out.detach() * grad).mean(dim=dims).abs().double().cpu()
+            def grad_hook(grad, out=out, m=m):
+                prod = channels_first(m, out.detach() * grad)
+                dims = [0] + list(range(2, prod.dim()))
+                v = prod.mean(dim=dims).abs().double().cpu()
                 taylor_sum[name] = taylor_sum[name] + v if name in taylor_sum else v
             out.register_hook(grad_hook)
         return hook

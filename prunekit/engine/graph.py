@@ -21,6 +21,7 @@ Every layer in a group has one of three roles:
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -58,14 +59,69 @@ def _splits_channels(node) -> bool:
 _REORDERING_GRAD_FNS = ("TransposeBackward0", "TransposeBackward1", "PermuteBackward0")
 
 
+def _moves_channel_axis(dims: Sequence[int]) -> bool:
+    """Whether a permutation only moves the channel axis between position 1 and the last one
+    (``(0, 2, 3, 1)``: NCHW -> NHWC, ``(0, 3, 1, 2)``: back), keeping the batch axis first and
+    the other axes in order. Channel ``c`` stays channel ``c``: this is the channel-last block
+    of ConvNeXt (Liu et al., CVPR 2022), where a Linear or a LayerNorm acts on the last axis."""
+    dims = [int(d) % len(dims) for d in dims]
+    n = len(dims)
+    if n < 3 or dims[0] != 0:
+        return False
+    last = list(range(2, n)) + [1]
+    first = [n - 1] + list(range(1, n - 1))
+    return dims[1:] in (last, first)
+
+
 def _reorders_channels(node) -> bool:
-    """Whether a Torch-Pruning node is a transpose / permute of a feature map."""
-    return node.grad_fn is not None and type(node.grad_fn).__name__ in _REORDERING_GRAD_FNS
+    """Whether a Torch-Pruning node is a transpose / permute that reorders a feature map's
+    channels (a permute that only moves the channel axis, see :func:`_moves_channel_axis`, does
+    not)."""
+    if node.grad_fn is None or type(node.grad_fn).__name__ not in _REORDERING_GRAD_FNS:
+        return False
+    dims = getattr(node.grad_fn, "_saved_dims", None)
+    return not (dims is not None and _moves_channel_axis(dims))
 
 
 def is_depthwise(m: nn.Module) -> bool:
     """A conv whose every output channel reads exactly its own input channel."""
     return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
+def is_grouped(m: nn.Module) -> bool:
+    """A grouped conv that is not depthwise (ResNeXt, RegNet): ``1 < groups``, and an output
+    channel reads only the ``in_channels / groups`` input channels of its own group."""
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and not is_depthwise(m)
+
+
+def _chunk(slot: Slot) -> int | None:
+    """Channels per group of a layer that ties channels across its groups, else ``None``.
+
+    A grouped conv computes output channel ``o`` of group ``g`` from the input channels of group
+    ``g`` only, with one ``[out/groups, in/groups, kh, kw]`` block per group: it stays a valid
+    grouped conv only if every group loses the same number of input (output) channels, so the
+    engine removes the same position within every group (as Torch-Pruning does). Channel ``i``
+    is tied to ``i + k * chunk`` for every ``k``. A GroupNorm with ``num_groups > 1`` is tied the
+    same way (its groups must keep equal sizes)."""
+    m = slot.module
+    if is_grouped(m):
+        size = m.in_channels if slot.role == "consumer" else m.out_channels
+        return size // m.groups
+    if isinstance(m, nn.GroupNorm) and m.num_groups > 1:
+        return m.num_channels // m.num_groups
+    return None
+
+
+def input_columns(module: nn.Module, cols: Sequence[int]) -> list[tuple[slice, int]]:
+    """Where input channels ``cols`` of a consumer sit in its weight: ``(rows, column)`` pairs,
+    ``weight[rows, column]`` being what reads the channel. For a plain conv / linear that is
+    every row and the column itself; for a grouped conv, the output rows of the channel's group
+    and the column within the group."""
+    if not is_grouped(module):
+        return [(slice(None), int(c)) for c in cols]
+    chunk_in, chunk_out = module.in_channels // module.groups, module.out_channels // module.groups
+    return [(slice(g * chunk_out, (g + 1) * chunk_out), int(c) % chunk_in)
+            for c in cols for g in [int(c) // chunk_in]]
 
 
 @dataclass
@@ -92,13 +148,55 @@ class Slot:
 
 
 @dataclass
+class ParamSlot:
+    """A free parameter (not a layer's own weight) applied channel by channel to a group's
+    channels, e.g. ConvNeXt's layer scale ``gamma * x`` (shape ``[C]`` or ``[C, 1, 1]``).
+
+    Attributes
+    ----------
+    name : str
+        Qualified parameter name.
+    param : nn.Parameter
+    dim : int
+        The axis that holds the channels.
+    positions : dict[int, list[int]]
+        Channel -> indices along ``dim`` (as :attr:`Slot.positions`).
+    """
+
+    name: str
+    param: nn.Parameter
+    dim: int
+    positions: dict[int, list[int]]
+
+
+@dataclass
 class ChannelGroup:
-    """Channels that live and die together, named after their root layer."""
+    """Channels that live and die together, named after their root layer.
+
+    A channel of the group is a *unit*: usually one output channel of the root layer, but when
+    grouped convs (or GroupNorms) read or write the channels, the channels they tie together
+    (the same position in each of their groups, see :func:`_chunk`) form one unit, pruned as a
+    whole. ``size`` counts units; ``units[u]`` lists the root layer's channels of unit ``u``
+    (``None``: one channel per unit), and every slot's ``positions`` are keyed by unit.
+    """
 
     name: str
     root: nn.Module
     size: int
     slots: list[Slot] = field(default_factory=list)
+    units: list[list[int]] | None = None
+    params: list[ParamSlot] = field(default_factory=list)
+
+    @property
+    def channels(self) -> int:
+        """Output channels of the root layer (``size`` times the unit size)."""
+        return self.size if self.units is None else sum(len(u) for u in self.units)
+
+    def root_channels(self, units: Iterable[int]) -> list[int]:
+        """The root layer's channels of ``units`` (ascending)."""
+        if self.units is None:
+            return sorted(int(u) for u in units)
+        return sorted(c for u in units for c in self.units[int(u)])
 
     def by_role(self, role: Role) -> list[Slot]:
         return [s for s in self.slots if s.role == role]
@@ -147,6 +245,74 @@ def find_classifier(model: nn.Module, example_inputs: torch.Tensor | None = None
     return (linears or layers or [None])[-1]
 
 
+_PATTERN_CHARS = frozenset("*?[")
+
+
+def resolve_layers(model: nn.Module, layers: Iterable[nn.Module | str | type] | None
+                   ) -> list[nn.Module]:
+    """The modules ``layers`` designates in ``model``, each with all its submodules.
+
+    Parameters
+    ----------
+    model : nn.Module
+    layers : iterable, optional
+        Each one of: a module of ``model``; a layer name (``"layer1.0.conv1"``); a name pattern
+        with shell wildcards (:mod:`fnmatch`, ``"*.attn"``, ``"blocks.*.mlp.fc1"``); a module
+        type (``nn.MultiheadAttention``: every module of that type). A container stands for
+        everything inside it, as in Torch-Pruning's ``ignored_layers``.
+
+    Returns
+    -------
+    list of nn.Module
+        Without duplicates, in model order.
+
+    Raises
+    ------
+    ConfigError
+        A name, pattern or type that matches no module of ``model``, or a module that is not
+        part of it.
+    """
+    named = dict(model.named_modules())
+    index = {id(m): i for i, m in enumerate(named.values())}
+    chosen: dict[int, nn.Module] = {}
+
+    def add(m: nn.Module) -> None:
+        for sub in m.modules():
+            chosen.setdefault(id(sub), sub)
+
+    for layer in layers or ():
+        if isinstance(layer, type) and issubclass(layer, nn.Module):
+            hits = [m for m in named.values() if isinstance(m, layer)]
+            if not hits:
+                raise ConfigError(f"no layer of type {layer.__name__} in the model")
+        elif isinstance(layer, str):
+            if layer in named:
+                hits = [named[layer]]
+            elif _PATTERN_CHARS & set(layer):
+                hits = [m for n, m in named.items() if n and fnmatch.fnmatchcase(n, layer)]
+                if not hits:
+                    raise ConfigError(f"the pattern {layer!r} matches no layer of the model")
+            else:
+                raise ConfigError(f"no layer named {layer!r} in the model")
+        elif isinstance(layer, nn.Module):
+            if id(layer) not in index:
+                raise ConfigError(f"{type(layer).__name__} module given in ignored_layers is not "
+                                  "part of the model (a module of a copy?); pass its name")
+            hits = [layer]
+        else:
+            raise ConfigError(f"ignored_layers takes modules, names, name patterns and module "
+                              f"types, got {layer!r}")
+        for m in hits:
+            add(m)
+    return sorted(chosen.values(), key=lambda m: index.get(id(m), len(index)))
+
+
+def layer_names(model: nn.Module, layers: Iterable[nn.Module | str | type] | None) -> list[str]:
+    """:func:`resolve_layers` as qualified names (what a copy of ``model`` can resolve again)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    return [names[id(m)] for m in resolve_layers(model, layers)]
+
+
 def _resolve_modules(model: nn.Module, layers: Iterable[nn.Module | str] | None) -> list[nn.Module]:
     named = dict(model.named_modules())
     out: list[nn.Module] = []
@@ -160,6 +326,114 @@ def _resolve_modules(model: nn.Module, layers: Iterable[nn.Module | str] | None)
     return out
 
 
+# Layers whose channels the engine cannot follow: a group that reaches one is refused.
+_UNSUPPORTED_TYPES = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                      nn.ConvTranspose3d, nn.RNNBase, nn.MultiheadAttention, nn.Embedding,
+                      nn.EmbeddingBag)
+
+
+@dataclass
+class Refusal:
+    """A group the engine leaves alone: its root layer, the layer (or parameter) that makes it
+    unsupported and why."""
+
+    group: str
+    layer: str
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"group": self.group, "layer": self.layer, "reason": self.reason}
+
+
+class _Refused(UnsupportedLayerError):
+    """One group cannot be handled because of ``layer`` (collected, then raised together)."""
+
+    def __init__(self, layer: str, reason: str) -> None:
+        super().__init__(f"layer {layer!r}: {reason}")
+        self.layer, self.reason = layer, reason
+
+
+class _IndexExplosion(_Refused):
+    """Torch-Pruning's index mapping would build an index list larger than any tensor."""
+
+
+def refusal_error(refused: Sequence[Refusal]) -> UnsupportedLayerError:
+    """One :class:`~prunekit.errors.UnsupportedLayerError` naming every unsupported layer (once
+    each, with its reason) and the groups to ignore; ``.refused`` holds the list."""
+    by_layer: dict[str, Refusal] = {}
+    for r in refused:
+        by_layer.setdefault(r.layer, r)
+    roots = sorted({r.group for r in refused})
+    items = "; ".join(f"{layer!r} ({r.reason})" for layer, r in by_layer.items())
+    n = len(by_layer)
+    err = UnsupportedLayerError(
+        f"{n} unsupported layer{'s' * (n != 1)}: {items}. Pass the producers of the groups they "
+        f"touch in ignored_layers ({', '.join(map(repr, roots))}), or prune everything else with "
+        "skip_unsupported=True (CLI: --skip-unsupported)")
+    err.refused = list(refused)  # type: ignore[attr-defined]
+    return err
+
+
+class _IndexBudget:
+    """Bounds on the index lists Torch-Pruning's index mappings build while tracing one group.
+
+    A flatten / reshape mapping turns each index into ``stride`` indices; chains of them (window
+    attention's reshapes, in Swin) multiply the list until the process runs out of memory. No
+    real dependency needs more indices than the longest axis of any parameter, so one mapping
+    may produce at most ``per_call`` indices and one group ``total``."""
+
+    def __init__(self, per_call: int, total: int) -> None:
+        self.per_call, self.total, self.used = per_call, total, 0
+
+
+class _GuardedMapping:
+    """An index mapping that refuses (naming the layers) to exceed its :class:`_IndexBudget`."""
+
+    __slots__ = ("fn", "budget", "dep", "names")
+
+    def __init__(self, fn, budget: _IndexBudget, dep, names) -> None:
+        self.fn, self.budget, self.dep, self.names = fn, budget, dep, names
+
+    def _explode(self, n: int) -> None:
+        layer = _node_name(self.dep.target, self.names)
+        raise _IndexExplosion(layer, f"Torch-Pruning's index mapping from "
+                                     f"{_node_name(self.dep.source, self.names)} would build "
+                                     f"{n:,} indices (more than any tensor of the model holds): "
+                                     "reshapes the engine cannot follow")
+
+    def __call__(self, idxs):
+        stride = getattr(self.fn, "_stride", None)
+        if stride is not None and not getattr(self.fn, "reverse", True):
+            predicted = len(idxs) * int(stride)  # check before building a huge list
+            if predicted > self.budget.per_call or self.budget.used + predicted > self.budget.total:
+                self._explode(predicted)
+        out = self.fn(idxs)
+        self.budget.used += len(out)
+        if len(out) > self.budget.per_call or self.budget.used > self.budget.total:
+            self._explode(len(out))
+        return out
+
+
+class _GuardedMappings(list):
+    """A dependency's ``index_mapping`` list whose mappings run under an :class:`_IndexBudget`
+    (Torch-Pruning assigns entries into the list and iterates it)."""
+
+    def __init__(self, items, budget: _IndexBudget, dep, names) -> None:
+        super().__init__(items)
+        self._guard = (budget, dep, names)
+
+    def __iter__(self):
+        for fn in list.__iter__(self):
+            yield fn if fn is None else _GuardedMapping(fn, *self._guard)
+
+
+def _node_name(node, names: dict) -> str:
+    m = node.module
+    if isinstance(m, nn.Module) and m in names:
+        return repr(names[m])
+    return f"'{getattr(node, 'name', type(m).__name__)}'"
+
+
 class DependencyInfo:
     """The pruning view of a model: its groups of coupled channels.
 
@@ -169,19 +443,26 @@ class DependencyInfo:
         The network (traced once with ``example_inputs``).
     example_inputs : Tensor
         An input batch of the right shape (values do not matter).
-    ignored_layers : iterable of modules or names, optional
-        Layers whose output channels must not be pruned; a group containing one of them as a
-        producer is skipped.
+    ignored_layers : iterable of modules, names, name patterns or module types, optional
+        Layers whose output channels must not be pruned (see :func:`resolve_layers`; a
+        container stands for all its layers); a group containing one of them as a producer is
+        skipped.
     ignore_classifier : bool
         Skip the final classifier (default True).
+    skip_unsupported : bool
+        Leave the groups the engine cannot handle unpruned (listed in :attr:`refused`) instead
+        of raising one :class:`~prunekit.errors.UnsupportedLayerError` that names them all.
     """
 
     def __init__(self, model: nn.Module, example_inputs: torch.Tensor,
-                 ignored_layers: Iterable[nn.Module | str] | None = None,
-                 ignore_classifier: bool = True) -> None:
+                 ignored_layers: Iterable[nn.Module | str | type] | None = None,
+                 ignore_classifier: bool = True, *, skip_unsupported: bool = False) -> None:
         self.model = model
         self.example_inputs = example_inputs
-        self.ignored = _resolve_modules(model, ignored_layers)
+        self.ignored = resolve_layers(model, ignored_layers)
+        self.skip_unsupported = bool(skip_unsupported)
+        #: groups the engine cannot handle (left unpruned with ``skip_unsupported``)
+        self.refused: list[Refusal] = []
         if ignore_classifier:
             clf = find_classifier(model, example_inputs)
             if clf is not None and all(clf is not m for m in self.ignored):
@@ -204,11 +485,24 @@ class DependencyInfo:
             for p in frozen:
                 p.requires_grad_(False)
             model.train(was_training)
+        self.param_names = {p: n for n, p in model.named_parameters()}
+        self._guard_index_mappings()
         self._unmapped_concats = [
             node for node in self.dg.module2node.values()
             if node.type == tp.ops.OPTYPE.CONCAT and node.module.offsets is None
             and getattr(node.grad_fn, "_saved_dim", 1) == 1]
         self._groups: list[ChannelGroup] | None = None
+
+    def _guard_index_mappings(self) -> None:
+        """Run every index mapping of the graph under one :class:`_IndexBudget`."""
+        longest = max((max(p.shape) for p in self.model.parameters() if p.dim() > 0), default=1)
+        per_call = max(1 << 16, 4 * int(longest))
+        self._budget = _IndexBudget(per_call, max(1 << 22, 16 * per_call))
+        for node in self.dg.module2node.values():
+            for dep in node.dependencies:
+                if not isinstance(dep.index_mapping, _GuardedMappings):
+                    dep.index_mapping = _GuardedMappings(dep.index_mapping, self._budget, dep,
+                                                         self.names)
 
     def pruning_group(self, module: nn.Module, handler, idxs: Sequence[int]):
         """Torch-Pruning's group of ``module``'s channels ``idxs`` (what ``Group.prune()`` cuts).
@@ -216,6 +510,7 @@ class DependencyInfo:
         Every group goes through here, so that channel concatenations Torch-Pruning 1.6 leaves
         unmapped are mapped first (see :meth:`_map_concats`)."""
         self._map_concats()
+        self._budget.used = 0
         return self.dg.get_pruning_group(module, handler, list(idxs))
 
     def _map_concats(self) -> None:
@@ -302,20 +597,52 @@ class DependencyInfo:
 
     # ------------------------------------------------------------------ groups
     def _collect_groups(self) -> list[ChannelGroup]:
+        """Every prunable group, each rooted at the first Conv2d / Linear (in Torch-Pruning's
+        graph order) not yet seen producing in an earlier group; a group with an ignored producer
+        is left out. Every group the engine cannot handle is recorded in :attr:`refused`; unless
+        ``skip_unsupported``, they are then raised together in one
+        :class:`~prunekit.errors.UnsupportedLayerError`."""
         groups: list[ChannelGroup] = []
         self._map_concats()
-        for tp_group in self.dg.get_all_groups(ignored_layers=list(self.ignored),
-                                               root_module_types=(nn.Conv2d, nn.Linear)):
-            root = tp_group[0].dep.target.module
-            groups.append(self._to_channel_group(root, tp_group))
+        ignored = {id(m) for m in list(self.ignored) + list(self.dg.IGNORED_LAYERS_IN_TRACING)}
+        seen: set[int] = set()
+        for module in list(self.dg.module2node):
+            if not isinstance(module, (nn.Conv2d, nn.Linear)) or id(module) in ignored | seen:
+                continue
+            pruner = self.dg.get_pruner_of_module(module)
+            if pruner is None or pruner.get_out_channels(module) is None:
+                continue
+            name = self.names.get(module, type(module).__name__)
+            try:
+                tp_group = self.pruning_group(module, pruner.prune_out_channels,
+                                              range(int(pruner.get_out_channels(module))))
+            except _IndexExplosion as exc:
+                seen.add(id(module))
+                self.refused.append(Refusal(name, exc.layer, exc.reason))
+                continue
+            producing = [item.dep.target.module for item in tp_group
+                         if self.dg.is_out_channel_pruning_fn(item.dep.handler)]
+            seen.update(id(m) for m in producing)
+            if any(id(m) in ignored for m in producing):
+                continue
+            try:
+                groups.append(self._to_channel_group(module, tp_group))
+            except _Refused as exc:
+                self.refused.append(Refusal(name, exc.layer, exc.reason))
+        if self.refused and not self.skip_unsupported:
+            raise refusal_error(self.refused)
         return groups
 
     def group(self, root: nn.Module | str) -> ChannelGroup:
         """The (freshly traced) group whose root is ``root``."""
         module = _resolve_modules(self.model, [root])[0]
         size = self.out_channels(module)
-        tp_group = self.pruning_group(module, self.out_handler(module), range(size))
-        return self._to_channel_group(module, tp_group)
+        try:
+            tp_group = self.pruning_group(module, self.out_handler(module), range(size))
+            return self._to_channel_group(module, tp_group)
+        except (_Refused, _IndexExplosion) as exc:
+            name = self.names.get(module, type(module).__name__)
+            raise refusal_error([Refusal(name, exc.layer, exc.reason)]) from None
 
     def out_handler(self, module: nn.Module):
         pruner = self.dg.get_pruner_of_module(module)
@@ -339,23 +666,25 @@ class DependencyInfo:
             raise ModelError("group root is not a submodule of the model")
         size = self.out_channels(root)
         slots: dict[tuple[int, Role], Slot] = {}
+        params: dict[int, ParamSlot] = {}
         split = next((item.dep.target for item in tp_group if _splits_channels(item.dep.target)), None)
         if split is not None:
-            raise UnsupportedLayerError(
-                f"the output channels of layer {name!r} are split by the model's code "
-                f"({type(split.grad_fn).__name__}: torch.split / chunk / unbind or a slice); pruning "
-                f"them would break the split sizes. Pass {name!r} in ignored_layers")
+            raise _Refused(name, f"its channels are split by the model's code "
+                                 f"({type(split.grad_fn).__name__}: torch.split / chunk / unbind or a "
+                                 "slice); pruning them would break the split sizes")
         shuffle = next((item.dep.target for item in tp_group if _reorders_channels(item.dep.target)),
                        None)
         if shuffle is not None:
-            raise UnsupportedLayerError(
-                f"the output channels of layer {name!r} pass through a transpose / permute "
-                f"({type(shuffle.grad_fn).__name__}, e.g. a channel shuffle), which reorders "
-                f"channels the engine cannot follow. Pass {name!r} in ignored_layers")
+            raise _Refused(name, f"its channels pass through a transpose / permute "
+                                 f"({type(shuffle.grad_fn).__name__}, e.g. a channel shuffle or "
+                                 "attention heads), which reorders channels the engine cannot follow")
         for item in tp_group:
             module = item.dep.target.module
+            if isinstance(module, nn.Parameter):
+                self._add_param(params, item)
+                continue
             if not isinstance(module, nn.Module) or module not in self.names:
-                continue  # Torch-Pruning's pseudo ops (add, concat, flatten) and raw params
+                continue  # Torch-Pruning's pseudo ops (add, concat, flatten)
             role = self._role(module, item.dep.handler)
             if role is None:
                 continue
@@ -369,9 +698,25 @@ class DependencyInfo:
         producers = [s for s in ordered if s.role == "producer"]
         if producers:  # name the group after its first producing layer: stable across traces
             name, root = producers[0].name, producers[0].module
-        group = ChannelGroup(name, root, size, ordered)
+        group = ChannelGroup(name, root, size, ordered, params=list(params.values()))
         self._check_supported(group)
+        _tie_units(group)
         return group
+
+    def _add_param(self, params: dict[int, ParamSlot], item) -> None:
+        """Record a free parameter pruned with the group (Torch-Pruning prunes it along
+        ``pruning_dim``); only per-channel parameters (one axis longer than 1) are accepted."""
+        p = item.dep.target.module
+        name = self.param_names.get(p, "a parameter")
+        dim = getattr(item.dep.target, "pruning_dim", -1)
+        if sum(1 for s in p.shape if s > 1) > 1 or dim is None:
+            raise _Refused(name, f"a parameter of shape {tuple(p.shape)} applied to the channels; "
+                                 "only per-channel parameters ([C], [C, 1, 1] ...) are pruned")
+        slot = params.get(id(p))
+        if slot is None:
+            slot = params[id(p)] = ParamSlot(name, p, int(dim) % max(p.dim(), 1), {})
+        for local, r in zip(item.idxs, item.root_idxs, strict=True):
+            slot.positions.setdefault(int(r), []).append(int(local))
 
     def _role(self, module: nn.Module, handler) -> Role | None:
         if isinstance(module, _CHANNELWISE_TYPES) or is_depthwise(module):
@@ -382,34 +727,90 @@ class DependencyInfo:
             if self.dg.is_in_channel_pruning_fn(handler):
                 return "consumer"
             return None
-        if isinstance(module, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d, nn.LSTM,
-                               nn.MultiheadAttention, nn.Embedding)):
-            raise UnsupportedLayerError(
-                f"layer {self.names[module]!r} ({type(module).__name__}) is not supported by the "
-                "pruning engine; pass it in ignored_layers")
+        if isinstance(module, _UNSUPPORTED_TYPES):
+            raise _Refused(self.names[module], f"{type(module).__name__} is not supported by the "
+                                               "pruning engine")
         return None
 
     def _check_supported(self, group: ChannelGroup) -> None:
         for slot in group.slots:
-            m = slot.module
-            if isinstance(m, nn.GroupNorm) and m.num_groups > 1:
-                raise UnsupportedLayerError(
-                    f"layer {slot.name!r} is a GroupNorm with {m.num_groups} groups over channels of "
-                    f"group {group.name!r}; removing channels would break its groups. Pass the "
-                    "group's producers in ignored_layers")
-            if isinstance(m, nn.Conv2d) and m.groups > 1 and not is_depthwise(m):
-                raise UnsupportedLayerError(
-                    f"layer {slot.name!r} is a grouped conv (groups={m.groups}) reading channels of "
-                    f"group {group.name!r}; grouped (non-depthwise) convs cannot be pruned channel by "
-                    "channel. Pass its producer in ignored_layers")
+            chunk = _chunk(slot)
+            if chunk is not None:
+                # the group must cover each tied set of positions completely: removing a channel
+                # removes the same position in every group of the layer
+                covered = {p for ps in slot.positions.values() for p in ps}
+                width = _width(slot)
+                if any(q not in covered for r in {p % chunk for p in covered}
+                       for q in range(r, width, chunk)):
+                    raise _Refused(slot.name, f"{_describe(slot.module)} whose groups read channels "
+                                              f"of group {group.name!r} and of other layers at the "
+                                              "same positions; the engine prunes one group at a time")
             if len(slot.positions) != group.size and slot.role != "consumer":
-                raise UnsupportedLayerError(
-                    f"layer {slot.name!r} covers {len(slot.positions)} of the {group.size} channels "
-                    f"of group {group.name!r}; partial coupling is not supported")
+                raise _Refused(slot.name, f"covers {len(slot.positions)} of the {group.size} "
+                                          f"channels of group {group.name!r}; partial coupling is "
+                                          "not supported")
+
+
+def _width(slot: Slot) -> int:
+    """Channels a tying layer has on the side the group sees (inputs of a consumer)."""
+    m = slot.module
+    if isinstance(m, nn.GroupNorm):
+        return m.num_channels
+    return m.in_channels if slot.role == "consumer" else m.out_channels
+
+
+def _describe(m: nn.Module) -> str:
+    if isinstance(m, nn.GroupNorm):
+        return f"a GroupNorm with {m.num_groups} groups"
+    return f"a grouped conv (groups={m.groups})"
+
+
+def _tie_units(group: ChannelGroup) -> None:
+    """Bundle channels that grouped convs / GroupNorms tie (see :func:`_chunk`) into units.
+
+    Union-find over the root channels: in every tying layer, the channels at positions
+    ``j, j + chunk, j + 2 chunk ...`` are one unit. Units are ordered by their first channel and
+    list their channels in ascending order, so the ``t``-th channel of two units sits in the same
+    group of a grouped conv; slot positions are re-keyed by unit (a unit's positions are its
+    channels' positions, in that order)."""
+    parent = list(range(group.size))
+
+    def find(c: int) -> int:
+        while parent[c] != c:
+            parent[c] = parent[parent[c]]
+            c = parent[c]
+        return c
+
+    tied = False
+    for slot in group.slots:
+        chunk = _chunk(slot)
+        if chunk is None:
+            continue
+        first: dict[int, int] = {}
+        for c, ps in slot.positions.items():
+            for p in ps:
+                r = first.setdefault(p % chunk, c)
+                a, b = find(r), find(c)
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+                    tied = True
+    if not tied:
+        return
+    members: dict[int, list[int]] = {}
+    for c in range(group.size):
+        members.setdefault(find(c), []).append(c)
+    units = sorted(members.values(), key=lambda u: u[0])
+    for slot in list(group.slots) + list(group.params):
+        slot.positions = {u: [p for c in unit for p in slot.positions.get(c, [])]
+                          for u, unit in enumerate(units)
+                          if any(c in slot.positions for c in unit)}
+    group.units = units
+    group.size = len(units)
 
 
 def analyse(model: nn.Module, example_inputs: torch.Tensor,
-            ignored_layers: Sequence[nn.Module | str] | None = None,
-            ignore_classifier: bool = True) -> DependencyInfo:
+            ignored_layers: Sequence[nn.Module | str | type] | None = None,
+            ignore_classifier: bool = True, skip_unsupported: bool = False) -> DependencyInfo:
     """Trace ``model`` and list its groups of coupled channels (see :class:`DependencyInfo`)."""
-    return DependencyInfo(model, example_inputs, ignored_layers, ignore_classifier)
+    return DependencyInfo(model, example_inputs, ignored_layers, ignore_classifier,
+                          skip_unsupported=skip_unsupported)

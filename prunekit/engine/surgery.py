@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UnsupportedLayerError
-from .graph import ChannelGroup, DependencyInfo, Slot, analyse
+from .graph import ChannelGroup, DependencyInfo, Slot, analyse, input_columns, is_grouped
 from .plan import GroupPlan, PlanError, PruningPlan
 
 _PER_CHANNEL_TENSORS = ("weight", "bias", "running_mean", "running_var")
@@ -59,21 +59,34 @@ def fold_consumers(group: ChannelGroup, merge: dict[int, list[int]]) -> None:
             pk = slot.positions.get(k)
             if pk is None:
                 continue
-            pk_t = torch.tensor(pk, device=w.device)
             for m in members:
                 pm = slot.positions.get(m)
                 if pm is None or len(pm) != len(pk):
                     raise UnsupportedLayerError(
                         f"consumer {slot.name!r} reads channels {k} and {m} of group {group.name!r} "
                         "at different numbers of positions; cannot merge them")
-                w.index_add_(1, pk_t, w.index_select(1, torch.tensor(pm, device=w.device)))
+                if is_grouped(slot.module):
+                    # the t-th channel of two units lies in the same group of the conv: add
+                    # column by column within that group's block of output rows
+                    for (rows_k, ck), (rows_m, cm) in zip(input_columns(slot.module, pk),
+                                                          input_columns(slot.module, pm), strict=True):
+                        if rows_k != rows_m:
+                            raise UnsupportedLayerError(
+                                f"consumer {slot.name!r} reads channels {k} and {m} of group "
+                                f"{group.name!r} in different groups of a grouped conv; cannot "
+                                "merge them")
+                        w[rows_k, ck] += w[rows_m, cm]
+                    continue
+                w.index_add_(1, torch.tensor(pk, device=w.device),
+                             w.index_select(1, torch.tensor(pm, device=w.device)))
 
 
 @torch.no_grad()
 def make_identical(group: ChannelGroup, clusters: Iterable[Sequence[int]]) -> None:
-    """Copy the first member's per-channel parameters (conv rows, bias, BN affine and running
-    statistics, depthwise kernels) onto the other members of each cluster, in every producer
-    and channel-wise layer of ``group``. After this a merge of the cluster is exact."""
+    """Copy the first member's per-channel parameters (conv rows, bias, BN / LayerNorm affine
+    parameters and running statistics, depthwise kernels, layer scales) onto the other members
+    of each cluster, in every producer, channel-wise layer and free parameter of ``group``.
+    After this a merge of the cluster is exact."""
     for cluster in clusters:
         k, *members = list(cluster)
         for slot in group.producers + group.channelwise:
@@ -81,6 +94,10 @@ def make_identical(group: ChannelGroup, clusters: Iterable[Sequence[int]]) -> No
             for t in _per_channel_tensors(slot):
                 for m in members:
                     t[slot.positions[m]] = t[pk]
+        for ps in group.params:  # free per-channel parameters (layer scales)
+            t = ps.param.data.movedim(ps.dim, 0)
+            for m in members:
+                t[ps.positions[m]] = t[ps.positions[k]]
 
 
 @torch.no_grad()
@@ -112,7 +129,7 @@ def apply_group(info: DependencyInfo, gp: GroupPlan) -> None:
         raise PlanError(f"group {gp.group!r} has {group.size} channels, the plan expects {gp.size}")
     if gp.merge:
         fold_consumers(group, gp.merge)
-    remove = gp.remove
+    remove = group.root_channels(gp.remove)  # a unit of tied channels goes as a whole
     if remove:
         info.pruning_group(group.root, info.out_handler(group.root), remove).prune()
     if gp.reconstruct:

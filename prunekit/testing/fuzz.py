@@ -665,7 +665,7 @@ def zero_removed_inputs(model: nn.Module, x: torch.Tensor, plan) -> nn.Module:
         plan removes. When every layer between a producer and its consumers is channel-wise,
         physically removing the channels gives exactly this model's outputs.
     """
-    from ..engine import analyse
+    from ..engine import analyse, input_columns
 
     zeroed = copy.deepcopy(model)
     info = analyse(zeroed, x, ignore_classifier=False)
@@ -673,8 +673,8 @@ def zero_removed_inputs(model: nn.Module, x: torch.Tensor, plan) -> nn.Module:
         group = info.group(gp.group)
         for slot in group.consumers:
             cols = [p for c in gp.remove for p in slot.positions.get(c, [])]
-            if cols:
-                slot.module.weight[:, cols] = 0
+            for rows, col in input_columns(slot.module, cols):  # grouped convs: own rows only
+                slot.module.weight[rows, col] = 0
     return zeroed
 
 
