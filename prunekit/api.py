@@ -206,7 +206,8 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None,
     skipped: list[dict[str, str]] = []
     if skip_unsupported:
         info = analyse(work, example_inputs, ignored_layers=ignored, skip_unsupported=True)
-        skipped = [r.to_dict() for r in info.refused]
+        if info.groups is not None:  # traced on first use, which fills info.refused
+            skipped = [r.to_dict() for r in info.refused]
         ignored += sorted({r.group for r in info.refused} - set(ignored))
     times: dict[str, float] = {}
     report: dict[str, Any] = {"method": method, "ratio": ratio, "target_macs": target_macs,

@@ -397,9 +397,9 @@ class _GuardedMapping:
     def _explode(self, n: int) -> None:
         layer = _node_name(self.dep.target, self.names)
         raise _IndexExplosion(layer, f"Torch-Pruning's index mapping from "
-                                     f"{_node_name(self.dep.source, self.names)} would build "
-                                     f"{n:,} indices (more than any tensor of the model holds): "
-                                     "reshapes the engine cannot follow")
+                                     f"{_node_name(self.dep.source, self.names)} to {layer} would "
+                                     f"build {n:,} indices (more than any tensor of the model "
+                                     "holds): reshapes the engine cannot follow")
 
     def __call__(self, idxs):
         stride = getattr(self.fn, "_stride", None)
@@ -431,7 +431,7 @@ def _node_name(node, names: dict) -> str:
     m = node.module
     if isinstance(m, nn.Module) and m in names:
         return repr(names[m])
-    return f"'{getattr(node, 'name', type(m).__name__)}'"
+    return str(getattr(node, "name", type(m).__name__))
 
 
 class DependencyInfo:
@@ -616,9 +616,9 @@ class DependencyInfo:
             try:
                 tp_group = self.pruning_group(module, pruner.prune_out_channels,
                                               range(int(pruner.get_out_channels(module))))
-            except _IndexExplosion as exc:
+            except _IndexExplosion as exc:  # named after the root: the op is a pseudo-node
                 seen.add(id(module))
-                self.refused.append(Refusal(name, exc.layer, exc.reason))
+                self.refused.append(Refusal(name, name, f"{exc.layer}: {exc.reason}"))
                 continue
             producing = [item.dep.target.module for item in tp_group
                          if self.dg.is_out_channel_pruning_fn(item.dep.handler)]
@@ -640,7 +640,10 @@ class DependencyInfo:
         try:
             tp_group = self.pruning_group(module, self.out_handler(module), range(size))
             return self._to_channel_group(module, tp_group)
-        except (_Refused, _IndexExplosion) as exc:
+        except _IndexExplosion as exc:
+            name = self.names.get(module, type(module).__name__)
+            raise refusal_error([Refusal(name, name, f"{exc.layer}: {exc.reason}")]) from None
+        except _Refused as exc:
             name = self.names.get(module, type(module).__name__)
             raise refusal_error([Refusal(name, exc.layer, exc.reason)]) from None
 
@@ -667,6 +670,10 @@ class DependencyInfo:
         size = self.out_channels(root)
         slots: dict[tuple[int, Role], Slot] = {}
         params: dict[int, ParamSlot] = {}
+        for item in tp_group:  # name an unsupported layer before the ops inside it (MHA transposes)
+            module = item.dep.target.module
+            if isinstance(module, _UNSUPPORTED_TYPES) and module in self.names:
+                self._role(module, item.dep.handler)
         split = next((item.dep.target for item in tp_group if _splits_channels(item.dep.target)), None)
         if split is not None:
             raise _Refused(name, f"its channels are split by the model's code "
