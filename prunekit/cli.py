@@ -129,6 +129,14 @@ class Output:
         else:  # held until the next progress line, so that an early failure stays one line
             hold_line(f"prunekit: {message}")
 
+    def warn(self, message: str) -> None:
+        """A warning line on stderr, whatever the progress setting (after any held notes)."""
+        if self.main:
+            from .utils import flush_held_lines
+
+            flush_held_lines()
+            print(f"prunekit: {message}", file=sys.stderr, flush=True)
+
     def result(self, obj: dict[str, Any], summary: Sequence[str] = ()) -> None:
         """The command's result: ``obj`` as JSON under ``--json``, else ``summary``."""
         if not self.main:
@@ -465,18 +473,45 @@ def profile_summary(name: str, report: dict[str, Any]) -> list[str]:
     return lines
 
 
+RuntimeOpt = Annotated[str, typer.Option(
+    "--runtime", help="Runtimes to verify and time, comma-separated: nchw, channels_last, deploy "
+                      "(eager PyTorch), compile (torch.compile), onnxruntime, openvino; 'all' (the "
+                      "default): every installed one but compile; 'none': skip.")]
+
+
+def runtimes_summary(report: dict[str, Any]) -> list[str]:
+    """Human-readable lines for the ``runtimes`` part of a profile report."""
+    lines = []
+    for name, rec in report.get("runtimes", {}).items():
+        if "latency_ms" not in rec:
+            lines.append(f"  {name}: FAILED ({rec.get('error', 'no output')})")
+            continue
+        check = "ok" if rec["ok"] else "OUTPUT MISMATCH"
+        parts = []
+        for b, lat in rec["latency_ms"].items():
+            part = f"batch {b} {lat['median']:.3f} ms (p90 {lat['p90']:.3f})"
+            if "ratio" in rec:
+                part += f", {rec['ratio'][b]:.2f}x the original"
+            parts.append(part)
+        lines.append(f"  {name} [{check}, rel. diff {rec['max_rel_diff']:.1e}]: {'; '.join(parts)}")
+    return lines
+
+
 @app.command("profile")
 def profile_(
     checkpoint: CheckpointOrModelArg = None,
     onnx: Annotated[bool, typer.Option("--onnx", help="Also export to ONNX and time ONNX Runtime.")] = False,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated batch sizes.")] = "1,64",
+    runtime: RuntimeOpt = "all",
+    original: Annotated[Path | None, typer.Option(
+        "--original", help="The original (unpruned) checkpoint: timed interleaved with this one "
+                           "on every runtime; the result has each runtime's ratio.")] = None,
     input_shape: InputShapeOpt = None,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads.")] = None,
     max_seconds: Annotated[float, typer.Option(
         "--max-seconds", help="Timed seconds per setting.")] = 1.0,
     model_spec: ModelOpt = None,
     weights: WeightsOpt = None,
-    num_classes: NumClassesOpt = None,
     trust_code: TrustCodeOpt = False,
     json_: JsonOpt = False,
 ) -> None:
@@ -484,17 +519,34 @@ def profile_(
     [--weights FILE]).
 
     Latency is timed in three settings: NCHW, channels_last, and deploy (channels_last with
-    every conv -> BatchNorm pair folded into one conv, as inference runtimes run it).
+    every conv -> BatchNorm pair folded into one conv, as inference runtimes run it); and on each
+    --runtime, after checking its outputs against PyTorch.
     """
     from .measure import profile
+    from .measure.runtimes import check_runtimes, slower_warning
 
     with Output(json_) as o:
         sizes = parse_int_list(batch_sizes, "--batch-sizes")
-        model, meta, source = model_from_cli(checkpoint, model_spec, weights, trust_code, num_classes)
+        runtimes = None if runtime == "none" else check_runtimes(runtime)
+        model, meta, source = model_from_cli(checkpoint, model_spec, weights, trust_code)
         shape = input_shape_for(meta, input_shape)
+        ref = None
+        if original is not None:
+            ref, _ = load_checkpoint(original, trust_code)
+            if runtimes is None:
+                raise ConfigError("--original needs at least one --runtime")
         report = profile(model, example_input(shape), sizes, onnx=onnx, checkpoint_path=checkpoint,
-                         threads=threads, max_seconds=max_seconds)
-        o.result({"checkpoint": source, **report}, profile_summary(source, report))
+                         threads=threads, max_seconds=max_seconds, runtimes=runtimes, original=ref,
+                         check_input=example_input(shape, batch=8))
+        warning = slower_warning(report)
+        if warning:
+            o.warn(warning)
+        for name, rec in report.get("runtimes", {}).items():
+            if not rec.get("ok", True):
+                why = rec.get("error") or f"max rel. diff {rec['max_rel_diff']:.1e}"
+                o.warn(f"warning: {name}: outputs differ from PyTorch ({why})")
+        o.result({"checkpoint": source, **({"original": str(original)} if original else {}), **report},
+                 profile_summary(source, report) + runtimes_summary(report))
 
 
 @app.command()

@@ -113,7 +113,8 @@ class PlainProgress:
     """A progress reporter for a stderr that is not a terminal: plain ``prunekit: ...`` lines.
 
     A line is printed when at least ``step`` (10 %) more of the work is done since the last
-    line and ``min_interval`` seconds have passed (default 2, or ``$PRUNEKIT_PROGRESS_INTERVAL``),
+    line and ``min_interval`` seconds have passed (``$PRUNEKIT_PROGRESS_INTERVAL``, else 2, or 0
+    under ``PRUNEKIT_PROGRESS=1``),
     or every ``max_interval`` seconds when the
     total is unknown or progress is slow; a final line when the loop ends, if it ran for at least
     ``min_interval`` seconds. Short loops stay silent, so the rate is bounded in both lines per
@@ -126,11 +127,12 @@ class PlainProgress:
     def __init__(self, iterable: Iterable[T] | None = None, desc: str = "", total: int | None = None,
                  *, step: float = 0.1, min_interval: float | None = None, max_interval: float = 10.0,
                  file: Any = None) -> None:
-        if min_interval is None:
+        if min_interval is None:  # PRUNEKIT_PROGRESS=1 asks for every loop, however short
+            default = "0" if os.environ.get("PRUNEKIT_PROGRESS") == "1" else "2"
             try:
-                min_interval = float(os.environ.get("PRUNEKIT_PROGRESS_INTERVAL", "2"))
+                min_interval = float(os.environ.get("PRUNEKIT_PROGRESS_INTERVAL", default))
             except ValueError:
-                min_interval = 2.0
+                min_interval = float(default)
         self._clock = time.monotonic
         self.iterable = iterable
         self.desc = desc

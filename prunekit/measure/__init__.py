@@ -1,4 +1,5 @@
-"""Measuring models: MACs and parameters, latency (PyTorch and ONNX Runtime), file size.
+"""Measuring models: MACs and parameters, latency (eager PyTorch, torch.compile, ONNX Runtime,
+OpenVINO: outputs verified first), file size.
 
 >>> from prunekit.measure import count, latency, profile, compare_latency
 """
@@ -7,6 +8,8 @@ from __future__ import annotations
 
 from .counting import count
 from .profiler import onnx_latency, profile
+from .runtimes import RUNTIMES, RuntimeUnavailable, profile_runtimes
 from .timing import LAYOUTS, compare_latency, latency
 
-__all__ = ["LAYOUTS", "count", "latency", "compare_latency", "onnx_latency", "profile"]
+__all__ = ["LAYOUTS", "RUNTIMES", "RuntimeUnavailable", "count", "latency", "compare_latency",
+           "onnx_latency", "profile", "profile_runtimes"]

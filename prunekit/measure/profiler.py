@@ -68,7 +68,9 @@ def onnx_latency(onnx_path: str | os.PathLike, example_input: torch.Tensor, batc
 def profile(model: nn.Module, example_inputs: Any, batch_sizes: Sequence[int] = (1, 64), *,
             onnx: bool = False, checkpoint_path: str | os.PathLike | None = None,
             layouts: Sequence[str] = LAYOUTS, warmup: int = 3, min_repeats: int = 5,
-            max_seconds: float = 1.0, threads: int | None = None) -> dict[str, Any]:
+            max_seconds: float = 1.0, threads: int | None = None,
+            runtimes: str | Sequence[str] | None = None, original: nn.Module | None = None,
+            check_input: torch.Tensor | None = None) -> dict[str, Any]:
     """MACs, parameters, measured latency and file size of ``model``.
 
     Parameters
@@ -90,6 +92,13 @@ def profile(model: nn.Module, example_inputs: Any, batch_sizes: Sequence[int] = 
         ``deploy`` are skipped for inputs that are not 4-D.
     warmup, min_repeats, max_seconds, threads
         Passed to :func:`prunekit.measure.latency` for every (batch size, layout) setting.
+    runtimes : str or sequence of str, optional
+        Deployment runtimes to verify and time (:data:`prunekit.measure.runtimes.RUNTIMES`;
+        ``"all"``: every installed one but ``compile``). ``None``: none, unless ``original``.
+    original : nn.Module, optional
+        The unpruned network, timed interleaved with ``model`` on each runtime.
+    check_input : Tensor, optional
+        A batch (of real images, ideally) on which each runtime's outputs are checked.
 
     Returns
     -------
@@ -100,7 +109,11 @@ def profile(model: nn.Module, example_inputs: Any, batch_sizes: Sequence[int] = 
         ``"onnx": {"max_abs_diff", "output_scale", "opset", "exporter", "file_size_bytes",
         "latency": {"b1": {...}, ...}}``
         when ``onnx`` is true. Each timing has ``median_ms``, ``p90_ms``,
-        ``throughput_per_s`` and ``repeats``.
+        ``throughput_per_s`` and ``repeats``. With ``runtimes`` (or ``original``) also
+        ``"runtimes"``, ``"threads"`` and ``"slower"`` from
+        :func:`prunekit.measure.runtimes.profile_runtimes`: per runtime ``ok``,
+        ``max_rel_diff``, ``latency_ms.<batch>.{median, p90}`` and, with ``original``,
+        ``ratio.<batch>``.
 
     Examples
     --------
@@ -123,6 +136,10 @@ def profile(model: nn.Module, example_inputs: Any, batch_sizes: Sequence[int] = 
     if not layouts:
         raise ConfigError("no memory layout left to time (channels_last and deploy need a 4-D input)")
 
+    if runtimes is not None or original is not None:
+        from .runtimes import check_runtimes
+
+        runtimes = check_runtimes(runtimes)  # an unknown / missing runtime fails before any work
     macs, params = count(model, x)
     report: dict[str, Any] = {
         "macs": macs,
@@ -167,4 +184,10 @@ def profile(model: nn.Module, example_inputs: Any, batch_sizes: Sequence[int] = 
                     for b in sizes
                 },
             }
+    if runtimes is not None:
+        from .runtimes import profile_runtimes
+
+        rt = profile_runtimes(model, x, sizes, runtimes, original=original, threads=threads,
+                              max_seconds=max_seconds, check_input=check_input)
+        report.update(threads=rt["threads"], runtimes=rt["runtimes"], slower=rt["slower"])
     return report

@@ -1,0 +1,130 @@
+"""Deployment runtimes: each one's output check catches a stale export, a missing runtime is
+one line naming its package, and the JSON has the documented shape (no timed assertions)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from conftest import assert_one_line_error, run
+from torch import nn
+
+from prunekit.measure import profile
+from prunekit.measure.runtimes import (
+    RUNTIMES,
+    TOLERANCE,
+    RuntimeUnavailable,
+    Session,
+    check_runtimes,
+    installed,
+    profile_runtimes,
+    slower_warning,
+    time_pair,
+    verify,
+)
+from prunekit.models import create
+
+#: torch.compile takes minutes per model on a 2-core CPU: checked in bench/, not here
+FAST = [r for r in RUNTIMES if r != "compile"]
+
+
+def _net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    net = create("resnet8", num_classes=10, in_channels=1).eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so folding has work to do
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    return net
+
+
+@pytest.mark.parametrize("runtime", FAST)
+def test_check_passes_then_catches_a_weight_changed_after_export(runtime, tmp_path) -> None:
+    if not installed(runtime):
+        pytest.fail(f"{runtime} is part of the dev environment (pip install -e '.[dev]')")
+    net = _net()
+    x = torch.randn(6, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    session = Session(net, runtime, x, threads=1, workdir=tmp_path)
+    good = verify(session, net, x)
+    assert good["ok"] and good["max_rel_diff"] <= TOLERANCE and good["argmax_agree"] == 1.0
+    with torch.no_grad():
+        net.fc.weight[3] += 0.05 * net.fc.weight.abs().max()  # the export no longer matches
+    bad = verify(session, net, x)
+    assert not bad["ok"] and bad["max_rel_diff"] > TOLERANCE
+
+
+def test_missing_runtime_is_a_typed_error_naming_the_package(monkeypatch, capsys, tmp_path) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "openvino" else real(name, *a))
+    with pytest.raises(RuntimeUnavailable, match="pip install openvino"):
+        check_runtimes("onnxruntime,openvino")
+    assert "openvino" not in check_runtimes(None)  # the default: what is installed
+    with pytest.raises(RuntimeUnavailable):
+        profile(_net(), torch.randn(1, 1, 28, 28), (1,), runtimes=["openvino"])
+    path = tmp_path / "m.pt"
+    from prunekit.io import save
+    save(_net(), path, meta={"input_shape": [1, 28, 28]})
+    line = assert_one_line_error(*run(capsys, "profile", path, "--runtime", "openvino", "--json"))
+    assert "'openvino'" in line and "pip install openvino" in line
+
+
+def test_unknown_runtime_exit_2(capsys, tmp_path) -> None:
+    with pytest.raises(RuntimeUnavailable.__mro__[1], match="unknown runtime 'tensorrt'"):
+        check_runtimes(["tensorrt"])
+    path = tmp_path / "m.pt"
+    from prunekit.io import save
+    save(_net(), path, meta={"input_shape": [1, 28, 28]})
+    assert_one_line_error(*run(capsys, "profile", path, "--runtime", "nchw,tensorrt"), match="tensorrt")
+
+
+def test_profile_json_shape_and_ratio_of_interleaved_medians(capsys, tmp_path) -> None:
+    from prunekit.io import save
+
+    pruned, original = _net(1), _net(0)
+    save(pruned, tmp_path / "p.pt", meta={"input_shape": [1, 28, 28]})
+    save(original, tmp_path / "o.pt", meta={"input_shape": [1, 28, 28]})
+    code, out, _ = run(capsys, "profile", tmp_path / "p.pt", "--original", tmp_path / "o.pt",
+                       "--runtime", "deploy,onnxruntime", "--batch-sizes", "1,3",
+                       "--max-seconds", "0.02", "--threads", "1", "--json")
+    assert code == 0
+    rep = json.loads(out)
+    assert rep["threads"] == 1 and list(rep["runtimes"]) == ["deploy", "onnxruntime"]
+    for rec in rep["runtimes"].values():
+        assert rec["ok"] and rec["original_ok"] and rec["max_rel_diff"] <= TOLERANCE
+        assert set(rec["latency_ms"]) == {"1", "3"}
+        for b in ("1", "3"):
+            lat, ref = rec["latency_ms"][b], rec["original_latency_ms"][b]
+            assert 0 < lat["median"] <= lat["p90"]
+            assert rec["ratio"][b] == pytest.approx(lat["median"] / ref["median"])
+            assert lat["repeats"] == ref["repeats"]  # interleaved: one call of each per round
+    assert isinstance(rep["slower"], list)
+
+
+def test_time_pair_alternates_the_order() -> None:
+    calls: list[str] = []
+    ta, tb = time_pair(lambda: calls.append("a"), lambda: calls.append("b"), warmup=0,
+                       min_repeats=4, max_seconds=1e-9)
+    assert calls == list("abbaabba") and len(ta) == len(tb) == 4
+
+
+def test_slower_warning_is_one_line_naming_runtime_and_batch() -> None:
+    result = {"runtimes": {"onnxruntime": {"ratio": {"1": 1.31, "64": 0.6}},
+                           "openvino": {"ratio": {"1": 1.01, "64": 1.2}}}}
+    line = slower_warning(result)
+    assert line == ("warning: the pruned model measured slower than the original on "
+                    "onnxruntime batch 1 (1.31x), openvino batch 64 (1.20x)")
+    assert slower_warning({"runtimes": {"nchw": {"ratio": {"1": 0.5}}}}) is None
+
+
+def test_a_model_without_parameters_is_timed_too(tmp_path) -> None:
+    class TwoOut(nn.Module):
+        def forward(self, x):
+            return torch.relu(x).flatten(1)
+
+    rep = profile_runtimes(TwoOut(), torch.randn(1, 1, 4, 4), (1,), ["nchw"], max_seconds=0.01,
+                           workdir=tmp_path)
+    assert rep["runtimes"]["nchw"]["ok"] and rep["runtimes"]["nchw"]["latency_ms"]["1"]["median"] > 0
