@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data demo test lint bench clean
+.PHONY: setup setup-vision data demo test test-vision lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,5 +39,28 @@ lint: setup
 test: setup data lint
 	$(BIN)/python -m pytest -n 2 --dist loadfile
 
+# A second environment for the real model zoos (torchvision, timm, transformers): torchvision
+# needs its matching torch, a larger build than the default CPU wheel. The pip constraint keeps
+# every later install (timm, transformers, prunekit itself) from replacing that torch.
+VVENV := .venv-vision
+VBIN  := $(VVENV)/bin
+$(VBIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VVENV)
+	@case "$$(uname -m)" in \
+		aarch64|arm64) echo "torch==2.9.1" > $(VVENV)/torch-pin.txt; echo "torchvision==0.24.1" >> $(VVENV)/torch-pin.txt;; \
+		*) echo "torch==2.14.1" > $(VVENV)/torch-pin.txt; echo "torchvision==0.29.1" >> $(VVENV)/torch-pin.txt;; \
+	esac
+	$(VBIN)/pip install --quiet -r $(VVENV)/torch-pin.txt
+	$(VBIN)/pip install --quiet -c $(VVENV)/torch-pin.txt timm transformers safetensors torch-pruning onnx onnxruntime
+	$(VBIN)/pip install --quiet -c $(VVENV)/torch-pin.txt -e '.[dev]'
+	$(VBIN)/python -c "import torch, torchvision, timm, transformers; print('vision env: torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__, 'transformers', transformers.__version__)"
+	touch $@
+
+setup-vision: $(VBIN)/.installed
+
+# the model-zoo coverage tests (tests_vision/, not collected by `make test`)
+test-vision: setup-vision data
+	OMP_NUM_THREADS=1 $(VBIN)/python -m pytest -n 2 --dist loadfile tests_vision
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(VVENV) build *.egg-info .pytest_cache

@@ -134,7 +134,11 @@ def _build_torchvision(spec: str, name: str, num_classes: int | None, kw: dict[s
     kwargs = dict(kw)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    return _library_call(spec, torchvision.models.get_model, name, weights=None, **kwargs)
+    builder = torchvision.models.get_model_builder(name)
+    with contextlib.suppress(TypeError, ValueError):
+        if "weights_backbone" in inspect.signature(builder).parameters:  # detection/segmentation
+            kwargs.setdefault("weights_backbone", None)  # no ImageNet backbone download either
+    return _library_call(spec, builder, weights=None, **kwargs)
 
 
 def _build_timm(spec: str, name: str, num_classes: int | None, kw: dict[str, Any]) -> nn.Module:
