@@ -838,7 +838,7 @@ def test_lasso_keeps_the_largest_true_coefficients() -> None:
 DEAD = [0, 3, 5, 6]
 
 
-@pytest.mark.parametrize("method", ["thinet", "lasso"])
+@pytest.mark.parametrize("method", ["thinet", "lasso", "reconstruct"])
 def test_reconstruction_methods_drop_channels_the_next_layer_ignores(method: str) -> None:
     """conv2 reads none of conv1's channels 0, 3, 5, 6 (zero input columns): their contribution
     to every sampled output is 0, so ThiNet (removal costs nothing) and LASSO (coefficient 0)
@@ -849,8 +849,9 @@ def test_reconstruction_methods_drop_channels_the_next_layer_ignores(method: str
         model.conv2.weight[:, DEAD] = 0
     g = torch.Generator().manual_seed(1)
     data = _dataset(torch.randint(0, 256, (16, 1, 8, 8), generator=g))
+    extra = {"widths": "uniform", "prune_trunk": False} if method == "reconstruct" else {}
     res = prunekit.prune(model, data.example_input(2), method=method, ratio=0.5, data=data,
-                         calib_images=16)
+                         calib_images=16, **extra)
     want = [c for c in range(8) if c not in DEAD]
     assert _kept(res, "conv1", 8) == want
     assert _surviving(model.conv1.weight, res.model.conv1.weight) == want
@@ -892,7 +893,7 @@ def test_round_to_with_a_macs_target_matches_the_peer() -> None:
 COVERED_CRITERIA = {"random", "l1", "l2", "bn-scale", "taylor", *ACTIVATION}
 COVERED_METHODS = (COVERED_CRITERIA - {"taylor"}) | {
     "taylor", "slimming", "mrts", "curl", "autopruner", "thinet", "lasso", "csgd",
-    "tp:l1", "tp:l2", "tp:bn-scale", "tp:taylor", "tp:random"}
+    "reconstruct", "tp:l1", "tp:l2", "tp:bn-scale", "tp:taylor", "tp:random"}
 
 
 def test_every_criterion_and_method_has_a_selection_test() -> None:

@@ -163,9 +163,9 @@ def iter_batches(data: Any, samples: int | None = None, batch_size: int = 64) ->
 
     Parameters
     ----------
-    data : ImageDataset, Dataset, DataLoader or Tensor
-        Where the inputs come from; a ``DataLoader`` keeps its own batch size, order and
-        workers (the last batch is cut to ``samples``).
+    data : ImageDataset, Dataset, DataLoader, Tensor or Selection
+        Where the inputs come from; a ``DataLoader`` (and a :class:`Selection`) keeps its own
+        batch size, order and workers (the last batch is cut to ``samples``).
     samples : int, optional
         Inputs to read.
     batch_size : int
@@ -186,6 +186,9 @@ def iter_batches(data: Any, samples: int | None = None, batch_size: int = 64) ->
     n = count(data, samples)
     if n <= 0:
         raise DataError("the data set is empty")
+    if isinstance(data, Selection):  # a fixed selection: its own batches, cut to n
+        yield from _cut(data, n)
+        return
     if isinstance(data, DataLoader):
         yield from _cut(data, n)
         return

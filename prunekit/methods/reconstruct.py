@@ -74,6 +74,8 @@ __all__ = ["ConsumerSamples", "OriginalTargets", "ReconstructOptions", "conv_pat
            "stacked_contributions"]
 
 Selector = Callable[[torch.Tensor, torch.Tensor, int], list[int]]
+#: ``(samples, keep) -> kept channels``: a selection that reads the consumers' samples
+Chooser = Callable[[list["ConsumerSamples"], int], list[int]]
 #: ``(samples, keep) -> {consumer name: (weights of the kept group columns [out, Kg_kept], bias or None)}``
 Reconstructor = Callable[[list["ConsumerSamples"], list[int]],
                          dict[str, tuple[torch.Tensor, torch.Tensor | None]]]
@@ -242,8 +244,19 @@ def _finetune(model: nn.Module, ctx: PruneContext, epochs: float, lr: float, ste
     model.eval()
 
 
-def prune_network(ctx: PruneContext, method: str, select: Selector,
-                  reconstruct: Reconstructor, opts: ReconstructOptions | None = None) -> MethodOutput:
+def on_contributions(select: Selector) -> Chooser:
+    """A selection on ThiNet's ``X, y`` (:func:`stacked_contributions`) as a :data:`Chooser`."""
+    def choose(samples: list[ConsumerSamples], keep: int) -> list[int]:
+        X, y = stacked_contributions(samples)
+        return select(X, y, keep)
+    return choose
+
+
+def prune_network(ctx: PruneContext, method: str, select: Selector | None,
+                  reconstruct: Reconstructor, opts: ReconstructOptions | None = None, *,
+                  choose: Chooser | None = None, widths: Widths | None = None,
+                  groups: list[str] | None = None,
+                  targets: OriginalTargets | None = None) -> MethodOutput:
     """Prune ``ctx.model`` layer by layer, minimising each consumer's reconstruction error.
 
     For every eligible group in network order (see :func:`eligible_groups`): sample its
@@ -253,6 +266,11 @@ def prune_network(ctx: PruneContext, method: str, select: Selector,
     :class:`~prunekit.engine.GroupPlan` at once. Budget: ``ctx.ratio`` removes ``round(r * C)``
     channels of each pruned group; ``ctx.target_macs`` searches that ratio with
     :func:`~prunekit.engine.budget.solve_budget` over the pruned groups only.
+
+    ``choose`` replaces ``select`` by a selection that reads the samples themselves (e.g.
+    :func:`prunekit.methods.elimination.eliminate`); ``widths`` (with ``groups``, the groups
+    they cover) replaces the uniform budget by widths chosen by the caller; ``targets``, the
+    original's outputs sampled already (their images are then the calibration images).
 
     Returns
     -------
@@ -276,10 +294,18 @@ def prune_network(ctx: PruneContext, method: str, select: Selector,
     if not names:
         raise UnsupportedLayerError(f"{method}: no group of this model can be pruned by reconstruction "
                                     f"(skipped: {skipped})")
-    widths, ratio, frac = _budget(ctx, info, names)
-    gen = torch.Generator().manual_seed(ctx.seed)
-    # a seeded random subset of an indexable dataset; a DataLoader's first n inputs
-    images = select_inputs(data, opts.calib_images, opts.batch_size, generator=gen)
+    if widths is None:
+        widths, ratio, frac = _budget(ctx, info, names)
+    else:
+        names = [n for n in names if n in set(groups or widths)]
+        widths = {n: widths.get(n, info.group(n).size) for n in names}
+        ratio, frac = None, None
+    choose = choose if choose is not None else on_contributions(select)
+    if targets is not None:
+        images = targets.selection
+    else:  # a seeded random subset of an indexable dataset; a DataLoader's first n inputs
+        gen = torch.Generator().manual_seed(ctx.seed)
+        images = select_inputs(data, opts.calib_images, opts.batch_size, generator=gen)
     n_images = len(images)
 
     out_rows: dict[str, torch.Tensor] = {}
@@ -290,7 +316,7 @@ def prune_network(ctx: PruneContext, method: str, select: Selector,
     consumers = [s.name for n in todo for s in info.group(n).consumers]
     t_targets = 0.0
     try:
-        if todo:
+        if todo and targets is None:
             targets = OriginalTargets(original, consumers, data, images,
                                       samples_per_image=opts.samples_per_image,
                                       batch_size=opts.batch_size, seed=ctx.seed)
@@ -301,8 +327,7 @@ def prune_network(ctx: PruneContext, method: str, select: Selector,
             samples = sample_group(model, targets, group, data, images, seed=ctx.seed * 1000003 + step,
                                    out_rows=out_rows)
             t1 = time.perf_counter()
-            X, y = stacked_contributions(samples)
-            keep = sorted(int(k) for k in select(X, y, widths[name]))
+            keep = sorted(int(k) for k in choose(samples, widths[name]))
             t2 = time.perf_counter()
             if len(keep) != widths[name]:
                 raise RuntimeError(f"{method} selected {len(keep)} channels of {name!r}, "
