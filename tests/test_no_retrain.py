@@ -276,6 +276,14 @@ def test_cli_reconstruct(tmp_path, capsys):
     rep = json.loads(stdout)
     assert rep["macs_fraction"] <= 0.5
     assert out.is_file()
+    # unlabeled images (no class folders needed; nothing to score them on)
+    flat = write_image_folder(tmp_path / "flat", {"train": 8})
+    code, stdout, _ = run(capsys, "prune", str(ck), "--data", f"images:{flat}/train/dark", "--method",
+                          "reconstruct", "--target-macs", "0.5", "--calib-images", "8",
+                          "--probe-images", "8", "--out", tmp_path / "u.pt", "--json")
+    assert code == 0
+    rep = json.loads(stdout)
+    assert rep["macs_fraction"] <= 0.5 and "acc_final" not in rep
     code, _, err = run(capsys, "prune", str(ck), "--data", folder, "--method", "reconstruct",
                        "--target-macs", "0.5", "--selection", "lass", "--out", tmp_path / "q.pt")
     assert code == 2 and "lasso" in err
@@ -288,3 +296,30 @@ def test_all_combinations_meet_the_budget(trained_resnet8, grating_data):
         res = _prune(copy.deepcopy(trained_resnet8), train, calib_images=64, widths=widths,
                      prune_trunk=trunk)
         assert res.report["macs_fraction"] <= 0.5, (widths, trunk)
+
+
+def test_unlabeled_image_folder(tmp_path):
+    """``images:PATH``: every image below the folder (nested, hidden skipped), resized,
+    normalised by its own statistics, image tensors only; bad folders are DataErrors."""
+    import numpy as np
+    from PIL import Image
+
+    from prunekit.data import load
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for i, sub in enumerate(["", "a", "a/b", "a", ""]):
+        Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(tmp_path / sub / f"{i}.png")
+    Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(tmp_path / ".hidden.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    images, test = load(f"images:{tmp_path}", image_size=8)
+    assert test is None and len(images) == 5
+    x = torch.stack([images[i] for i in range(5)])
+    assert x.shape == (5, 3, 8, 8) and images.in_channels == 3
+    assert torch.allclose(x.mean((0, 2, 3)), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(x.std((0, 2, 3)), torch.ones(3), atol=1e-4)
+    with pytest.raises(DataError, match="not found"):
+        load(f"images:{tmp_path / 'missing'}")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no image files"):
+        load(f"images:{tmp_path / 'empty'}")

@@ -29,8 +29,9 @@ from .folder import load_image_folder
 from .locate import ENV_VAR
 from .stream import ImageFolderStream, stream_image_folder
 
-DATASETS: list[str] = ["fashion-mnist", "cifar10", "cifar100", "folder:PATH"]
-"""Names :func:`load` accepts; ``folder:PATH`` stands for any image folder path."""
+DATASETS: list[str] = ["fashion-mnist", "cifar10", "cifar100", "folder:PATH", "images:PATH"]
+"""Names :func:`load` accepts; ``folder:PATH`` stands for any image folder path (one sub-folder
+per class), ``images:PATH`` for unlabeled images (calibration only: no test set)."""
 
 _ALIASES = {
     "fashion-mnist": "fashion-mnist", "fashion_mnist": "fashion-mnist",
@@ -150,6 +151,16 @@ def load(name: str, root: str | os.PathLike | None = None, train_samples: int | 
     if stream is not None and not isinstance(stream, bool):
         raise ConfigError(f"stream must be True, False or None, got {stream!r}")
     lowered = name.strip().lower()
+    if lowered.startswith("images:"):  # unlabeled calibration images: no test set, no labels
+        from .unlabeled import UnlabeledImages
+
+        path = name.strip()[len("images:"):]
+        if not path:
+            raise ConfigError("images: needs a path, as in images:/data/calibration")
+        images = UnlabeledImages(path, image_size=image_size or 32)
+        if train_samples is not None:
+            images.files = images.files[:int(train_samples)]
+        return images, None
     prefix = next((p for p in ("folder:", "folder+stream:") if lowered.startswith(p)), None)
     if prefix is not None:
         path = name.strip()[len(prefix):]

@@ -53,7 +53,7 @@ from ..errors import ConfigError, DataError, UnsupportedLayerError
 from ..utils import progress
 from . import MethodOutput, PruneContext
 from .elimination import eliminate
-from .options import option
+from .options import MethodOptions, option
 from .reconstruct import (
     ConsumerSamples,
     ReconstructOptions,
@@ -71,12 +71,16 @@ SELECTIONS = ("eliminate", "lasso", "thinet", "clusters")
 
 
 @dataclass
-class NoRetrainOptions(ReconstructOptions):
-    """Options of ``reconstruct`` (beside those it shares with ThiNet and LASSO)."""
+class NoRetrainOptions(MethodOptions):
+    """Options of ``reconstruct``."""
 
     calib_images: int = option(1000, "unlabeled calibration images (a seeded random subset of the "
                                "data; a DataLoader's first ones); labels are never read", min=1)
+    samples_per_image: int = option(10, "sampled output values per image and layer", min=1)
+    batch_size: int = option(64, "images per forward pass while sampling", min=1)
     prune_trunk: bool = option(True, "also prune residual trunks (groups with several producers)")
+    stack_consumers: bool = option(True, "prune single-producer groups read by several consumers "
+                                   "(DenseNet) by stacking; false skips them")
     selection: str = option("eliminate", "which channels a group keeps: backward elimination on the "
                             "refit error, LASSO, ThiNet's greedy, or C-SGD clusters (one channel "
                             "per cluster)", choices=SELECTIONS)
@@ -89,6 +93,8 @@ class NoRetrainOptions(ReconstructOptions):
     probe_images: int = option(128, "calibration images the output damage is measured on", min=1)
     probe_widths: tuple = option((0.25, 0.5, 0.75), "fractions of a group's channels at which its "
                                  "output damage is measured (each in (0, 1))", kind="any")
+    refit_all: bool = option(True, "also refit the consumers of groups that keep every channel "
+                             "(their inputs drifted with the layers pruned before them)")
     recalibrate_bn: bool = option(True, "re-estimate BatchNorm statistics on the calibration images")
     ridge: float = option(1e-6, "relative ridge of the least-squares refits", min=0)
     distill_steps: int = option(0, "Adam steps matching the original's logits on the calibration "
@@ -266,7 +272,8 @@ def run(ctx: PruneContext) -> MethodOutput:
     original = ctx.reference().eval()
     model = ctx.model.eval()
     info = analyse(model, ctx.example_inputs, ignored_layers=ctx.ignored_layers)
-    names, skipped = eligible_groups(info, opts)
+    names, skipped = eligible_groups(info, ReconstructOptions(prune_trunk=opts.prune_trunk,
+                                                              stack_consumers=opts.stack_consumers))
     if not names:
         raise UnsupportedLayerError(f"reconstruct: no group of this model can be pruned by "
                                     f"reconstruction (skipped: {skipped})")
@@ -293,9 +300,12 @@ def run(ctx: PruneContext) -> MethodOutput:
                        **{n: max(1, c - int(round(r * c))) for n, c in sizes.items()}},
             round_to=ctx.round_to)
     t_widths = time.perf_counter() - t0 - t_targets
+    shared = ReconstructOptions(calib_images=opts.calib_images, samples_per_image=opts.samples_per_image,
+                                batch_size=opts.batch_size, prune_trunk=opts.prune_trunk,
+                                stack_consumers=opts.stack_consumers)
     out = prune_network(ctx, "reconstruct", None, lambda s, k: least_squares_weights(s, k, ridge=opts.ridge),
-                        opts, choose=_chooser(opts, ctx.seed), widths=widths, groups=names,
-                        targets=targets)
+                        shared, choose=_chooser(opts, ctx.seed), widths=widths, groups=names,
+                        targets=targets, refit_all=opts.refit_all)
     pruned = out.model
     bn_images = 0
     if opts.recalibrate_bn:

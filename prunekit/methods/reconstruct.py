@@ -256,7 +256,7 @@ def prune_network(ctx: PruneContext, method: str, select: Selector | None,
                   reconstruct: Reconstructor, opts: ReconstructOptions | None = None, *,
                   choose: Chooser | None = None, widths: Widths | None = None,
                   groups: list[str] | None = None,
-                  targets: OriginalTargets | None = None) -> MethodOutput:
+                  targets: OriginalTargets | None = None, refit_all: bool = False) -> MethodOutput:
     """Prune ``ctx.model`` layer by layer, minimising each consumer's reconstruction error.
 
     For every eligible group in network order (see :func:`eligible_groups`): sample its
@@ -270,7 +270,8 @@ def prune_network(ctx: PruneContext, method: str, select: Selector | None,
     ``choose`` replaces ``select`` by a selection that reads the samples themselves (e.g.
     :func:`prunekit.methods.elimination.eliminate`); ``widths`` (with ``groups``, the groups
     they cover) replaces the uniform budget by widths chosen by the caller; ``targets``, the
-    original's outputs sampled already (their images are then the calibration images).
+    original's outputs sampled already (their images are then the calibration images);
+    ``refit_all``: also refit the consumers of groups that keep all their channels.
 
     Returns
     -------
@@ -311,7 +312,8 @@ def prune_network(ctx: PruneContext, method: str, select: Selector | None,
     out_rows: dict[str, torch.Tensor] = {}
     plans: list[GroupPlan] = []
     layers: list[dict[str, Any]] = []
-    todo = [n for n in names if widths[n] < info.group(n).size]
+    # refit_all: groups kept whole are refit too (their consumers' inputs drifted upstream)
+    todo = [n for n in names if widths[n] < info.group(n).size or refit_all]
     t_start = time.perf_counter()
     consumers = [s.name for n in todo for s in info.group(n).consumers]
     t_targets = 0.0
@@ -327,7 +329,8 @@ def prune_network(ctx: PruneContext, method: str, select: Selector | None,
             samples = sample_group(model, targets, group, data, images, seed=ctx.seed * 1000003 + step,
                                    out_rows=out_rows)
             t1 = time.perf_counter()
-            keep = sorted(int(k) for k in choose(samples, widths[name]))
+            keep = (list(range(group.size)) if widths[name] >= group.size  # a refit only
+                    else sorted(int(k) for k in choose(samples, widths[name])))
             t2 = time.perf_counter()
             if len(keep) != widths[name]:
                 raise RuntimeError(f"{method} selected {len(keep)} channels of {name!r}, "
