@@ -262,7 +262,7 @@ def load_data(name: str, data_dir: Path | None, train_samples: int | None = None
     from .data import load
 
     size = None
-    if (name.strip().lower().startswith(("folder:", "folder+stream:"))
+    if (name.strip().lower().startswith(("folder:", "folder+stream:", "images:"))
             and isinstance(input_shape, (list, tuple)) and len(input_shape) == 3
             and all(isinstance(v, int) and v > 0 for v in input_shape)
             and input_shape[1] == input_shape[2]):
@@ -473,6 +473,16 @@ def profile_summary(name: str, report: dict[str, Any]) -> list[str]:
     return lines
 
 
+TargetLatencyOpt = Annotated[float | None, typer.Option(
+    "--target-latency", help="Keep at most this fraction of the original's latency measured on "
+                             "--runtime, in (0, 1) (a per-group latency table, cached, then "
+                             "measured end to end and tightened).")]
+LatencyRuntimeOpt = Annotated[str | None, typer.Option(
+    "--runtime", help="Runtime of --target-latency, and where the result is timed against the "
+                      "original: nchw, channels_last, deploy, compile, onnxruntime, openvino.")]
+LatencyBatchOpt = Annotated[int, typer.Option(
+    "--latency-batch", min=1, help="Batch size of the --target-latency / --runtime "
+                                   "measurements (--batch-size is a method option).")]
 RuntimeOpt = Annotated[str, typer.Option(
     "--runtime", help="Runtimes to verify and time, comma-separated: nchw, channels_last, deploy "
                       "(eager PyTorch), compile (torch.compile), onnxruntime, openvino; 'all' (the "
@@ -632,6 +642,9 @@ def prune_(
     ignore: Annotated[str | None, typer.Option(
         "--ignore", help="Comma-separated layer names or patterns (e.g. '*.attn,head') whose "
         "output channels are kept.")] = None,
+    target_latency: TargetLatencyOpt = None,
+    runtime: LatencyRuntimeOpt = None,
+    latency_batch: LatencyBatchOpt = 1,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     trust_code: TrustCodeOpt = False,
@@ -649,8 +662,14 @@ def prune_(
     with Output(json_) as o:
         spec = _methods.spec(method)  # unknown method: fail before loading anything
         options = method_options_from_cli(method, ctx.args)
-        check_budget(ratio, target_macs, optional=spec.chooses_widths)
+        check_budget(ratio, target_macs, optional=spec.chooses_widths, target_latency=target_latency)
         _methods.check_round_to_supported(method, round_to)
+        if target_latency is not None:  # method, runtime and package checked before any work
+            from .api import latency_target
+            latency_target(method, target_latency, runtime, latency_batch, round_to=round_to)
+        elif runtime is not None:
+            from .measure.runtimes import check_runtimes
+            check_runtimes([runtime])
         spec.parse_options(options)
         check_output_path(out)
         state_path = Path(f"{out}.state")
@@ -684,8 +703,10 @@ def prune_(
                     round_to=round_to, expand=expand, refine_labels=refine_labels,
                     skip_unsupported=skip_unsupported,
                     ignored_layers=[n.strip() for n in (ignore or "").split(",") if n.strip()],
-                    **options)
+                    target_latency=target_latency, runtime=runtime, latency_batch_size=latency_batch,
+                    progress=o.note, **options)
         report = res.report
+        speed_lines = _speed_lines(report, o)
         left = report.get("skipped_unsupported") or []
         if left:
             o.note(f"left {len(left)} unsupported group(s) unpruned (--skip-unsupported): "
@@ -704,9 +725,36 @@ def prune_(
             f"{method}: MACs {fmt_count(report['macs_before'])} -> {fmt_count(report['macs_after'])} "
             f"({report['macs_fraction']:.1%}), params {fmt_count(report['params_before'])} -> "
             f"{fmt_count(report['params_after'])} ({report['params_fraction']:.1%})",
-            f"accuracy: before {report['acc_before']:.2f}%, right after pruning "
-            f"{report['acc_pruned']:.2f}%, final {report['acc_final']:.2f}%",
+            *([f"accuracy: before {report['acc_before']:.2f}%, right after pruning "
+               f"{report['acc_pruned']:.2f}%, final {report['acc_final']:.2f}%"]
+              if "acc_final" in report else ["accuracy: not measured (no labelled test set)"]),
+            *speed_lines,
             f"saved {out}"])
+
+
+def _speed_lines(report: dict[str, Any], o: Output) -> list[str]:
+    """Summary lines of a prune report's latency budget and speed check; warns (one line) when
+    the pruned model measured slower than the original or missed its latency budget."""
+    from .measure.runtimes import slower_warning
+
+    lines = []
+    lb = report.get("latency_budget")
+    if lb:
+        lines.append(f"latency budget {lb['target_latency']:.2f} on {lb['runtime']} (batch "
+                     f"{lb['batch_size']}, {lb['threads']} thread(s)): predicted "
+                     f"{lb['predicted_ratio']:.3f}, measured {lb['measured_ratio']:.3f}"
+                     f"{'' if lb['reached'] else ' (NOT reached)'}")
+    sp = report.get("speed")
+    if sp and sp.get("ratio") is not None:
+        lines.append(f"speed on {sp['runtime']} at batch {sp['batch_size']}: {sp['ratio']:.3f}x the "
+                     "original's latency")
+        warning = slower_warning({"slower": sp.get("slower") or []})
+        if warning:
+            o.warn(warning)
+    if lb and not lb["reached"]:
+        o.warn(f"warning: the latency budget {lb['target_latency']:.2f} was not reached on "
+               f"{lb['runtime']} at batch {lb['batch_size']} (measured {lb['measured_ratio']:.3f})")
+    return lines
 
 
 @app.command("methods")
@@ -731,6 +779,16 @@ def methods_(
         lines += [f"  {i['flag']:<28} {i['help']} ({i['accepts']}; default {i['default']!r})"
                   for i in opts if i["flag"]]
         o.result({"method": name, "summary": spec.summary, "options": opts}, lines)
+
+
+def deploy_runtimes(runtime: str | None, onnx: bool) -> list[str]:
+    """The runtimes ``compare`` / ``demo`` time every pruned model on: ``--runtime`` (checked),
+    else ONNX Runtime and OpenVINO when installed and ``--onnx`` is on."""
+    from .measure.runtimes import check_runtimes, installed
+
+    if runtime is not None:
+        return [] if runtime == "none" else check_runtimes(runtime)
+    return [r for r in ("onnxruntime", "openvino") if onnx and installed(r)]
 
 
 def _compare_summary(results: dict[str, Any]) -> dict[str, Any]:
@@ -771,6 +829,12 @@ def compare_(
     config: Annotated[Path | None, typer.Option(
         "--config", help="YAML file with these options as keys (methods, target_macs, ...); "
                          "command-line flags override it.")] = None,
+    target_latency: TargetLatencyOpt = None,
+    runtime: Annotated[str | None, typer.Option(
+        "--runtime", help="Runtimes every pruned model is verified and timed on against the "
+                          "original, comma-separated (default with --onnx: onnxruntime and openvino "
+                          "when installed; 'none': skip); the first is --target-latency's.")] = None,
+    latency_batch: LatencyBatchOpt = 1,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed (default 0).")] = None,
     device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = None,
     input_shape: InputShapeOpt = None,
@@ -802,7 +866,10 @@ def compare_(
         if not opt.get("methods"):
             raise ConfigError("--methods is required (or 'methods' in --config)")
         names = check_methods(opt["methods"])  # unknown method: fail before any work
-        check_budget(opt.get("ratio"), opt.get("target_macs"))
+        check_budget(opt.get("ratio"), opt.get("target_macs"), target_latency=target_latency)
+        rts = deploy_runtimes(runtime, opt.get("onnx", True))
+        if target_latency is not None and not rts:
+            raise ConfigError("--target-latency needs a --runtime")
         if opt.get("report") is None:
             raise ConfigError("--report DIR is required (or 'report' in --config)")
         out_dir = Path(opt["report"])
@@ -831,7 +898,9 @@ def compare_(
             out_dir=out_dir, distill=opt.get("distill", False), method_options=method_options,
             seed=opt.get("seed", 0), onnx=opt.get("onnx", True), progress=o.note,
             train_config=train_config, latency_seconds=opt.get("latency_seconds", 2.0),
-            meta={"checkpoint": source, "model": meta.get("model") or model_spec, "data": data_name})
+            meta={"checkpoint": source, "model": meta.get("model") or model_spec, "data": data_name},
+            target_latency=target_latency, runtime=rts[0] if target_latency is not None else None,
+            latency_batch_size=latency_batch, runtimes=rts)
         if len(results["failed"]) == len(names):
             first, why = next(iter(results["failed"].items()))
             raise PrunekitError(f"every method failed (first: {first}: {why}); "
