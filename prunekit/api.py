@@ -49,23 +49,58 @@ def split_data(data: Any, pair_only: bool = False) -> tuple[Any, Any]:
     return data, None
 
 
-def check_budget(ratio: float | None, target_macs: float | None, optional: bool = False) -> None:
-    """Exactly one of ``ratio`` / ``target_macs`` (at most one when ``optional``: a method that
-    chooses its widths itself), each strictly inside (0, 1)."""
-    if ratio is not None and target_macs is not None:
-        raise ConfigError("give exactly one of ratio or target_macs")
-    if ratio is None and target_macs is None and not optional:
-        raise ConfigError("give exactly one of ratio or target_macs")
+def check_budget(ratio: float | None, target_macs: float | None, optional: bool = False,
+                 target_latency: float | None = None) -> None:
+    """Exactly one of ``ratio`` / ``target_macs`` / ``target_latency`` (at most one when
+    ``optional``: a method that chooses its widths itself), each strictly inside (0, 1)."""
+    given = [n for n, v in (("ratio", ratio), ("target_macs", target_macs),
+                            ("target_latency", target_latency)) if v is not None]
+    names = "ratio or target_macs" if target_latency is None else \
+        "ratio, target_macs or target_latency"
+    if len(given) > 1:
+        raise ConfigError(f"give exactly one of {names} (got {' and '.join(given)})"
+                          if target_latency is not None else f"give exactly one of {names}")
+    if not given and not optional:
+        raise ConfigError(f"give exactly one of {names}")
     if ratio is not None:
         check_fraction("ratio", ratio)
     elif target_macs is not None:
         check_fraction("target MACs", target_macs)
+    elif target_latency is not None:
+        check_fraction("target latency", target_latency)
+
+
+def latency_target(method: str, target_latency: float, runtime: str | None, batch_size: int = 1,
+                   threads: int | None = None, round_to: int | None = None, progress: Any = None,
+                   measure_seconds: float = 1.0) -> Any:
+    """The :class:`~prunekit.engine.budget.LatencyTarget` of a ``target_latency`` budget, after
+    checking that ``method`` searches its widths through prunekit's budget (criteria, csgd,
+    thinet, lasso, autopruner, ...; Torch-Pruning's peers only with ``round_to``) and that
+    ``runtime`` is installed."""
+    from .engine.budget import LatencyTarget
+    from .measure.runtimes import check_runtimes
+
+    spec = methods.spec(method)
+    if not spec.round_to:
+        ok = ", ".join(n for n, s in methods.specs().items() if s.round_to)
+        raise ConfigError(f"a latency budget needs a method whose widths come from prunekit's "
+                          f"budget search; {method!r} chooses them by thresholds or step by step "
+                          f"(supported: {ok})")
+    if method.startswith("tp:") and round_to is None:
+        raise ConfigError(f"{method} takes a latency budget only with round_to (--round-to): "
+                          "Torch-Pruning's own ratio search knows MACs only")
+    if runtime is None:
+        raise ConfigError("target_latency needs a runtime (--runtime), e.g. onnxruntime")
+    (runtime,) = check_runtimes([runtime])
+    return LatencyTarget(target_latency, runtime, batch_size, threads, progress=progress,
+                         measure_seconds=measure_seconds)
 
 
 #: :func:`prune`'s own keywords (offered as suggestions for a misspelt method option)
 PRUNE_KEYWORDS = ("model", "example_inputs", "method", "ratio", "target_macs", "data",
                   "finetune_epochs", "distill", "train_config", "ignored_layers", "seed",
-                  "evaluate", "round_to", "expand", "refine_labels", "skip_unsupported")
+                  "evaluate", "round_to", "expand", "refine_labels", "skip_unsupported",
+                  "target_latency", "runtime", "latency_batch_size", "latency_threads", "progress")
 
 
 def finetune(model: nn.Module, train_set: Any, epochs: int, *, teacher: nn.Module | None = None,
@@ -131,6 +166,8 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None,
           ignored_layers: list[nn.Module | str | type] | None = None, seed: int = 0,
           evaluate: bool = True, round_to: int | None = None, expand: bool = False,
           refine_labels: bool = False, skip_unsupported: bool = False,
+          target_latency: float | None = None, runtime: str | None = None,
+          latency_batch_size: int = 1, latency_threads: int | None = None, progress: Any = None,
           **method_options: Any) -> PruneResult:
     """Prune ``model`` with ``method`` to a ``ratio`` of removed filters or a ``target_macs``
     fraction of the original MACs.
@@ -147,9 +184,24 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None,
     method : str
         A criterion (``l1``, ``apoz`` ...: one-shot), a method (``csgd``, ``thinet`` ...) or a
         peer (``tp:l1`` ...). See :func:`prunekit.methods.available`.
-    ratio, target_macs : float
-        Exactly one: fraction of filters removed per layer, or fraction of MACs kept (a method
-        that chooses its widths itself, such as ``mrts``, also runs with neither).
+    ratio, target_macs, target_latency : float
+        Exactly one: fraction of filters removed per layer, fraction of MACs kept, or fraction
+        of the original's latency kept on ``runtime`` (a method that chooses its widths itself,
+        such as ``mrts``, also runs with none). The latency budget is measured on this machine
+        (:mod:`prunekit.measure.latency_table`: a cached per-group latency table, the method's
+        widths searched against it, then measured end to end and tightened); the report's
+        ``latency_budget`` holds the predicted and measured ratios, and ``speed`` the final
+        model timed against the original.
+    runtime : str, optional
+        With ``target_latency`` (required) or alone: the runtime the result is timed on
+        (:data:`prunekit.measure.runtimes.RUNTIMES`); the report's ``speed`` then compares the
+        pruned model with the original there, interleaved.
+    latency_batch_size, latency_threads : int
+        Batch size and threads of those measurements (default 1 and torch's setting). A
+        latency budget rounds widths to multiples of
+        :data:`~prunekit.engine.budget.DEFAULT_ROUND_TO` unless ``round_to`` says otherwise.
+    progress : callable(str), optional
+        Receives progress lines of the latency measurements.
     data : dataset, DataLoader or (train, test), optional
         Calibration / training data; the test set, when given, is used for the accuracies.
         Each may be a prunekit ImageDataset (in memory), a streamed image folder, any
@@ -185,9 +237,19 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None,
     PruneResult
     """
     spec = methods.spec(method)
-    check_budget(ratio, target_macs, optional=spec.chooses_widths)
+    check_budget(ratio, target_macs, optional=spec.chooses_widths, target_latency=target_latency)
     round_to = check_round_to(round_to)
     methods.check_round_to_supported(method, round_to)
+    budget: Any = target_macs
+    if target_latency is not None:
+        if round_to is None and spec.round_to:
+            from .engine.budget import DEFAULT_ROUND_TO
+            round_to = DEFAULT_ROUND_TO
+        budget = latency_target(method, target_latency, runtime, latency_batch_size, latency_threads,
+                                round_to, progress)
+    elif runtime is not None:
+        from .measure.runtimes import check_runtimes
+        check_runtimes([runtime])
     spec.parse_options(method_options, also_valid=PRUNE_KEYWORDS)  # fail before any work
     train_set, test_set = split_data(data)
     if example_inputs is None:
@@ -220,12 +282,24 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None,
         report["acc_before"] = eval_acc(work, test_set)
         times["eval_s"] = time.perf_counter() - t
 
-    ctx = methods.PruneContext(work, example_inputs, ratio, target_macs, train_set, test_set,
+    ctx = methods.PruneContext(work, example_inputs, ratio, budget, train_set, test_set,
                                dict(method_options), ignored, seed,
                                round_to=round_to, original=original)
     t = time.perf_counter()
-    out = spec.run(ctx)
+    try:
+        out = spec.run(ctx)
+    except ConfigError as e:
+        if target_latency is not None and not budget.result and "target MACs" in str(e):
+            raise ConfigError(f"{method} does not take a latency budget: its widths do not come "
+                              "from prunekit's budget search") from None
+        raise
     times["prune_s"] = time.perf_counter() - t
+    if target_latency is not None:
+        if not budget.result:
+            raise ConfigError(f"{method} does not take a latency budget: its widths do not come "
+                              "from prunekit's budget search")
+        report.update(target_latency=target_latency, runtime=budget.runtime,
+                      latency_budget=budget.result)
     pruned = out.model.eval()
     if leftover_hooks(pruned):
         raise PrunekitError(f"internal error: hooks left on {leftover_hooks(pruned)}")
@@ -245,6 +319,19 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None,
         report["acc_final"] = (eval_acc(pruned, test_set) if finetune_epochs > 0
                                else report["acc_pruned"])
     report.update(measure(original, pruned, example_inputs))
+    if runtime is not None:  # the result itself, timed end to end against the original
+        from .measure.runtimes import profile_runtimes
+        t = time.perf_counter()
+        rt = profile_runtimes(pruned, example_inputs, [latency_batch_size], [runtime],
+                              original=original, threads=latency_threads, max_seconds=1.0)
+        rec = rt["runtimes"][runtime]
+        report["speed"] = {"runtime": runtime, "batch_size": latency_batch_size,
+                           "threads": rt["threads"], "ok": rec.get("ok"),
+                           "ratio": (rec.get("ratio") or {}).get(str(latency_batch_size)),
+                           "latency_ms": rec.get("latency_ms"),
+                           "original_latency_ms": rec.get("original_latency_ms"),
+                           "slower": rt["slower"]}
+        times["speed_s"] = time.perf_counter() - t
     report.update({"finetune_epochs": finetune_epochs, "distill": distill, "expand": expand,
                    "refine_labels": refine_labels, "times": times})
     return PruneResult(pruned, out.plan, report, out.figures)

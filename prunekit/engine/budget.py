@@ -12,6 +12,8 @@ not on which channels are kept, so candidates are counted on a copy pruned to th
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -24,6 +26,11 @@ from .plan import GroupPlan, PruningPlan
 from .surgery import apply_plan
 
 Widths = dict[str, int]
+
+#: ``round_to`` of a latency budget when none is given: ONNX Runtime and OpenVINO run convs whose
+#: widths are multiples of 8 markedly faster than odd widths (bench/latency_widths.py --sweep;
+#: bench/results/latency_widths_sweep.md), and a table measured on such widths predicts well
+DEFAULT_ROUND_TO = 8
 
 
 def count_macs_params(model: nn.Module, example_inputs) -> tuple[int, int]:
@@ -90,6 +97,57 @@ def macs_of_widths(info: DependencyInfo, widths: Widths) -> int:
     return count_macs_params(pruned, info.example_inputs)[0]
 
 
+@dataclass
+class LatencyTarget:
+    """A measured-latency budget, given to methods in place of the MACs fraction
+    (``ctx.target_macs``): keep at most ``fraction`` of the original's latency on ``runtime``
+    at ``batch_size`` with ``threads`` threads. :func:`budget_widths` / :func:`solve_budget`
+    solve it with :func:`prunekit.measure.latency_table.solve_latency_budget`, which records
+    the predicted and measured ratios in ``result``.
+
+    Attributes
+    ----------
+    fraction : float
+        Latency fraction kept, in (0, 1).
+    runtime : str
+        One of :data:`prunekit.measure.runtimes.RUNTIMES`.
+    batch_size : int
+        Batch size the latency is measured at.
+    threads : int, optional
+        Runtime threads (default: torch's setting).
+    max_rounds : int
+        Measure-and-tighten rounds at most.
+    slack : float
+        A measured ratio in ``[fraction - slack, fraction]`` ends the search; one further below
+        loosens the predicted budget for the next round.
+    table_seconds, measure_seconds : float
+        Timed seconds per table entry / per end-to-end check.
+    use_cache : bool
+        Read and write the on-disk table cache.
+    progress : callable, optional
+        Receives progress lines.
+    """
+
+    fraction: float
+    runtime: str
+    batch_size: int = 1
+    threads: int | None = None
+    max_rounds: int = 4
+    slack: float = 0.05
+    table_seconds: float = 0.3
+    measure_seconds: float = 1.0
+    use_cache: bool = True
+    progress: Callable[[str], None] | None = None
+    result: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.fraction = check_fraction("target latency", self.fraction)
+        if isinstance(self.batch_size, bool) or int(self.batch_size) != self.batch_size \
+                or self.batch_size < 1:
+            raise ConfigError(f"latency batch size must be a positive integer, got {self.batch_size!r}")
+        self.batch_size = int(self.batch_size)
+
+
 def solve_budget(info: DependencyInfo, target_macs: float,
                  widths_fn: Callable[[float], Widths] | None = None, *,
                  iters: int = 14, round_to: int | None = None) -> tuple[float, Widths, float]:
@@ -110,6 +168,10 @@ def solve_budget(info: DependencyInfo, target_macs: float,
     -------
     (r, widths, macs_fraction)
     """
+    if isinstance(target_macs, LatencyTarget):
+        from ..measure.latency_table import solve_latency_budget
+
+        return solve_latency_budget(info, target_macs, widths_fn, round_to=check_round_to(round_to))
     target = check_fraction("target MACs", target_macs)
     raw = widths_fn or (lambda r: widths_at_ratio(info, r))
     round_to = check_round_to(round_to)
@@ -144,8 +206,9 @@ def budget_widths(info: DependencyInfo, ratio: float | None, target_macs: float 
     """The widths of a ``--ratio`` or ``--target-macs`` budget, the one place where every
     method's widths are rounded (``round_to``).
 
-    With ``target_macs`` this is :func:`solve_budget`; with ``ratio`` the widths
-    ``widths_fn(ratio)`` (default :func:`widths_at_ratio`), rounded by :func:`round_widths`.
+    With ``target_macs`` (a fraction, or a :class:`LatencyTarget`) this is
+    :func:`solve_budget`; with ``ratio`` the widths ``widths_fn(ratio)`` (default
+    :func:`widths_at_ratio`), rounded by :func:`round_widths`.
 
     Returns
     -------

@@ -243,6 +243,12 @@ class _Run:
     acc_before: float | None
     meta: dict[str, Any]
     note: _Notes
+    #: ``target_latency`` budget (with ``runtime`` and ``latency_batch_size``) and the runtimes
+    #: every pruned model is verified and timed on against the original (#18)
+    target_latency: float | None = None
+    runtime: str | None = None
+    latency_batch_size: int = 1
+    runtimes: list[str] = dataclasses.field(default_factory=list)
 
 
 def _evaluate(model: nn.Module, test_set: Any) -> float | None:
@@ -265,7 +271,9 @@ def _run_method(run: _Run, method: str, options: dict[str, Any], fitted: dict[st
         warnings.simplefilter("always")
         res = prune(run.original, run.x, method=method, ratio=run.ratio, target_macs=run.target_macs,
                     data=(run.train_set, run.test_set), finetune_epochs=0, seed=run.seed,
-                    evaluate=False, **options)
+                    evaluate=False, target_latency=run.target_latency,
+                    runtime=run.runtime if run.target_latency is not None else None,
+                    latency_batch_size=run.latency_batch_size, progress=run.note, **options)
         rep = res.report
         pruned = res.model.cpu().eval()
         times = dict(rep.get("times", {}))
@@ -306,6 +314,17 @@ def _run_method(run: _Run, method: str, options: dict[str, Any], fitted: dict[st
         except PrunekitError as e:  # the pruned model itself is fine; record why ONNX is not
             onnx = {"error": str(e)}
             run.note(f"  {method}: ONNX export failed: {e}")
+    runtimes: dict[str, Any] | None = None
+    if run.runtimes:
+        from ..measure.runtimes import profile_runtimes, slower_warning
+
+        real = getattr(run.test_set, "example_input", None)  # outputs checked on real images
+        check_x = real(8) if callable(real) else None
+        runtimes = profile_runtimes(pruned, run.x, run.batch_sizes, run.runtimes, original=run.original,
+                                    max_seconds=run.latency_seconds, check_input=check_x)
+        warning = slower_warning(runtimes, f"{method}'s pruned model")
+        if warning:
+            run.note(f"  {warning}")
     times["measure_s"] = time.perf_counter() - t
 
     ckpt = run.out_dir / f"{name}.pt"
@@ -321,7 +340,8 @@ def _run_method(run: _Run, method: str, options: dict[str, Any], fitted: dict[st
         "params_after": rep["params_after"], "params_fraction": rep["params_fraction"],
         "budget": {"epochs": run.budget, "method_epochs": own, "finetune_epochs": ft,
                    "total_epochs": own + ft, "over_budget": over, "fitted_options": fitted},
-        "latency": latency, "onnx": onnx,
+        "latency": latency, "onnx": onnx, "runtimes": runtimes,
+        "latency_budget": rep.get("latency_budget"),
         "checkpoint": {"file": ckpt.name, "file_size_bytes": ckpt.stat().st_size},
         "wall_s": wall, "times": times, "widths": rep["widths"], "extra": extra,
         "figures": figures, "warnings": warn_msgs, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -428,7 +448,9 @@ def compare(model: nn.Module, example_inputs: torch.Tensor | None, methods: Sequ
             method_options: Mapping[str, Mapping[str, Any]] | None = None, seed: int = 0,
             onnx: bool = True, progress: bool | Notify = True, train_config: Any = None,
             batch_sizes: Sequence[int] = (1, 64), latency_seconds: float = 2.0,
-            meta: Mapping[str, Any] | None = None, report: bool = True) -> dict[str, Any]:
+            meta: Mapping[str, Any] | None = None, report: bool = True,
+            target_latency: float | None = None, runtime: str | None = None,
+            latency_batch_size: int = 1, runtimes: Sequence[str] | None = None) -> dict[str, Any]:
     """Prune ``model`` with each of ``methods`` under the same budgets; measure and report.
 
     Every method starts from a fresh copy of ``model``. The MACs budget (``target_macs`` or
@@ -479,6 +501,14 @@ def compare(model: nn.Module, example_inputs: torch.Tensor | None, methods: Sequ
         Facts shown in the report and stored in each checkpoint (checkpoint path, dataset ...).
     report : bool
         Write ``report.md``, ``report.html`` and the figures at the end.
+    target_latency, runtime, latency_batch_size
+        A measured latency budget instead of ``target_macs`` / ``ratio``: at most that fraction
+        of the original's latency on ``runtime`` at that batch size (see
+        :func:`prunekit.prune`); each entry then has ``latency_budget``.
+    runtimes : sequence of str, optional
+        Runtimes (:data:`prunekit.measure.runtimes.RUNTIMES`) on which every pruned model is
+        verified and timed against the original, interleaved; each entry then has
+        ``runtimes`` (see :func:`prunekit.measure.runtimes.profile_runtimes`).
 
     Returns
     -------
@@ -495,7 +525,13 @@ def compare(model: nn.Module, example_inputs: torch.Tensor | None, methods: Sequ
         Unknown method (in ``methods`` or ``method_options``), bad budget, ``out_dir`` a file.
     """
     names = check_methods(methods)
-    check_budget(ratio, target_macs)
+    check_budget(ratio, target_macs, target_latency=target_latency)
+    from ..measure.runtimes import check_runtimes
+    rts = check_runtimes(runtimes) if runtimes is not None and len(runtimes) else []
+    if target_latency is not None:
+        from ..api import latency_target
+        for name in names:  # every method must take the latency budget: fail before any work
+            latency_target(name, target_latency, runtime, latency_batch_size, round_to=8)
     if isinstance(finetune_epochs, bool) or int(finetune_epochs) != finetune_epochs or finetune_epochs < 0:
         raise ConfigError(f"finetune_epochs must be a whole number >= 0, got {finetune_epochs!r}")
     budget = int(finetune_epochs)
@@ -548,13 +584,17 @@ def compare(model: nn.Module, example_inputs: torch.Tensor | None, methods: Sequ
     common = {
         "schema": SCHEMA, "ratio": ratio, "target_macs": target_macs, "budget_epochs": budget,
         "distill": bool(distill), "seed": int(seed), "onnx": bool(onnx), "batch_sizes": sizes,
+        **({"target_latency": target_latency, "runtime": runtime,
+            "latency_batch_size": latency_batch_size} if target_latency is not None else {}),
+        **({"runtimes": rts} if rts else {}),
         "train_config": jsonable(train_config) if train_config is not None else None,
         "model": _fingerprint_model(original), "train_data": _describe_data(train_set),
         "test_data": _describe_data(test_set), "input_shape": list(x.shape[1:]),
     }
     run = _Run(original, x, train_set, test_set, ratio, target_macs, budget, bool(distill),
                train_config, int(seed), bool(onnx), sizes, float(latency_seconds), out,
-               original_onnx, acc_before, dict(meta or {}), note)
+               original_onnx, acc_before, dict(meta or {}), note, target_latency, runtime,
+               int(latency_batch_size), rts)
 
     entries: list[dict[str, Any]] = []
     skipped: list[str] = []

@@ -148,8 +148,13 @@ def _summary(results: Mapping[str, Any]) -> list[str]:
     arch = (o.get("arch") or {}).get("name") if isinstance(o.get("arch"), dict) else None
     model = meta.get("model") or arch or o.get("model", "model")
     train, test = s.get("train_data") or {}, s.get("test_data") or {}
-    budget = (f"at most {100 * s['target_macs']:.0f}% of the MACs" if s.get("target_macs") is not None
-              else f"{100 * s['ratio']:.0f}% of the filters removed per layer")
+    if s.get("target_latency") is not None:
+        budget = (f"at most {100 * s['target_latency']:.0f}% of the original's latency on "
+                  f"{s.get('runtime')} at batch {s.get('latency_batch_size', 1)} (measured)")
+    elif s.get("target_macs") is not None:
+        budget = f"at most {100 * s['target_macs']:.0f}% of the MACs"
+    else:
+        budget = f"{100 * s['ratio']:.0f}% of the filters removed per layer"
     lines = [
         f"Model: {model}" + (f" ({meta['checkpoint']})" if meta.get("checkpoint") else "")
         + f", {_count(o.get('macs'))} MACs, {_count(o.get('params'))} params, test accuracy "

@@ -1,0 +1,348 @@
+"""A measured latency budget: ``--target-latency f --runtime R``.
+
+The widths that keep at most a fraction ``f`` of the original's latency on runtime ``R`` are
+found in three steps, after NetAdapt [1]_ (latency measured on the target platform, tabulated
+per layer) and HALP [2]_ (a latency lookup table constraining the widths):
+
+1. **Table** (:func:`build_table`): for every dependency group ``g`` and a few candidate widths
+   ``w`` (a quarter, a half and three quarters of the group, rounded like the budget), the model
+   with only ``g`` cut to ``w`` (first channels: latency depends on the widths only) is timed on
+   ``R`` interleaved with the original; its latency ratio ``t_g(w)`` is stored. The table is
+   cached on disk per model architecture, input shape, runtime, batch size, threads and library
+   versions (``$PRUNEKIT_CACHE``, default ``~/.cache/prunekit``).
+2. **Allocation**: the table predicts a model's ratio as ``prod_g t_g(w_g)`` (piecewise
+   linear between the measured widths; see :meth:`LatencyTable.predict`). The method's own
+   widths function (its ranking: uniform per group, or a global ranking of channel importance)
+   is searched by
+   bisection for the least pruning whose predicted ratio meets the budget, so the channels
+   removed are the least important ones in the method's own order; then :func:`fill_back`
+   gives back channels, group by group, where the table says they cost least, while the
+   prediction stays within the budget.
+3. **Measure and tighten**: the chosen widths are built and timed end to end against the
+   original; while the measured ratio exceeds ``f`` (or lies more than ``slack`` below it) the
+   predicted budget is scaled by ``f / measured`` and the allocation repeated; the widest
+   allocation measured within ``f`` wins.
+
+References
+----------
+.. [1] T.-J. Yang et al., "NetAdapt: Platform-Aware Neural Network Adaptation for Mobile
+   Applications", ECCV 2018.
+.. [2] M. Shen et al., "Structural Pruning via Latency-Saliency Knapsack" (HALP), NeurIPS 2022.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..utils import atomic_path
+from .runtimes import Session, check_runtimes, time_pair
+from .timing import _num_threads, batched_input
+
+__all__ = ["LatencyTable", "build_table", "cache_dir", "measure_ratio", "solve_latency_budget"]
+
+#: candidate widths of each group in the table, as fractions of the group
+FRACTIONS = (0.25, 0.5, 0.75)
+#: bump when the table's meaning changes (old cache files are then ignored)
+TABLE_VERSION = 1
+
+
+def cache_dir() -> Path:
+    """Where latency tables are cached: ``$PRUNEKIT_CACHE`` or ``~/.cache/prunekit``."""
+    root = os.environ.get("PRUNEKIT_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "prunekit"
+
+
+@dataclass
+class LatencyTable:
+    """Measured latency ratios ``ratios[group][width]`` (one group cut, the rest whole) of a
+    model on one runtime, batch size and thread count."""
+
+    runtime: str
+    batch_size: int
+    threads: int
+    base_ms: float
+    sizes: dict[str, int]
+    ratios: dict[str, dict[int, float]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def group_ratio(self, group: str, width: int) -> float:
+        """``t_g(w)``: piecewise linear through the measured widths and (size, 1.0); below the
+        smallest measured width the last segment's slope continues (never below 0)."""
+        size = self.sizes.get(group)
+        if size is None or width >= size:
+            return 1.0
+        pts = sorted({**self.ratios.get(group, {}), size: 1.0}.items())
+        if len(pts) == 1:
+            return 1.0
+        for (w0, r0), (w1, r1) in zip(pts, pts[1:], strict=False):
+            if w0 <= width <= w1:
+                return r0 + (r1 - r0) * (width - w0) / (w1 - w0)
+        (w0, r0), (w1, r1) = pts[0], pts[1]
+        return max(0.0, r0 - (r1 - r0) * (w0 - width) / (w1 - w0))
+
+    def predict(self, widths: dict[str, int]) -> float:
+        """Predicted latency ratio of a model with ``widths`` (groups not named stay whole):
+        the product of the groups' ratios. A layer between two cut groups shrinks by the
+        product of both fractions; the product over all groups also multiplies the savings of
+        layers that only one group touches, so it errs on the slow side (the sum of savings
+        errs on the fast side, and the budget would be missed)."""
+        out = 1.0
+        for g, w in widths.items():
+            out *= max(self.group_ratio(g, w), 1e-3)
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": TABLE_VERSION, "runtime": self.runtime, "batch_size": self.batch_size,
+                "threads": self.threads, "base_ms": self.base_ms, "sizes": self.sizes,
+                "ratios": {g: {str(w): r for w, r in rs.items()} for g, rs in self.ratios.items()},
+                "seconds": self.seconds}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> LatencyTable:
+        return cls(d["runtime"], int(d["batch_size"]), int(d["threads"]), float(d["base_ms"]),
+                   {g: int(s) for g, s in d["sizes"].items()},
+                   {g: {int(w): float(r) for w, r in rs.items()} for g, rs in d["ratios"].items()},
+                   float(d.get("seconds", 0.0)))
+
+
+def measure_ratio(model: nn.Module, original: nn.Module, example_input: torch.Tensor, runtime: str,
+                  batch_size: int, threads: int, *, max_seconds: float = 0.5,
+                  workdir: Path | None = None, original_session: Session | None = None
+                  ) -> tuple[float, float, float]:
+    """``model``'s latency over ``original``'s on ``runtime``, timed interleaved (medians);
+    returns ``(ratio, model_ms, original_ms)``."""
+    with tempfile.TemporaryDirectory(prefix="prunekit-lat-") as tmp:
+        wd = workdir or Path(tmp)
+        x = batched_input(example_input, batch_size)
+        ref = original_session or Session(original, runtime, x, threads, wd)
+        sess = Session(model, runtime, x, threads, wd)
+        with _num_threads(threads):
+            ta, tb = time_pair(ref.caller(x), sess.caller(x), max_seconds=max_seconds, min_repeats=7)
+    ma, mb = float(torch.tensor(ta).median()), float(torch.tensor(tb).median())
+    return mb / ma, mb * 1e3, ma * 1e3
+
+
+def _candidates(size: int, round_to: int | None) -> list[int]:
+    from ..engine.budget import round_width
+
+    out = {round_width(max(1, int(round(size * q))), size, round_to) for q in FRACTIONS}
+    return sorted(w for w in out if 1 <= w < size)
+
+
+def _key(model: nn.Module, x: torch.Tensor, runtime: str, batch_size: int, threads: int,
+         candidates: dict[str, list[int]]) -> str:
+    versions = {"torch": torch.__version__}
+    for mod in ("onnxruntime", "openvino"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except ImportError:
+            versions[mod] = None
+    text = json.dumps({"v": TABLE_VERSION, "arch": str(model), "shape": list(x.shape[1:]),
+                       "runtime": runtime, "batch": batch_size, "threads": threads,
+                       "candidates": candidates, "versions": versions,
+                       "machine": [platform.machine(), platform.processor(), os.cpu_count()]},
+                      sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def build_table(info: Any, runtime: str, batch_size: int = 1, threads: int | None = None, *,
+                round_to: int | None = None, max_seconds: float = 0.3, use_cache: bool = True,
+                progress: Callable[[str], None] | None = None) -> tuple[LatencyTable, dict[str, Any]]:
+    """Measure (or read from the cache) the latency table of ``info.model`` (a
+    :class:`~prunekit.engine.DependencyInfo`) on ``runtime``.
+
+    Returns
+    -------
+    (table, about)
+        ``about``: ``cached`` (read from disk), ``path`` (the cache file), ``measurements``.
+    """
+    from ..engine.budget import apply_plan, width_plan
+
+    (runtime,) = check_runtimes([runtime])
+    threads = int(threads) if threads is not None else torch.get_num_threads()
+    x = info.example_inputs
+    if not isinstance(x, torch.Tensor):
+        raise ConfigError("a latency budget needs a model that takes one input tensor")
+    sizes = {g.name: g.size for g in info.groups}
+    candidates = {g: _candidates(s, round_to) for g, s in sizes.items()}
+    path = cache_dir() / f"latency-{_key(info.model, x, runtime, batch_size, threads, candidates)}.json"
+    if use_cache and path.is_file():
+        try:
+            table = LatencyTable.from_json(json.loads(path.read_text()))
+            return table, {"cached": True, "path": str(path), "measurements": 0}
+        except (ValueError, KeyError, TypeError):
+            pass  # a damaged cache file is measured again
+    t0 = time.perf_counter()
+    xb = batched_input(x, batch_size)
+    table = LatencyTable(runtime, batch_size, threads, 0.0, sizes)
+    n = sum(len(c) for c in candidates.values())
+    done = 0
+    with tempfile.TemporaryDirectory(prefix="prunekit-table-") as tmp:
+        ref = Session(info.model, runtime, xb, threads, Path(tmp))
+        base: list[float] = []
+        shown = 0
+        for g, ws in candidates.items():
+            for w in ws:
+                done += 1
+                if progress is not None and (done == 1 or done - shown >= max(1, n // 5)):
+                    shown = done  # about five lines per table
+                    progress(f"latency table on {runtime}, batch {batch_size}: measurement "
+                             f"{done}/{n} ({g} at width {w})")
+                cut = apply_plan(info.model, x, width_plan(info, {g: w}))
+                ratio, _, ref_ms = measure_ratio(cut, info.model, x, runtime, batch_size, threads,
+                                                 max_seconds=max_seconds, workdir=Path(tmp),
+                                                 original_session=ref)
+                table.ratios.setdefault(g, {})[w] = ratio
+                base.append(ref_ms)
+    table.base_ms = float(torch.tensor(base).median()) if base else 0.0
+    table.seconds = time.perf_counter() - t0
+    if use_cache:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp_path:
+                tmp_path.write_text(json.dumps(table.to_json()))
+        except (OSError, ConfigError):
+            pass  # an unwritable cache only costs a new measurement next time
+    return table, {"cached": False, "path": str(path), "measurements": n}
+
+
+def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], dict[str, int]] | None,
+                         *, round_to: int | None = None, iters: int = 14
+                         ) -> tuple[float, dict[str, int], float]:
+    """The widths of a :class:`~prunekit.engine.budget.LatencyTarget` (steps 2 and 3 of the
+    module docstring); fills ``target.result``. Returns ``(r, widths, macs_fraction)``."""
+    from ..engine.budget import (
+        apply_plan,
+        count_macs_params,
+        macs_of_widths,
+        round_widths,
+        width_plan,
+        widths_at_ratio,
+    )
+
+    raw = widths_fn or (lambda r: widths_at_ratio(info, r))
+
+    def fn(r: float) -> dict[str, int]:
+        return round_widths(info, raw(r), round_to)
+
+    note = target.progress or (lambda _m: None)
+    table, about = build_table(info, target.runtime, target.batch_size, target.threads,
+                               round_to=round_to, max_seconds=target.table_seconds,
+                               use_cache=target.use_cache, progress=note)
+    threads = table.threads
+    floor = table.predict(fn(0.999))
+    goal = target.fraction
+    aim = goal
+    rounds: list[dict[str, Any]] = []
+    feasible: tuple[float, dict[str, int], float, float] | None = None
+    fallback: tuple[float, dict[str, int], float, float] | None = None
+    tried: set[tuple] = set()
+    for _ in range(target.max_rounds):
+        if floor > aim:
+            if not rounds:
+                raise ConfigError(f"target latency {goal:.3f} is below what pruning can reach on "
+                                  f"{target.runtime} for this model (predicted {floor:.3f} at the "
+                                  "narrowest widths)")
+            break
+        r, widths = _allocate(table, fn, aim, round_to, iters)
+        key = tuple(sorted(widths.items()))
+        while key in tried and aim > floor:  # the same widths again: step on to new ones
+            step = 0.97 if rounds and rounds[-1]["measured_ratio"] > goal else 1.03
+            aim = max(floor, aim * step) if step < 1 else aim * step
+            r, widths = _allocate(table, fn, aim, round_to, iters)
+            key = tuple(sorted(widths.items()))
+            if aim >= 1.0:
+                break
+        if key in tried or aim >= 1.0:
+            break
+        tried.add(key)
+        pred = table.predict(widths)
+        note(f"latency budget on {target.runtime}: measuring widths predicted at {pred:.3f}")
+        cut = apply_plan(info.model, info.example_inputs, width_plan(info, widths))
+        measured, _, _ = measure_ratio(cut, info.model, info.example_inputs, target.runtime,
+                                       target.batch_size, threads, max_seconds=target.measure_seconds)
+        rounds.append({"aim": aim, "predicted_ratio": pred, "measured_ratio": measured, "knob": r})
+        pick = (r, widths, pred, measured)
+        if measured <= goal:
+            if feasible is None or measured > feasible[3]:
+                feasible = pick
+            if measured >= goal - target.slack:
+                break
+        elif fallback is None or measured < fallback[3]:
+            fallback = pick
+        aim *= goal / measured  # tighten (measured above the goal) or loosen (far below it)
+    best = feasible or fallback
+    assert best is not None
+    r, widths, pred, measured = best
+    base = count_macs_params(info.model, info.example_inputs)[0]
+    frac = macs_of_widths(info, widths) / base
+    target.result.update({
+        "target_latency": goal, "runtime": target.runtime, "batch_size": target.batch_size,
+        "threads": threads, "predicted_ratio": pred, "measured_ratio": measured,
+        "reached": measured <= goal, "rounds": rounds, "table": {**about, "seconds": table.seconds,
+                                                                 "base_ms": table.base_ms},
+        "macs_fraction": frac})
+    return r, widths, frac
+
+
+def _allocate(table: LatencyTable, fn: Callable[[float], dict[str, int]], aim: float,
+              round_to: int | None, iters: int) -> tuple[float, dict[str, int]]:
+    """Least knob ``r`` whose widths ``fn(r)`` the table predicts within ``aim`` (bisection),
+    then :func:`fill_back`."""
+    lo, hi = 0.0, 0.999
+    r, widths = hi, fn(hi)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        w = fn(mid)
+        if table.predict(w) <= aim:
+            hi, r, widths = mid, mid, w
+        else:
+            lo = mid
+    return r, fill_back(table, widths, aim, round_to)
+
+
+def fill_back(table: LatencyTable, widths: dict[str, int], aim: float,
+              round_to: int | None) -> dict[str, int]:
+    """Give channels back while the predicted ratio stays within ``aim``: each step widens the
+    group whose next step (``round_to`` channels, or one) costs the least predicted latency per
+    fraction of the group regained (a greedy knapsack over the table, as in HALP), so the
+    budget is used, not overshot by the coarse steps of a uniform ratio."""
+    step = round_to or 1
+    widths = dict(widths)
+    current = table.predict(widths)
+    while True:
+        best: tuple[float, str, int, float] | None = None
+        for g, w in widths.items():
+            size = table.sizes.get(g, w)
+            if w >= size:
+                continue
+            nw = min(size, w + step)
+            pred = current * max(table.group_ratio(g, nw), 1e-3) / max(table.group_ratio(g, w), 1e-3)
+            if pred > aim:
+                continue
+            cost = (pred - current) / ((nw - w) / size)
+            if best is None or cost < best[0]:
+                best = (cost, g, nw, pred)
+        if best is None:
+            return widths
+        _, g, nw, current = best
+        widths[g] = nw
+
+
+def groups_summary(table: LatencyTable, names: Sequence[str] | None = None) -> dict[str, Any]:
+    """The table as plain data (for reports)."""
+    names = list(names or table.ratios)
+    return {g: {str(w): round(r, 4) for w, r in sorted(table.ratios.get(g, {}).items())} for g in names}

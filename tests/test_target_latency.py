@@ -1,0 +1,140 @@
+"""``target_latency``: a measured per-group latency table, widths allocated against it, the result
+measured end to end. Timing is asserted only as a property of the result (its own
+re-measurement against its budget), never as wall-clock time of prunekit's code."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import assert_one_line_error, run
+from torch import nn
+
+import prunekit
+from prunekit.engine import analyse
+from prunekit.engine.budget import DEFAULT_ROUND_TO, LatencyTarget, budget_widths
+from prunekit.errors import ConfigError
+from prunekit.measure.latency_table import LatencyTable, build_table, fill_back, measure_ratio
+from prunekit.models import create
+
+RUNTIME = "deploy"  # eager, no export: fast enough for the default suite
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path / "cache"))
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return create("resnet8", num_classes=10, in_channels=1).eval()
+
+
+def _table() -> LatencyTable:
+    return LatencyTable("onnxruntime", 1, 1, 10.0, {"a": 32, "b": 64},
+                        {"a": {8: 0.5, 16: 0.7, 24: 0.9}, "b": {16: 0.6, 32: 0.8, 48: 0.95}})
+
+
+def test_table_interpolates_and_multiplies() -> None:
+    t = _table()
+    assert t.group_ratio("a", 32) == 1.0 and t.group_ratio("a", 16) == 0.7
+    assert t.group_ratio("a", 20) == pytest.approx(0.8)           # between 16 and 24
+    assert t.group_ratio("a", 28) == pytest.approx(0.95)          # between 24 and the full 32
+    assert t.group_ratio("a", 4) == pytest.approx(0.4)            # the 8-16 slope continued
+    assert t.group_ratio("zz", 3) == 1.0                          # a group the table lacks
+    assert t.predict({"a": 16, "b": 32}) == pytest.approx(0.7 * 0.8)
+    assert LatencyTable.from_json(json.loads(json.dumps(t.to_json()))) == t
+
+
+def test_fill_back_uses_the_budget_and_keeps_round_to() -> None:
+    t = _table()
+    start = {"a": 8, "b": 16}                       # predicted 0.30
+    out = fill_back(t, start, 0.56, round_to=8)
+    assert t.predict(out) <= 0.56 and t.predict(out) > t.predict(start)
+    assert all(w % 8 == 0 for w in out.values())
+    # nothing can be given back without passing the aim: unchanged
+    assert fill_back(t, {"a": 16, "b": 32}, 0.56, round_to=8) == {"a": 16, "b": 32}
+
+
+def test_prune_meets_its_latency_budget_by_its_own_remeasurement() -> None:
+    net, x = _net(), torch.randn(2, 1, 28, 28)
+    target, batch = 0.75, 16  # a batch of 16: compute, not Python overhead, sets the latency
+    res = prunekit.prune(net, x, method="l1", target_latency=target, runtime=RUNTIME,
+                         latency_batch_size=batch)
+    lb = res.report["latency_budget"]
+    assert lb["runtime"] == RUNTIME and lb["batch_size"] == batch and lb["threads"] >= 1
+    assert lb["reached"] and lb["measured_ratio"] <= target
+    assert 0 < lb["predicted_ratio"] <= target
+    assert res.report["target_latency"] == target and res.report["round_to"] == DEFAULT_ROUND_TO
+    # the result itself, re-timed here against the original (interleaved, 3 s): within the
+    # budget up to the noise of a shared machine
+    ratio, _, _ = measure_ratio(res.model, net, x, RUNTIME, batch, lb["threads"], max_seconds=3.0)
+    assert ratio <= target + 0.1
+    # round_to respected; the model is really smaller
+    for before, after in res.report["widths"].values():
+        assert after == before or after % DEFAULT_ROUND_TO == 0
+    assert res.report["macs_fraction"] < 1.0
+    assert res.report["speed"]["runtime"] == RUNTIME and res.report["speed"]["ratio"] > 0
+    # the table was cached: a second budget on the same model reads it instead of measuring
+    assert lb["table"]["cached"] is False and lb["table"]["measurements"] > 0
+    again = prunekit.prune(net, x, method="l1", target_latency=0.9, runtime=RUNTIME,
+                           latency_batch_size=batch)
+    assert again.report["latency_budget"]["table"]["cached"] is True
+
+
+def test_table_entries_are_ratios_of_one_group_cut() -> None:
+    net, x = _net(), torch.randn(1, 1, 20, 20)
+    info = analyse(net, x)
+    table, about = build_table(info, RUNTIME, 1, 1, round_to=8, max_seconds=0.05)
+    assert set(table.ratios) == {g.name for g in info.groups if g.size > 8}
+    for g in info.groups:
+        for w in table.ratios.get(g.name, {}):
+            assert w % 8 == 0 and 8 <= w < g.size  # candidate widths respect round_to
+    assert all(r > 0 for rs in table.ratios.values() for r in rs.values())
+    assert not about["cached"] and about["measurements"] == sum(map(len, table.ratios.values()))
+
+
+def test_unreachable_latency_budget_is_a_config_error() -> None:
+    net, x = _net(), torch.randn(1, 1, 20, 20)
+    info = analyse(net, x)
+    with pytest.raises(ConfigError, match="below what pruning can reach"):
+        budget_widths(info, None, LatencyTarget(0.001, RUNTIME, table_seconds=0.02), round_to=8)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ck") / "m.pt"
+    prunekit.save(_net(), path, meta={"input_shape": [1, 20, 20], "data": "fashion-mnist"})
+    return path
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--ratio", "0.5", "--target-latency", "0.5", "--runtime", "onnxruntime"], "exactly one"),
+    (["--target-macs", "0.5", "--target-latency", "0.5", "--runtime", "onnxruntime"], "exactly one"),
+    (["--target-latency", "0.5"], "needs a runtime"),
+    (["--target-latency", "1.5", "--runtime", "onnxruntime"], "target latency"),
+    (["--target-latency", "0.5", "--runtime", "tensorrt"], "unknown runtime"),
+], ids=["ratio", "macs", "no-runtime", "range", "runtime"])
+def test_bad_latency_budgets_exit_2(checkpoint, tmp_path, capsys, flags, match) -> None:
+    out = tmp_path / "p.pt"
+    assert_one_line_error(*run(capsys, "prune", checkpoint, "--method", "l1", *flags, "--out", out),
+                          match=match)
+    assert not out.exists()
+
+
+def test_latency_budget_refused_for_threshold_methods(checkpoint, tmp_path, capsys) -> None:
+    assert_one_line_error(*run(capsys, "prune", checkpoint, "--method", "slimming", "--target-latency",
+                               "0.5", "--runtime", "deploy", "--out", tmp_path / "p.pt"),
+                          match="budget search")
+
+
+def test_compare_refuses_conflicting_budgets(checkpoint, tmp_path, capsys) -> None:
+    report = tmp_path / "r"
+    assert_one_line_error(*run(capsys, "compare", checkpoint, "--methods", "l1", "--target-macs",
+                               "0.5", "--target-latency", "0.5", "--runtime", "onnxruntime",
+                               "--report", report), match="exactly one")
+    assert_one_line_error(*run(capsys, "compare", checkpoint, "--methods", "l1,slimming",
+                               "--target-latency", "0.5", "--runtime", "deploy", "--report", report),
+                          match="budget search")
+    assert not report.exists()
