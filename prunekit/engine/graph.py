@@ -21,6 +21,7 @@ Every layer in a group has one of three roles:
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -346,11 +347,29 @@ class Refusal:
 
 
 class _Refused(UnsupportedLayerError):
-    """One group cannot be handled because of ``layer`` (collected, then raised together)."""
+    """One group cannot be handled because of ``layer`` (and ``others`` of the same kind),
+    collected, then raised together."""
 
-    def __init__(self, layer: str, reason: str) -> None:
+    def __init__(self, layer: str, reason: str, others: Sequence[str] = ()) -> None:
         super().__init__(f"layer {layer!r}: {reason}")
         self.layer, self.reason = layer, reason
+        self.layers = [layer, *others]
+
+
+@contextlib.contextmanager
+def _index_mappings_frozen(dg):
+    """Torch-Pruning recomputes every index mapping of the graph for each group it traces
+    (seconds per group on a transformer, over a minute for Swin-T); while groups are only
+    listed, nothing changes shapes, so the mappings are computed once and reused."""
+    from torch_pruning.dependency import index_mapping
+
+    real = index_mapping.update_index_mapping
+    real(dg)
+    index_mapping.update_index_mapping = lambda graph: None if graph is dg else real(graph)
+    try:
+        yield
+    finally:
+        index_mapping.update_index_mapping = real
 
 
 class _IndexExplosion(_Refused):
@@ -602,6 +621,13 @@ class DependencyInfo:
         is left out. Every group the engine cannot handle is recorded in :attr:`refused`; unless
         ``skip_unsupported``, they are then raised together in one
         :class:`~prunekit.errors.UnsupportedLayerError`."""
+        with _index_mappings_frozen(self.dg):
+            groups = self._trace_groups()
+        if self.refused and not self.skip_unsupported:
+            raise refusal_error(self.refused)
+        return groups
+
+    def _trace_groups(self) -> list[ChannelGroup]:
         groups: list[ChannelGroup] = []
         self._map_concats()
         ignored = {id(m) for m in list(self.ignored) + list(self.dg.IGNORED_LAYERS_IN_TRACING)}
@@ -628,9 +654,7 @@ class DependencyInfo:
             try:
                 groups.append(self._to_channel_group(module, tp_group))
             except _Refused as exc:
-                self.refused.append(Refusal(name, exc.layer, exc.reason))
-        if self.refused and not self.skip_unsupported:
-            raise refusal_error(self.refused)
+                self.refused += [Refusal(name, layer, exc.reason) for layer in exc.layers]
         return groups
 
     def group(self, root: nn.Module | str) -> ChannelGroup:
@@ -645,7 +669,7 @@ class DependencyInfo:
             raise refusal_error([Refusal(name, name, f"{exc.layer}: {exc.reason}")]) from None
         except _Refused as exc:
             name = self.names.get(module, type(module).__name__)
-            raise refusal_error([Refusal(name, exc.layer, exc.reason)]) from None
+            raise refusal_error([Refusal(name, layer, exc.reason) for layer in exc.layers]) from None
 
     def out_handler(self, module: nn.Module):
         pruner = self.dg.get_pruner_of_module(module)
@@ -670,10 +694,14 @@ class DependencyInfo:
         size = self.out_channels(root)
         slots: dict[tuple[int, Role], Slot] = {}
         params: dict[int, ParamSlot] = {}
-        for item in tp_group:  # name an unsupported layer before the ops inside it (MHA transposes)
-            module = item.dep.target.module
-            if isinstance(module, _UNSUPPORTED_TYPES) and module in self.names:
-                self._role(module, item.dep.handler)
+        # name the unsupported layers (all of them) before the ops inside them (MHA transposes)
+        unsupported = sorted({self.names[item.dep.target.module] for item in tp_group
+                              if isinstance(item.dep.target.module, _UNSUPPORTED_TYPES)
+                              and item.dep.target.module in self.names})
+        if unsupported:
+            kinds = sorted({type(self.model.get_submodule(n)).__name__ for n in unsupported})
+            raise _Refused(unsupported[0], f"{' / '.join(kinds)} is not supported by the pruning "
+                                           "engine", unsupported[1:])
         split = next((item.dep.target for item in tp_group if _splits_channels(item.dep.target)), None)
         if split is not None:
             raise _Refused(name, f"its channels are split by the model's code "
