@@ -336,6 +336,11 @@ def prune_network(ctx: PruneContext, method: str, select: Selector | None,
                 raise RuntimeError(f"{method} selected {len(keep)} channels of {name!r}, "
                                    f"expected {widths[name]}")
             new = reconstruct(samples, keep)
+            if len(keep) == group.size and (sum(cs.residual_sq(keep, *new[cs.name]) for cs in samples)
+                                            >= sum(cs.residual_sq() for cs in samples)):
+                # a whole group whose refit does not help (no drift upstream): weights as they are
+                new = {cs.name: (cs.weight[:, cs.cols].clone(),
+                                 None if cs.bias is None else cs.bias.clone()) for cs in samples}
             rec = {cs.name: cs.weights_after(keep, *new[cs.name]) for cs in samples}
             record = _layer_record(name, group, keep, samples, new, t1 - t0, t2 - t1)
             for slot in group.producers:  # remember which original rows each producer keeps
