@@ -522,6 +522,7 @@ def profile_(
         "--max-seconds", help="Timed seconds per setting.")] = 1.0,
     model_spec: ModelOpt = None,
     weights: WeightsOpt = None,
+    num_classes: NumClassesOpt = None,
     trust_code: TrustCodeOpt = False,
     json_: JsonOpt = False,
 ) -> None:
@@ -538,7 +539,7 @@ def profile_(
     with Output(json_) as o:
         sizes = parse_int_list(batch_sizes, "--batch-sizes")
         runtimes = None if runtime == "none" else check_runtimes(runtime)
-        model, meta, source = model_from_cli(checkpoint, model_spec, weights, trust_code)
+        model, meta, source = model_from_cli(checkpoint, model_spec, weights, trust_code, num_classes)
         shape = input_shape_for(meta, input_shape)
         ref = None
         if original is not None:
