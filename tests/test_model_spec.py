@@ -403,3 +403,43 @@ def test_cli_library_spec_errors(capsys, tmp_path, argv, match):
     code, stdout, err = run(capsys, *argv)
     assert_one_line_error(code, stdout, err, match)
     assert not (tmp_path / "o.onnx").exists() and not (tmp_path / "o.pt").exists()
+
+
+def test_every_command_takes_the_model_options():
+    import typer
+
+    from prunekit import cli
+
+    commands = typer.main.get_command(cli.app).commands
+    for name in ("train", "eval", "profile", "export", "prune", "compare"):
+        flags = {o for p in commands[name].params for o in p.opts}
+        assert {"--model", "--weights", "--input-shape", "--num-classes"} <= flags, name
+
+
+def test_cli_train_fine_tunes_a_factory_model_from_its_weights(capsys, net_file, tmp_path, folder_data):
+    weights = _weights(net_file, tmp_path)
+    out = tmp_path / "t.pt"
+    code, stdout, err = run(capsys, "train", "--model", f"{net_file}:make_net", "--weights", weights,
+                            "--num-classes", "2", "--input-shape", "1,8,8", "--data", folder_data,
+                            "--epochs", "1", "--lr", "0", "--out", out, "--device", "cpu", "--json")
+    assert code == 0, err
+    loaded, meta = prunekit.load(out, trust_code=True)
+    assert meta["model_spec"]["spec"] == f"{net_file.resolve()}:make_net"
+    assert meta["input_shape"] == [1, 8, 8]
+    # lr 0: the trained weights are the given ones (BatchNorm statistics aside)
+    original = load_weights(build(f"{net_file}:make_net"), weights)
+    for (k, a), b in zip(original.state_dict().items(), loaded.state_dict().values(), strict=True):
+        if "running" not in k and "num_batches" not in k:
+            assert torch.equal(a, b), k
+
+
+def test_cli_compare_own_model(capsys, net_file, tmp_path, folder_data):
+    report = tmp_path / "r"
+    code, stdout, err = run(capsys, "compare", "--model", f"{net_file}:make_net", "--weights",
+                            _weights(net_file, tmp_path), "--input-shape", "1,8,8", "--data", folder_data,
+                            "--methods", "l1", "--ratio", "0.5", "--report", report, "--no-onnx",
+                            "--latency-seconds", "0.01", "--device", "cpu", "--json")
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert [m["method"] for m in result["methods"]] == ["l1"]
+    assert (report / "report.md").is_file()
