@@ -33,7 +33,7 @@ demo: setup data
 	$(BIN)/prunekit demo
 
 lint: setup
-	$(BIN)/ruff check prunekit tests bench
+	$(BIN)/ruff check prunekit tests tests_vision bench
 
 # two workers (one torch thread each, a test file per worker): the 2-core machines' cores
 test: setup data lint
@@ -60,7 +60,7 @@ setup-vision: $(VBIN)/.installed
 
 # the model-zoo coverage tests (tests_vision/, not collected by `make test`)
 test-vision: setup-vision data
-	OMP_NUM_THREADS=1 $(VBIN)/python -m pytest -n 2 --dist loadfile tests_vision
+	OMP_NUM_THREADS=1 $(VBIN)/python -m pytest -n 2 --dist load tests_vision
 
 clean:
 	rm -rf $(VENV) $(VVENV) build *.egg-info .pytest_cache

@@ -1,0 +1,29 @@
+"""A timm sample across families and the Hugging Face conv classifiers at full size, l1 at 0.3."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import prune_and_check
+
+from prunekit.models import build
+
+TIMM = ["resnet18", "resnext26ts", "regnetx_002", "regnety_002", "efficientnet_b0",
+        "mobilenetv3_small_100", "convnext_atto", "ghostnet_100", "repvgg_a0", "densenet121",
+        "dla34", "dpn68", "deit_tiny_patch16_224", "swin_tiny_patch4_window7_224"]
+MAY_REFUSE = {"deit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "ghostnet_100", "dpn68"}
+
+
+@pytest.mark.parametrize("name", TIMM)
+def test_timm_model_prunes_or_refuses_cleanly(name, tmp_path, seeded):
+    model = build(f"timm:{name}", num_classes=10)
+    size = 224 if ("deit" in name or "swin" in name) else 64
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    assert prune_and_check(model, x, tmp_path, may_refuse=name in MAY_REFUSE) in ("ok", "refused")
+
+
+@pytest.mark.parametrize("model_type", ["resnet", "convnext", "regnet", "mobilenet_v2"])
+def test_hf_model_at_full_size_prunes_and_reloads(model_type, tmp_path, seeded):
+    model = build(f"hf:{model_type}", num_classes=10)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    assert prune_and_check(model, x, tmp_path) == "ok"
