@@ -100,7 +100,8 @@ def latency_target(method: str, target_latency: float, runtime: str | None, batc
 PRUNE_KEYWORDS = ("model", "example_inputs", "method", "ratio", "target_macs", "data",
                   "finetune_epochs", "distill", "train_config", "ignored_layers", "seed",
                   "evaluate", "round_to", "expand", "refine_labels", "skip_unsupported",
-                  "target_latency", "runtime", "latency_batch_size", "latency_threads", "progress")
+                  "target_latency", "runtime", "latency_batch_size", "latency_threads", "progress",
+                  "latency_fractions")
 
 
 def finetune(model: nn.Module, train_set: Any, epochs: int, *, teacher: nn.Module | None = None,
@@ -168,6 +169,7 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None,
           refine_labels: bool = False, skip_unsupported: bool = False,
           target_latency: float | None = None, runtime: str | None = None,
           latency_batch_size: int = 1, latency_threads: int | None = None, progress: Any = None,
+          latency_fractions: tuple[float, ...] | None = None,
           **method_options: Any) -> PruneResult:
     """Prune ``model`` with ``method`` to a ``ratio`` of removed filters or a ``target_macs``
     fraction of the original MACs.
@@ -202,6 +204,9 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None,
         :data:`~prunekit.engine.budget.DEFAULT_ROUND_TO` unless ``round_to`` says otherwise.
     progress : callable(str), optional
         Receives progress lines of the latency measurements.
+    latency_fractions : tuple of float, optional
+        Candidate widths per group in the latency table (default a quarter, half and three
+        quarters; fewer make the table cheaper on large models).
     data : dataset, DataLoader or (train, test), optional
         Calibration / training data; the test set, when given, is used for the accuracies.
         Each may be a prunekit ImageDataset (in memory), a streamed image folder, any
@@ -247,6 +252,8 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None,
             round_to = DEFAULT_ROUND_TO
         budget = latency_target(method, target_latency, runtime, latency_batch_size, latency_threads,
                                 round_to, progress)
+        if latency_fractions is not None:
+            budget.fractions = tuple(float(q) for q in latency_fractions)
     elif runtime is not None:
         from .measure.runtimes import check_runtimes
         check_runtimes([runtime])

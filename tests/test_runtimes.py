@@ -128,3 +128,35 @@ def test_a_model_without_parameters_is_timed_too(tmp_path) -> None:
     rep = profile_runtimes(TwoOut(), torch.randn(1, 1, 4, 4), (1,), ["nchw"], max_seconds=0.01,
                            workdir=tmp_path)
     assert rep["runtimes"]["nchw"]["ok"] and rep["runtimes"]["nchw"]["latency_ms"]["1"]["median"] > 0
+
+
+def test_cli_prune_rounds_widths_to_8_by_default(tmp_path, capsys) -> None:
+    from prunekit.io import save
+
+    path = tmp_path / "m.pt"
+    save(_net(), path, meta={"input_shape": [1, 28, 28], "data": "fashion-mnist"})
+    widths = {}
+    for extra in ([], ["--round-to", "1"]):
+        code, out, _ = run(capsys, "prune", path, "--method", "l1", "--target-macs", "0.5",
+                           "--train-samples", "16", "--out", tmp_path / "p.pt", "--json", *extra)
+        assert code == 0
+        rep = json.loads(out)
+        assert rep["macs_fraction"] <= 0.5
+        widths[bool(extra)] = [after for _, after in rep["widths"].values()]
+        assert rep["round_to"] == (None if extra else 8)
+    # resnet8's groups have 16, 32 and 64 channels: every pruned width a multiple of 8 by default
+    assert all(w % 8 == 0 for w in widths[False][:-1])          # the classifier (10) stays
+    assert any(w % 8 for w in widths[True][:-1])                 # exact widths with --round-to 1
+
+
+def test_slower_result_warns_in_one_line(capsys) -> None:
+    from prunekit.cli import Output, _speed_lines
+
+    report = {"speed": {"runtime": "onnxruntime", "batch_size": 16, "ratio": 1.2,
+                        "slower": [{"runtime": "onnxruntime", "batch": 16, "ratio": 1.2}]}}
+    with Output(False) as o:
+        lines = _speed_lines(report, o)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["speed on onnxruntime at batch 16: 1.200x the original's latency"]
+    assert err == ["prunekit: warning: the pruned model measured slower than the original on "
+                   "onnxruntime batch 16 (1.20x)"]

@@ -135,10 +135,10 @@ def measure_ratio(model: nn.Module, original: nn.Module, example_input: torch.Te
     return mb / ma, mb * 1e3, ma * 1e3
 
 
-def _candidates(size: int, round_to: int | None) -> list[int]:
+def _candidates(size: int, round_to: int | None, fractions: Sequence[float] = FRACTIONS) -> list[int]:
     from ..engine.budget import round_width
 
-    out = {round_width(max(1, int(round(size * q))), size, round_to) for q in FRACTIONS}
+    out = {round_width(max(1, int(round(size * q))), size, round_to) for q in fractions}
     return sorted(w for w in out if 1 <= w < size)
 
 
@@ -160,7 +160,8 @@ def _key(model: nn.Module, x: torch.Tensor, runtime: str, batch_size: int, threa
 
 def build_table(info: Any, runtime: str, batch_size: int = 1, threads: int | None = None, *,
                 round_to: int | None = None, max_seconds: float = 0.3, use_cache: bool = True,
-                progress: Callable[[str], None] | None = None) -> tuple[LatencyTable, dict[str, Any]]:
+                progress: Callable[[str], None] | None = None,
+                fractions: Sequence[float] = FRACTIONS) -> tuple[LatencyTable, dict[str, Any]]:
     """Measure (or read from the cache) the latency table of ``info.model`` (a
     :class:`~prunekit.engine.DependencyInfo`) on ``runtime``.
 
@@ -177,7 +178,7 @@ def build_table(info: Any, runtime: str, batch_size: int = 1, threads: int | Non
     if not isinstance(x, torch.Tensor):
         raise ConfigError("a latency budget needs a model that takes one input tensor")
     sizes = {g.name: g.size for g in info.groups}
-    candidates = {g: _candidates(s, round_to) for g, s in sizes.items()}
+    candidates = {g: _candidates(s, round_to, fractions) for g, s in sizes.items()}
     path = cache_dir() / f"latency-{_key(info.model, x, runtime, batch_size, threads, candidates)}.json"
     if use_cache and path.is_file():
         try:
@@ -241,7 +242,8 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
     note = target.progress or (lambda _m: None)
     table, about = build_table(info, target.runtime, target.batch_size, target.threads,
                                round_to=round_to, max_seconds=target.table_seconds,
-                               use_cache=target.use_cache, progress=note)
+                               use_cache=target.use_cache, progress=note,
+                               fractions=tuple(target.fractions))
     threads = table.threads
     floor = table.predict(fn(0.999))
     goal = target.fraction

@@ -1,0 +1,140 @@
+"""Speed on the deployment runtime: uniform 50% of the MACs vs ``--target-latency`` (issue #18).
+
+For each model the original is pruned by ``l1`` (a) to 50% of the MACs with exact widths
+(``round_to=None``, the library's old default), (b) to 50% of the MACs with the command line's
+default ``round_to=8``, and (c) with ``target_latency`` 0.7 / 0.5 / 0.35 on ONNX Runtime and on
+OpenVINO (a per-group latency table measured here, widths searched against it, measured end to
+end and tightened). Every pruned model is then verified and timed against the original on each
+runtime, interleaved (A B B A ...), one thread, median of the calls:
+
+* ``latency ratio`` = pruned median / original median on that runtime and batch size;
+* ``efficiency`` = MACs ratio / latency ratio (1: latency falls as fast as the MACs);
+* for (c): ``measured`` = that re-measurement of the final model, beside the target and the
+  search's own prediction and measurement.
+
+Models: ResNet-20 at 1x28x28 (zoo), ResNet-18 and MobileNetV2 at 3x224x224
+(bench/imagenet_models.py: ImageNet strides, built from prunekit's blocks). Weights are the
+initialisation: latency depends on the shapes only. Results: bench/results/runtimes.{json,md}.
+
+Example
+-------
+    OMP_NUM_THREADS=1 .venv/bin/python bench/runtimes.py            # ~15 min on 2 cores
+    OMP_NUM_THREADS=1 .venv/bin/python bench/runtimes.py --models resnet20 --name runtimes_quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import write_results  # noqa: E402
+
+import prunekit  # noqa: E402
+from prunekit.errors import ConfigError  # noqa: E402
+from prunekit.measure.runtimes import profile_runtimes  # noqa: E402
+from prunekit.models import create  # noqa: E402
+
+MODELS = {  # name -> (builder, input shape, batch sizes timed, batch sizes of the latency budget)
+    "resnet20": (lambda: create("resnet20", num_classes=10, in_channels=1).eval(),
+                 (1, 28, 28), (1, 64), (1, 64)),
+    "resnet18": (lambda: __import__("imagenet_models").resnet18(), (3, 224, 224), (1, 16), (1,)),
+    "mobilenetv2": (lambda: __import__("imagenet_models").mobilenetv2(), (3, 224, 224), (1, 16), (1,)),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="resnet20,resnet18,mobilenetv2")
+    p.add_argument("--runtimes", default="onnxruntime,openvino")
+    p.add_argument("--targets", default="0.7,0.5,0.35")
+    p.add_argument("--seconds", type=float, default=1.0, help="timed seconds per setting")
+    p.add_argument("--name", default="runtimes")
+    return p.parse_args(argv)
+
+
+def timed_rows(model: str, setting: str, net, pruned, x, batches, runtimes, seconds, macs_ratio,
+               extra=None) -> list[dict]:
+    rep = profile_runtimes(pruned, x, batches, runtimes, original=net, max_seconds=seconds, threads=1)
+    rows = []
+    for rt, rec in rep["runtimes"].items():
+        for b in map(str, batches):
+            if "ratio" not in rec:
+                rows.append({"model": model, "setting": setting, "runtime": rt, "batch": b,
+                             "ok": False, "error": rec.get("error")})
+                continue
+            ratio = rec["ratio"][b]
+            rows.append({"model": model, "setting": setting, "runtime": rt, "batch": int(b),
+                         "ok": rec["ok"], "macs_ratio": macs_ratio,
+                         "original_ms": rec["original_latency_ms"][b]["median"],
+                         "pruned_ms": rec["latency_ms"][b]["median"], "latency_ratio": ratio,
+                         "efficiency": macs_ratio / ratio, **(extra or {})})
+    return rows
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    runtimes = args.runtimes.split(",")
+    targets = [float(t) for t in args.targets.split(",")]
+    rows: list[dict] = []
+    t_start = time.perf_counter()
+    for name in args.models.split(","):
+        build, shape, batches, budget_batches = MODELS[name]
+        torch.manual_seed(0)
+        net = build()
+        x = torch.randn(1, *shape)
+        fractions = (0.25, 0.5, 0.75) if shape[-1] < 100 else (0.375, 0.75)  # cheaper at 224x224
+        for setting, round_to in (("uniform 50% MACs, exact widths", None),
+                                  ("uniform 50% MACs, round_to 8 (default)", 8)):
+            res = prunekit.prune(net, x, method="l1", target_macs=0.5, round_to=round_to)
+            rows += timed_rows(name, setting, net, res.model, x, batches, runtimes, args.seconds,
+                               res.report["macs_fraction"])
+            print(f"[{time.perf_counter() - t_start:.0f} s] {name}: {setting} done", flush=True)
+        for rt in runtimes:
+            for b in budget_batches:
+                for f in targets:
+                    t0 = time.perf_counter()
+                    try:
+                        res = prunekit.prune(net, x, method="l1", target_latency=f, runtime=rt,
+                                             latency_batch_size=b, latency_threads=1,
+                                             latency_fractions=fractions)
+                    except ConfigError as e:  # a target the widths cannot reach
+                        rows.append({"model": name, "setting": f"target latency {f}", "runtime": rt,
+                                     "batch": b, "target": f, "error": str(e)})
+                        continue
+                    lb = res.report["latency_budget"]
+                    extra = {"target": f, "predicted": lb["predicted_ratio"],
+                             "search_measured": lb["measured_ratio"], "rounds": len(lb["rounds"]),
+                             "table_s": lb["table"]["seconds"], "table_cached": lb["table"]["cached"],
+                             "prune_s": time.perf_counter() - t0}
+                    got = timed_rows(name, f"target latency {f}", net, res.model, x, [b], [rt],
+                                     args.seconds, res.report["macs_fraction"], extra)
+                    for r in got:
+                        r["measured"] = r.get("latency_ratio")
+                    rows += got
+                    print(f"[{time.perf_counter() - t_start:.0f} s] {name}: target {f} on {rt} "
+                          f"batch {b}: measured {got[0].get('latency_ratio')}", flush=True)
+        payload = {"settings": {**vars(args), "threads": 1, "method": "l1"},
+                   "wall_s": time.perf_counter() - t_start}
+        write_results(args.name, payload, rows,
+                      ["model", "setting", "runtime", "batch", "macs_ratio", "original_ms", "pruned_ms",
+                       "latency_ratio", "efficiency", "target", "predicted", "search_measured",
+                       "rounds", "table_s", "ok"],
+                      "Speed on the deployment runtime: uniform MACs budget vs --target-latency",
+                      notes="latency_ratio: pruned / original median latency, timed interleaved "
+                            "on the runtime (one thread); efficiency = macs_ratio / latency_ratio; "
+                            "for target-latency rows, latency_ratio is the final model re-measured "
+                            "after the search (search_measured: the search's own last measurement, "
+                            "predicted: the table's prediction). Command: `OMP_NUM_THREADS=1 "
+                            f".venv/bin/python bench/runtimes.py --models {args.models}`.")
+    print(f"done in {time.perf_counter() - t_start:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
