@@ -883,6 +883,7 @@ def compare_(
     from .api import check_budget
     from .report import check_methods, compare, text_table
     from .report.config import parse_methods, read_config
+    from .report.render import runtime_lines
     from .train import TrainConfig
 
     with Output(json_) as o:
@@ -942,7 +943,8 @@ def compare_(
                                 f"see {out_dir / 'report.md'}")
         html_path = out_dir / results["paths"]["report_html"]
         o.result(_compare_summary(results),
-                 [*text_table(results), "", f"report: {html_path} (and {out_dir / 'report.md'})"])
+                 [*text_table(results), "", *runtime_lines(results),
+                  f"report: {html_path} (and {out_dir / 'report.md'})"])
 
 
 @app.command()
@@ -971,6 +973,7 @@ def demo(
     from . import methods as _methods
     from .report import check_methods, compare, text_table
     from .report.config import parse_methods
+    from .report.render import runtime_lines
     from .train import TrainConfig
 
     with Output(json_) as o:
@@ -1018,7 +1021,7 @@ def demo(
                   f"{len(test_set)} test images",
                   f"pruned to at most {target_macs:.0%} of the MACs, {finetune_epochs} training "
                   "epoch(s) per method (own training + fine-tuning):", "",
-                  *text_table(results), "",
+                  *text_table(results), "", *runtime_lines(results),
                   f"report: {html_path} (and {report_dir / 'report.md'})"])
 
 

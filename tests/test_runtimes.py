@@ -160,3 +160,17 @@ def test_slower_result_warns_in_one_line(capsys) -> None:
     assert lines == ["speed on onnxruntime at batch 16: 1.200x the original's latency"]
     assert err == ["prunekit: warning: the pruned model measured slower than the original on "
                    "onnxruntime batch 16 (1.20x)"]
+
+
+def test_report_lines_name_each_method_runtime_and_batch() -> None:
+    from prunekit.report.render import runtime_lines
+
+    results = {"methods": [
+        {"method": "l1", "runtimes": {"runtimes": {
+            "onnxruntime": {"ok": True, "ratio": {"1": 0.61, "64": 0.47}},
+            "openvino": {"ok": True, "ratio": {"1": 0.8, "64": 0.52}}}}},
+        {"method": "csgd", "runtimes": None}]}
+    lines = runtime_lines(results)
+    assert lines[1].split() == ["l1", "onnxruntime", "batch", "1:", "0.61x,", "batch", "64:", "0.47x"]
+    assert lines[-1] == "fastest everywhere it was timed: l1 on onnxruntime (0.61x or less)"
+    assert runtime_lines({"methods": [{"method": "l1"}]}) == []

@@ -236,6 +236,9 @@ def render_markdown(results: Mapping[str, Any], images: Sequence[tuple[str, str]
     for row, bad in zip(rows, failed, strict=True):
         cells = row + [""] * (len(headers) - len(row)) if bad else row
         lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
+    speed = runtime_lines(results)
+    if speed:
+        lines += ["", "Speed on the deployment runtimes:", "", "```", *speed, "```"]
     lines += ["", "Notes:", ""] + [f"- {_md_cell(n)}" for n in _notes(results)]
     if images:
         lines += ["", "## Figures", ""]
@@ -300,6 +303,30 @@ def _kv_table(values: Mapping[str, Any]) -> str:
         text = value if isinstance(value, str) else json.dumps(value, default=str, separators=(", ", ": "))
         rows.append(f"<tr><th>{html.escape(str(key))}</th><td>{html.escape(text)}</td></tr>")
     return '<table class="kv">' + "".join(rows) + "</table>"
+
+
+def runtime_lines(results: Mapping[str, Any]) -> list[str]:
+    """One line per method and runtime: the pruned model's latency over the original's on that
+    runtime per batch size (timed interleaved, outputs verified), and the best runtime."""
+    lines = []
+    best: tuple[float, str] | None = None
+    for e in results.get("methods", []):
+        rts = (e.get("runtimes") or {}).get("runtimes") or {}
+        for rt, rec in rts.items():
+            ratios = rec.get("ratio") or {}
+            if not ratios:
+                continue
+            parts = ", ".join(f"batch {b}: {r:.2f}x" for b, r in ratios.items())
+            flag = "" if rec.get("ok") else " (OUTPUTS DIFFER)"
+            lines.append(f"  {e['method']:<12} {rt:<12} {parts}{flag}")
+            worst = max(ratios.values())
+            if best is None or worst < best[0]:
+                best = (worst, f"{e['method']} on {rt}")
+    if not lines:
+        return []
+    head = ["pruned / original latency on the deployment runtimes (one thread, interleaved):"]
+    tail = [f"fastest everywhere it was timed: {best[1]} ({best[0]:.2f}x or less)"] if best else []
+    return head + lines + tail
 
 
 def text_table(results: Mapping[str, Any]) -> list[str]:
