@@ -553,7 +553,8 @@ def test_cli_prunes_an_own_factory_model(capsys, own, models_file, tmp_path, fac
     out = tmp_path / "p.pt"
     code, stdout, err = run(capsys, "prune", "--model", f"{models_file}:{factory}", "--weights",
                             weights, "--input-shape", "3,32,32", "--data", data, "--method", "l1",
-                            "--ratio", "0.4", "--out", out, "--device", "cpu", "--json")
+                            "--ratio", "0.4", "--round-to", "1", "--out", out, "--device", "cpu",
+                            "--json")
     assert code == 0, err
     report = json.loads(stdout)
     assert report["macs_after"] < report["macs_before"] and report["skipped_unsupported"] == []
@@ -583,6 +584,12 @@ def test_cli_refuses_in_one_line_then_skips_unsupported(capsys, tmp_path):
     assert {r["layer"] for r in report["skipped_unsupported"]} >= {"pre_shuffle", "attn", "qkv"}
     notes = [ln for ln in err.splitlines() if "--skip-unsupported" in ln]
     assert len(notes) == 1 and "attn" in notes[0]
+    # the producers the error names, given to --ignore (a name, a pattern): nothing is refused
+    groups = line.split("ignored_layers (")[1].split(")")[0].replace("'", "").split(", ")
+    assert set(groups) == {"mlp.2", "pre_shuffle", "qkv"}
+    code, stdout, err = run(capsys, *argv, "--ignore", "mlp.2,pre_*,q?v", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["skipped_unsupported"] == []
 
 
 def _source(cls) -> str:

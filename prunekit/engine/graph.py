@@ -137,9 +137,11 @@ class Slot:
         The layer itself (a live reference: surgery changes it in place).
     role : {"producer", "channelwise", "consumer"}
     positions : dict[int, list[int]]
-        Root channel -> the layer's own indices that carry it (output rows for producers and
-        channel-wise ops, input columns for consumers), in a fixed order that is aligned
-        across root channels (the ``t``-th position of two channels plays the same part).
+        Channel (a unit of tied channels, see :class:`ChannelGroup`) -> the layer's own indices
+        that carry it (output rows for producers and channel-wise ops, input columns for
+        consumers: for a grouped conv, columns of the full input, see :func:`input_columns`),
+        in a fixed order that is aligned across channels (the ``t``-th position of two
+        channels plays the same part).
     """
 
     name: str
