@@ -589,18 +589,19 @@ def export(
                   f"max abs diff vs PyTorch {info['max_abs_diff']:.2g})"])
 
 
-def default_round_to(method: str, round_to: int | None, latency_budget: bool = False) -> Any:
+def default_round_to(method: str, round_to: int | None, latency_budget: bool = False,
+                     options: dict[str, Any] | None = None) -> Any:
     """``--round-to`` when given; otherwise, for a method that rounds its widths, 8
     (:data:`prunekit.engine.budget.DEFAULT_ROUND_TO`): widths that are multiples of 8 run
     markedly faster on ONNX Runtime and OpenVINO, so a default prune is not slower than the
-    original there. ``--round-to 1`` keeps exact widths. Torch-Pruning's peers keep their own
-    widths unless under a latency budget."""
+    original there (Torch-Pruning's peers too, then given our rounded widths; with its global
+    ranking a peer keeps its own). ``--round-to 1`` keeps exact widths."""
     from . import methods as _methods
     from .engine.budget import DEFAULT_ROUND_TO
 
     if round_to is not None or not _methods.spec(method).round_to:
         return round_to
-    if method.startswith("tp:") and not latency_budget:
+    if method.startswith("tp:") and (options or {}).get("global_ranking"):
         return None
     return DEFAULT_ROUND_TO
 
@@ -615,7 +616,8 @@ def with_default_round_to(names: Sequence[str], method_options: dict[str, dict[s
     for name in names:
         if shared or "round_to" in out.get(name, {}):
             continue
-        rt = default_round_to(name, None, latency_budget)
+        rt = default_round_to(name, None, latency_budget,
+                              {**out.get("*", {}), **out.get(name, {})})
         if rt is not None:
             out.setdefault(name, {})["round_to"] = rt
     return out
@@ -697,7 +699,7 @@ def prune_(
         options = method_options_from_cli(method, ctx.args)
         check_budget(ratio, target_macs, optional=spec.chooses_widths, target_latency=target_latency)
         _methods.check_round_to_supported(method, round_to)
-        round_to = default_round_to(method, round_to, target_latency is not None)
+        round_to = default_round_to(method, round_to, target_latency is not None, options)
         if target_latency is not None:  # method, runtime and package checked before any work
             from .api import latency_target
             latency_target(method, target_latency, runtime, latency_batch, round_to=round_to)
