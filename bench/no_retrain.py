@@ -75,12 +75,18 @@ def recipe_call(recipe: str, args: argparse.Namespace) -> tuple[str, dict[str, A
     raise SystemExit(f"error: unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
 
 
+def _data(args: argparse.Namespace):
+    """Fashion-MNIST train (calibration) and test sets (the first ``--test-samples``)."""
+    train, test = load_data("fashion-mnist")
+    return train, (test.subset(args.test_samples) if args.test_samples else test)
+
+
 def _run(conn, base: str, recipe: str, removed: float, args: argparse.Namespace) -> None:
     """One recipe in a child process; sends back its row."""
     torch.set_num_threads(1)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     model, _ = prunekit.load(args.base_paths[base])
-    train, test = load_data("fashion-mnist", test_samples=args.test_samples)
+    train, test = _data(args)
     method, opts, bn = recipe_call(recipe, args)
     t0 = time.perf_counter()
     res = prunekit.prune(model.eval(), data=train, method=method, target_macs=round(1 - removed, 4),
@@ -121,7 +127,7 @@ def run_one(base: str, recipe: str, removed: float, args: argparse.Namespace) ->
 
 def base_accuracy(base: str, args: argparse.Namespace) -> float:
     model, _ = prunekit.load(args.base_paths[base])
-    _, test = load_data("fashion-mnist", test_samples=args.test_samples)
+    _, test = _data(args)
     return evaluate(model.eval(), test)
 
 
@@ -144,7 +150,8 @@ def render(rows: list[dict[str, Any]], bases: dict[str, float], args: argparse.N
              "training set; one process per run (peak RSS is that process's maximum resident memory, "
              "the loaded data set included); `seconds`: the whole prune call (plus the BatchNorm "
              "re-estimation for `+bn`), distillation included where there is one.\n\n"
-             f"Command: `{' '.join(['OMP_NUM_THREADS=1', 'python'] + sys.argv)}`")
+             f"Command (the last of the runs collected here with `--resume`): "
+             f"`{' '.join(['OMP_NUM_THREADS=1', 'python'] + sys.argv)}`")
     write_results(args.name, {"settings": {k: v for k, v in vars(args).items() if k != "base_paths"},
                               "base_accuracy": bases},
                   table, ["base", "fewer MACs", "recipe", "acc", "drop", "MACs kept", "params kept",
@@ -185,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict[str, Any]] = []
     if args.resume and out.is_file():
         rows = [r for r in json.loads(out.read_text())["rows_raw"]]
-    accs = {b: base_accuracy(b, args) for b in bases}
+    accs = {b: base_accuracy(b, args) for b in sorted(set(bases) | {r["base"] for r in rows})}
     done = {(r["base"], r["removed"], r["recipe"]) for r in rows}
     for b in bases:
         for removed in budgets:
@@ -195,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
                 if (b, removed, recipe) in done:
                     continue
                 row = run_one(b, recipe, removed, args)
+                row["argv"] = " ".join(sys.argv[1:])
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 render(rows, accs, args)
