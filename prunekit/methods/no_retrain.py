@@ -305,7 +305,10 @@ def run(ctx: PruneContext) -> MethodOutput:
                               batch_size=opts.batch_size, seed=ctx.seed)
     t_targets = time.perf_counter() - t0
     curves: dict[str, torch.Tensor] = {}
-    if opts.widths == "adaptive":
+    from ..engine.budget import LatencyTarget
+
+    latency = isinstance(ctx.target_macs, LatencyTarget)  # --target-latency: the latency search
+    if opts.widths == "adaptive" and not latency:
         probe = None
         if opts.damage == "output":
             probe = _first_images(images, opts.probe_images).to(next(model.parameters()).device)
@@ -339,6 +342,7 @@ def run(ctx: PruneContext) -> MethodOutput:
     extra: dict[str, Any] = dict(out.extra)
     extra.update({"selection": opts.selection, "widths_mode": opts.widths,
                   "widths": {n: [sizes[n], widths[n]] for n in names},
+                  "widths_source": ("latency table" if latency else opts.widths),
                   "macs_fraction_planned": frac, "bn_images": bn_images,
                   "damage": {n: float(curves[n][widths[n]]) for n in curves},
                   "targets_s": t_targets, "widths_s": t_widths,
