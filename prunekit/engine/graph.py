@@ -191,6 +191,13 @@ class ChannelGroup:
     params: list[ParamSlot] = field(default_factory=list)
 
     @property
+    def normalised(self) -> bool:
+        """Whether a LayerNorm / GroupNorm normalises over the group's channels: removing (or
+        merging) a channel then changes the statistics every other channel is normalised with,
+        so it is not the same as silencing the channel (structurally valid, never exact)."""
+        return any(isinstance(s.module, (nn.LayerNorm, nn.GroupNorm)) for s in self.channelwise)
+
+    @property
     def channels(self) -> int:
         """Output channels of the root layer (``size`` times the unit size)."""
         return self.size if self.units is None else sum(len(u) for u in self.units)
