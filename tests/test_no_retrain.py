@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 import torch.nn as nn
-from conftest import run, top1, write_image_folder
+from conftest import assert_one_line_error, run, top1, write_image_folder
 from torch.utils.data import Dataset
 
 import prunekit
@@ -288,10 +288,22 @@ def test_cli_reconstruct(tmp_path, capsys):
     assert code == 0
     rep = json.loads(stdout)
     assert rep["macs_fraction"] <= 0.5 and "acc_final" not in rep
-    code, _, err = run(capsys, "prune", str(ck), "--data", folder, "--method", "reconstruct",
-                       "--target-macs", "0.5", "--selection", "lass", "--out", tmp_path / "q.pt")
-    assert code == 2 and "lasso" in err
-    assert not (tmp_path / "q.pt").exists()
+    # bad input: one line, exit 2, no output file
+    bad = [(["--selection", "lass"], "lasso"),
+           (["--target-macs", "0.001"], "below what pruning"),
+           (["--data", f"images:{tmp_path / 'none'}"], "not found"),
+           (["--probe-widths", "1.5"], "probe_widths")]
+    for extra, match in bad:
+        args = ["prune", str(ck), "--data", folder, "--method", "reconstruct", "--target-macs", "0.5",
+                "--calib-images", "8", "--out", tmp_path / "q.pt"]
+        for k in range(0, len(extra), 2):  # the later value of a repeated option wins
+            i = args.index(extra[k]) if extra[k] in args else None
+            if i is not None:
+                args[i + 1] = extra[k + 1]
+            else:
+                args += extra[k:k + 2]
+        assert_one_line_error(*run(capsys, *args), match=match)
+        assert not (tmp_path / "q.pt").exists()
 
 
 def test_all_combinations_meet_the_budget(trained_resnet8, grating_data):

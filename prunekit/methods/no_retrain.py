@@ -164,13 +164,14 @@ def _chooser(opts: NoRetrainOptions, seed: int):
 
 # ------------------------------------------------------------------------------ the recipe
 def damage_curves(ctx: PruneContext, targets: OriginalTargets, info, names: list[str],
-                  opts: NoRetrainOptions, probe: torch.Tensor | None) -> dict[str, torch.Tensor]:
+                  opts: NoRetrainOptions, probe: torch.Tensor | None,
+                  probes: tuple[float, ...] = (0.25, 0.5, 0.75)) -> dict[str, torch.Tensor]:
     """Step 2: every group's damage at every width.
 
     The consumers' relative refit error ``e_g(k)`` of backward elimination (sampled in the
     original network) gives the shape of each curve; with ``probe`` images
     (``damage="output"``), its scale is measured where it matters: the group alone is pruned to
-    a few widths (``probe_widths`` of its channels, kept set and refit of the path) and the
+    a few widths (``probes``: fractions of its channels, kept set and refit of the path) and the
     relative squared change of the network's OUTPUT on the probe images is recorded; the curve
     is ``s_g(k) e_g(k)`` with ``s_g`` interpolated between those probes. Layers whose errors
     the rest of the network amplifies then cost more than layers it absorbs.
@@ -188,7 +189,7 @@ def damage_curves(ctx: PruneContext, targets: OriginalTargets, info, names: list
         C = info.group(n).size
         if ref is not None:
             ks, scales = [], []
-            for f in opts.probe_widths:
+            for f in probes:
                 k = min(C - 1, max(1, int(round(f * C))))
                 if k in ks or C < 2:
                     continue
@@ -279,8 +280,10 @@ def _target_fraction(ctx: PruneContext, info, names: list[str]) -> float:
 def run(ctx: PruneContext) -> MethodOutput:
     """Prune ``ctx.model`` from unlabeled calibration images (see the module docstring)."""
     opts = ctx.parse(NoRetrainOptions, "reconstruct")
+    raw = opts.probe_widths
     try:
-        probes = tuple(float(f) for f in opts.probe_widths)
+        probes = tuple(float(f) for f in (raw.split(",") if isinstance(raw, str)
+                                          else raw if isinstance(raw, (list, tuple)) else [raw]))
     except (TypeError, ValueError):
         probes = ()
     if not probes or not all(0 < f < 1 for f in probes):
@@ -317,7 +320,7 @@ def run(ctx: PruneContext) -> MethodOutput:
         curve_targets = OriginalTargets(original, consumers, data, few,
                                         samples_per_image=opts.samples_per_image,
                                         batch_size=opts.batch_size, seed=ctx.seed + 1)
-        curves = damage_curves(ctx, curve_targets, info, names, opts, probe)
+        curves = damage_curves(ctx, curve_targets, info, names, opts, probe, probes)
         del curve_targets
         widths, frac = allocate_widths(info, curves, _target_fraction(ctx, info, names),
                                        round_to=ctx.round_to)
