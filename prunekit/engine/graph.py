@@ -642,7 +642,8 @@ class DependencyInfo:
         ignored = {id(m) for m in list(self.ignored) + list(self.dg.IGNORED_LAYERS_IN_TRACING)}
         seen: set[int] = set()
         for module in list(self.dg.module2node):
-            if not isinstance(module, (nn.Conv2d, nn.Linear)) or id(module) in ignored | seen:
+            if (not isinstance(module, (nn.Conv2d, nn.Linear)) or id(module) in ignored
+                    or id(module) in seen):
                 continue
             pruner = self.dg.get_pruner_of_module(module)
             if pruner is None or pruner.get_out_channels(module) is None:
