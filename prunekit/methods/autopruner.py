@@ -37,7 +37,9 @@ consumer (pre-activation ResNets, DenseNet): ``BN(0) != 0``. For a residual trun
 of the stage-wide group is computed once per forward from the input of the first consumer that
 runs (the stem's / stage's first block input: the paper's block output) and applied to every
 consumer of the stage. Depthwise convs are channel-wise members of their group (the gate acts
-after them, at the projection conv); grouped convs are refused by the engine.
+after them, at the projection conv). A grouped conv (ResNeXt, RegNet) reads a channel only in
+the rows of its own group, so a gate value is folded there (:func:`fold_gates`); a Linear in a
+channel-last block (ConvNeXt's ``[N, H, W, C]``) has its gate applied on the last axis.
 
 References
 ----------
@@ -58,6 +60,7 @@ import torch.nn.functional as F
 from ..data.batches import count, is_empty, iter_batches
 from ..engine import ChannelGroup, DependencyInfo, GroupPlan, PruningPlan, Slot, analyse, apply_plan
 from ..engine.budget import Widths, budget_widths
+from ..engine.graph import input_columns, is_grouped
 from ..engine.ranking import channel_multiplier, consumer_index, feature_index
 from ..errors import ConfigError, DataError, UnsupportedLayerError
 from ..utils import eval_mode, resolve_device
@@ -167,8 +170,11 @@ class GatedModel:
             gate.v = None
 
     def _make_hook(self, key: str, name: str, cols: torch.Tensor, chans: torch.Tensor):
-        def hook(_module, args):
+        def hook(module, args):
             x = args[0]
+            last = isinstance(module, nn.Linear) and x.dim() > 2  # channel-last [N, H, W, C]
+            if last:
+                x = x.movedim(-1, 1)
             gate = self.gates[key]
             if gate.v is None:
                 src_name, idx = self.source[key]
@@ -176,7 +182,8 @@ class GatedModel:
                     raise UnsupportedLayerError(
                         f"layer {name!r} ran before {src_name!r}, which computes the gate of its group")
                 gate(_gathered(x, idx.to(x.device)))
-            return (channel_multiplier(x, cols, gate.v[chans.to(gate.v.device)]), *args[1:])
+            y = channel_multiplier(x, cols, gate.v[chans.to(gate.v.device)])
+            return (y.movedim(1, -1) if last else y, *args[1:])
         return hook
 
     def detach(self) -> None:
@@ -515,7 +522,9 @@ def gate_plan(info: DependencyInfo, values: dict[str, torch.Tensor],
 
 @torch.no_grad()
 def fold_gates(info: DependencyInfo, values: dict[str, torch.Tensor]) -> None:
-    """Fold constant gate values into every consumer's input columns: ``W[:, col] *= v_c``.
+    """Fold constant gate values into every consumer's input columns: ``W[:, col] *= v_c``
+    (for a grouped conv, the rows of the column's group at its column within the group, see
+    :func:`~prunekit.engine.input_columns`).
 
     Exact for a constant gate (consumers are linear in their input); with binary gates the kept
     channels' columns are multiplied by 1 and the removed ones are deleted afterwards anyway.
@@ -528,6 +537,10 @@ def fold_gates(info: DependencyInfo, values: dict[str, torch.Tensor]) -> None:
             w = slot.module.weight
             cols, chans = consumer_index(slot, g.size)
             scale = v[chans].to(w.dtype).to(w.device)
+            if is_grouped(slot.module):  # a grouped conv: each column is read by its group's rows
+                for (rows, col), s in zip(input_columns(slot.module, cols.tolist()), scale, strict=True):
+                    w.data[rows, col] *= s
+                continue
             shape = [1, -1] + [1] * (w.dim() - 2)
             w.data.index_copy_(1, cols.to(w.device), w.data.index_select(1, cols.to(w.device))
                                * scale.view(shape))

@@ -17,7 +17,7 @@ import torch.nn as nn
 from ...data.batches import is_empty
 from ...engine import DependencyInfo, analyse, apply_plan
 from ...engine.budget import budget_widths
-from ...errors import ConfigError, DataError
+from ...errors import ConfigError, DataError, UnsupportedLayerError
 from ...train.bn import recalibrate_bn
 from ...utils import module_device, resolve_device
 from .. import MethodOutput, PruneContext
@@ -166,8 +166,9 @@ def run(ctx: PruneContext) -> MethodOutput:
         raise DataError("csgd needs training data (survey and centripetal training)")
     teacher = ctx.reference() if o.centripetal_distill else None  # read before S3 trains ctx.model
     model, x = ctx.model, ctx.example_inputs
-    info = analyse(model, x, ignored_layers=_ignored_names(ctx))
+    info, normalised = _analyse_mergeable(model, x, _ignored_names(ctx))
     widths, extra = _budget_widths(ctx, info)
+    extra["normalised_groups_left_out"] = normalised
     targets = {g.name: widths[g.name] for g in info.groups if widths.get(g.name, g.size) < g.size}
     if not targets:
         raise ConfigError("the budget removes no channel; nothing to prune")
@@ -204,6 +205,39 @@ def run(ctx: PruneContext) -> MethodOutput:
                  **_cluster_report(vectors, clusters, seconds, s_stats, o))
     return MethodOutput(pruned, plan, extra, train_epochs=float(epochs_run),
                         figures={"dendrogram": _dendrogram(vectors, clusters, o)})
+
+
+def _analyse_mergeable(model: nn.Module, x: torch.Tensor, ignored: list[str | Any]
+                       ) -> tuple[DependencyInfo, list[str]]:
+    """The model's groups without those normalised over their channels, and those left out.
+
+    A group whose channels a LayerNorm or GroupNorm normalises together
+    (:attr:`~prunekit.engine.graph.ChannelGroup.normalised`: ConvNeXt's residual stream, a
+    GroupNorm block) cannot be merged exactly: removing a member changes the mean and variance
+    every other channel is normalised with, even when the members are identical. Such groups
+    are left out of S1-S4 (their producing layers are ignored, so a ``target_macs`` budget is
+    solved over the other groups), reported as ``normalised_groups_left_out`` and noted in one
+    warning. When no other group is left the method refuses with
+    :class:`~prunekit.errors.UnsupportedLayerError` naming the normalisation layers.
+    """
+    info = analyse(model, x, ignored_layers=ignored)
+    normalised = [g for g in info.groups if g.normalised]
+    if not normalised:
+        return info, []
+    names = [g.name for g in normalised]
+    norms = sorted({s.name for g in normalised for s in g.channelwise
+                    if isinstance(s.module, (nn.LayerNorm, nn.GroupNorm))})
+    if len(normalised) == len(info.groups):
+        raise UnsupportedLayerError(
+            "csgd: every prunable group is normalised over its channels by "
+            f"{', '.join(map(repr, norms))} (LayerNorm / GroupNorm); merging such channels is "
+            "never exact. Use another method")
+    message = (f"csgd: left {len(names)} group(s) normalised over their channels by a LayerNorm / "
+               f"GroupNorm ({', '.join(map(repr, norms))}) out of the clustering: merging them "
+               f"would not be exact; groups: {', '.join(names)}")
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    log.warning(message)
+    return analyse(model, x, ignored_layers=list(ignored) + [g.root for g in normalised]), names
 
 
 def _ignored_names(ctx: PruneContext) -> list[str | Any]:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ...criteria import channels_first
 from ...data.batches import count, first_input, iter_batches
 from ...engine import DependencyInfo, analyse
 from ...engine.graph import ChannelGroup, Slot
@@ -110,7 +111,8 @@ def survey(model: nn.Module, data: Any, layers: Iterable[Any] | None = None, sam
     """S1: the survey vectors of every channel group (GAP of each channel per survey image).
 
     The images are streamed batch by batch; forward hooks reduce each hooked layer's output
-    ``[B, C, H, W]`` to its global average pool ``[B, C]`` at once, so memory is ``O(N * C)``
+    ``[B, C, H, W]`` to its global average pool ``[B, C]`` at once (a Linear in a channel-last
+    block, ConvNeXt's ``[B, H, W, C]``, has its channel axis moved first), so memory is ``O(N * C)``
     floats per layer and no feature map is ever stored (S1 of Ding et al., 2019: the paper's
     ResNet-50 example would need 41 GB of feature maps).
 
@@ -201,7 +203,8 @@ def survey(model: nn.Module, data: Any, layers: Iterable[Any] | None = None, sam
     handles = []
 
     def hook(module, _inp, out):
-        o = out.detach().clamp_min(0) if rectify else out.detach()
+        o = channels_first(module, out.detach())  # a Linear in a channel-last block: [N, H, W, C]
+        o = o.clamp_min(0) if rectify else o
         gap = o.flatten(2).mean(2) if o.dim() > 2 else o
         buf = store.get(module)
         if buf is None:
