@@ -24,6 +24,18 @@ S4 **prune** with the engine (optionally in ``steps`` rounds, re-scoring the sma
    round). Small-data fine-tuning (expansion, distillation, label refinement) is in
    :mod:`prunekit.train.smalldata` and can follow any method.
 
+Grouped convs (ResNeXt, RegNet) need nothing special: a removed channel is zeroed at the input
+of every consumer, whatever rows of a grouped conv read it. A Linear in a channel-last block
+(ConvNeXt: ``permute -> LayerNorm -> Linear -> GELU -> Linear`` on ``[N, H, W, C]``) reads its
+channels on the last axis; its mask hook moves that axis to position 1 and back. A group
+normalised over its channels by a LayerNorm / GroupNorm
+(:attr:`~prunekit.engine.graph.ChannelGroup.normalised`: ConvNeXt's residual stream) is left
+out: removing one of its channels changes the mean and variance every other channel is
+normalised with, which zeroing the channel after the normalisation does not simulate, so S2's
+KL would not be that of the removal. Such groups are kept whole, reported as
+``normalised_groups_left_out`` and noted in one warning; when no other group is left, CURL
+refuses with :class:`~prunekit.errors.UnsupportedLayerError` naming the normalisation layers.
+
 Per-group normalisation (option ``normalize``, default ``"l2"``). The paper ranks the raw KL
 scores: KL is measured on the network's *output*, in nats, so scores of different layers are on
 one scale -- that is what makes it a global criterion. But the KL of removing ONE channel
@@ -46,7 +58,10 @@ CVPR 2020 (arXiv:1911.08114).
 
 from __future__ import annotations
 
+import logging
+import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -57,7 +72,7 @@ from ..data.batches import count, is_empty, iter_batches, num_batches
 from ..engine import ChannelGroup, DependencyInfo, PruningPlan, analyse, apply_plan
 from ..engine.budget import check_fraction, count_macs_params, solve_budget
 from ..engine.ranking import NORMALIZE, consumer_index, global_widths, keep_top
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, UnsupportedLayerError
 from ..utils import module_device, progress, resolve_device
 from . import MethodOutput, PruneContext
 from .options import MethodOptions, option
@@ -65,7 +80,7 @@ from .registry import register_method
 
 __all__ = ["NORMALIZE", "global_widths", "kl_scores", "run"]
 
-
+log = logging.getLogger(__name__)
 
 class _ReplicaMask:
     """Forward pre-hooks that zero, in replica ``k`` of a ``K``-times replicated batch, the
@@ -88,8 +103,11 @@ class _ReplicaMask:
         self.handles.clear()
 
     def _hook(self, cols: torch.Tensor, chans: torch.Tensor):
-        def hook(_module, args):
+        def hook(module, args):
             x = args[0]
+            last = isinstance(module, nn.Linear) and x.dim() > 2  # channel-last [N, H, W, C]
+            if last:
+                x = x.movedim(-1, 1)
             k = len(self.chosen)
             mult = torch.ones(k, x.shape[1], dtype=x.dtype, device=x.device)
             for r, c in enumerate(self.chosen):
@@ -97,6 +115,8 @@ class _ReplicaMask:
             xs = x.reshape(k, x.shape[0] // k, *x.shape[1:])
             mult = mult.view(k, 1, x.shape[1], *([1] * (x.dim() - 2)))
             out = (xs * mult).reshape(x.shape)
+            if last:
+                return (out.movedim(1, -1), *args[1:])
             if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
                 out = out.contiguous(memory_format=torch.channels_last)
             return (out, *args[1:])
@@ -141,6 +161,12 @@ def kl_scores(info: DependencyInfo, data, *, calib_images: int = 128, channel_ba
     -------
     dict[str, Tensor[C]]
         Group name -> per-channel mean KL (float64, >= 0).
+
+    Notes
+    -----
+    Exact (the KL of the physically pruned model) for every group but those normalised over
+    their channels (:attr:`~prunekit.engine.graph.ChannelGroup.normalised`), where the channel
+    is silenced after the normalisation instead; :func:`run` leaves such groups out.
     """
     if is_empty(data):
         raise DataError("CURL scores channels on calibration images and needs data (data=...)")
@@ -186,9 +212,39 @@ def kl_scores(info: DependencyInfo, data, *, calib_images: int = 128, channel_ba
     return {k: v / n for k, v in sums.items()}
 
 
+def _ignored_names(ctx: PruneContext) -> list[str | Any]:
+    """Ignored layers as names (module references of ``ctx.model`` mapped to their names), so
+    they still name the layers of the pruned copies of later rounds."""
+    names = {m: n for n, m in ctx.model.named_modules()}
+    return [names.get(layer, layer) if isinstance(layer, nn.Module) else layer
+            for layer in ctx.ignored_layers]
+
+
+def _normalised_roots(model: nn.Module, x: torch.Tensor, ignored: list[str | Any]
+                      ) -> tuple[list[str], list[str]]:
+    """The roots of the groups normalised over their channels (a LayerNorm / GroupNorm, see
+    :attr:`~prunekit.engine.graph.ChannelGroup.normalised`) and the names of those norms.
+
+    Raises
+    ------
+    UnsupportedLayerError
+        When every prunable group is normalised (nothing would be left to score).
+    """
+    info = analyse(model, x, ignored_layers=ignored)
+    normalised = [g for g in info.groups if g.normalised]
+    norms = sorted({s.name for g in normalised for s in g.channelwise
+                    if isinstance(s.module, (nn.LayerNorm, nn.GroupNorm))})
+    if normalised and len(normalised) == len(info.groups):
+        raise UnsupportedLayerError(
+            "curl: every prunable group is normalised over its channels by "
+            f"{', '.join(map(repr, norms))} (LayerNorm / GroupNorm); zeroing a channel does not "
+            "simulate its removal there, so its KL score would be wrong. Use another method")
+    return [g.name for g in normalised], norms
+
+
 def _one_round(model: nn.Module, x: torch.Tensor, ctx: PruneContext, target: float | None,
                ratio: float | None, opts: dict) -> tuple[nn.Module, PruningPlan, dict]:
-    info = analyse(model, x, ignored_layers=ctx.ignored_layers)
+    info = analyse(model, x, ignored_layers=opts["ignored"])
     scores = kl_scores(info, ctx.train_set, calib_images=opts["calib_images"],
                        channel_batch=opts["channel_batch"], batch_size=opts["batch_size"],
                        device=opts["device"])
@@ -229,7 +285,14 @@ def run(ctx: PruneContext) -> MethodOutput:
     -------
     MethodOutput
         ``extra``: ``ratio`` (fraction of channels removed, last round), the searched MACs
-        fraction, and the KL scores of the last round per group.
+        fraction, the KL scores of the last round per group, and
+        ``normalised_groups_left_out`` (roots of the groups kept whole because a LayerNorm /
+        GroupNorm normalises over their channels).
+
+    Raises
+    ------
+    UnsupportedLayerError
+        When every prunable group is normalised over its channels.
     """
     o = ctx.parse(CurlOptions, "curl")
     steps = o.steps
@@ -240,6 +303,16 @@ def run(ctx: PruneContext) -> MethodOutput:
             "device": resolve_device(o.device or ctx.device)}
     x = ctx.example_inputs
     model = ctx.model.eval()
+    ignored = _ignored_names(ctx)
+    left_out, norms = _normalised_roots(model, x, ignored)
+    if left_out:
+        message = (f"curl: left {len(left_out)} group(s) normalised over their channels by a "
+                   f"LayerNorm / GroupNorm ({', '.join(map(repr, norms))}) out of the ranking: "
+                   f"zeroing a channel does not simulate its removal there; groups: "
+                   f"{', '.join(left_out)}")
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        log.warning(message)
+    opts["ignored"] = ignored = ignored + left_out
     base_macs = count_macs_params(model, x)[0]
     if ctx.target_macs is not None:
         final = check_fraction("target MACs", ctx.target_macs)
@@ -248,7 +321,7 @@ def run(ctx: PruneContext) -> MethodOutput:
         keep_final = 1.0 - check_fraction("ratio", ctx.ratio)
     plan = PruningPlan()
     extra: dict = {}
-    channels0 = sum(g.size for g in analyse(model, x, ignored_layers=ctx.ignored_layers).groups)
+    channels0 = sum(g.size for g in analyse(model, x, ignored_layers=ignored).groups)
     for i in range(1, steps + 1):
         if final is not None:
             # MACs target of this round, as a fraction of the current model's MACs
@@ -256,7 +329,7 @@ def run(ctx: PruneContext) -> MethodOutput:
             current = count_macs_params(model, x)[0] / base_macs
             target, ratio = min(0.999, round_target / current), None
         else:
-            now = sum(g.size for g in analyse(model, x, ignored_layers=ctx.ignored_layers).groups)
+            now = sum(g.size for g in analyse(model, x, ignored_layers=ignored).groups)
             want = channels0 * keep_final ** (i / steps)
             target, ratio = None, min(0.999, max(0.0, 1.0 - want / now))
             if ratio <= 0:
@@ -265,7 +338,8 @@ def run(ctx: PruneContext) -> MethodOutput:
         plan = plan.then(round_plan)
     model = model.cpu().eval()
     frac = count_macs_params(model, x)[0] / base_macs
-    extra = {**extra, "macs_fraction": frac, "steps": steps}
+    extra = {**extra, "macs_fraction": frac, "steps": steps,
+             "normalised_groups_left_out": left_out}
     plan.meta = {"method": "curl", "ratio": extra.get("ratio"), "macs_fraction": frac,
                  "normalize": opts["normalize"], "steps": steps}
     return MethodOutput(model, plan, extra)
