@@ -131,6 +131,20 @@ def base_accuracy(base: str, args: argparse.Namespace) -> float:
     return evaluate(model.eval(), test)
 
 
+def pivot(rows: list[dict[str, Any]], bases: dict[str, float]) -> str:
+    """Accuracy (%) by recipe (rows) and base x budget (columns), as Markdown."""
+    ok = [r for r in rows if "error" not in r]
+    cols = sorted({(r["base"], r["removed"]) for r in ok}, key=lambda c: (c[0] != "30ep", c[1]))
+    recipes = list(dict.fromkeys(r["recipe"] for r in ok))
+    acc = {(r["recipe"], r["base"], r["removed"]): r["acc"] for r in ok}
+    head = ["recipe"] + [f"{b} ({bases[b]:.2f}), {100 * x:.0f}% fewer" for b, x in cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in recipes:
+        cells = [f"{acc[(name, b, x)]:.2f}" if (name, b, x) in acc else "" for b, x in cols]
+        lines.append("| " + " | ".join([name] + cells) + " |")
+    return "\n".join(lines)
+
+
 def render(rows: list[dict[str, Any]], bases: dict[str, float], args: argparse.Namespace) -> None:
     table = []
     for r in rows:
@@ -145,13 +159,15 @@ def render(rows: list[dict[str, Any]], bases: dict[str, float], args: argparse.N
                       "distill s": None if r.get("distill_s") is None else round(r["distill_s"], 1),
                       "peak RSS MB": round(r["peak_rss_mb"]),
                       "labels read": "yes" if r["labels_read"] else "no"})
-    notes = ("No fine-tuning on labelled data. Accuracy (%) on the full Fashion-MNIST test set "
+    notes = pivot(rows, bases) + "\n\n" + (
+             "No fine-tuning on labelled data. Accuracy (%) on the full Fashion-MNIST test set "
              f"({args.test_samples or 10000} images); {args.calib_images} calibration images from the "
              "training set; one process per run (peak RSS is that process's maximum resident memory, "
              "the loaded data set included); `seconds`: the whole prune call (plus the BatchNorm "
              "re-estimation for `+bn`), distillation included where there is one.\n\n"
-             f"Command (the last of the runs collected here with `--resume`): "
-             f"`{' '.join(['OMP_NUM_THREADS=1', 'python'] + sys.argv)}`")
+             "Commands (each row records its own): " + "; ".join(
+                 f"`OMP_NUM_THREADS=1 python bench/no_retrain.py {a}`"
+                 for a in dict.fromkeys(r.get("argv", "") for r in rows)))
     write_results(args.name, {"settings": {k: v for k, v in vars(args).items() if k != "base_paths"},
                               "base_accuracy": bases},
                   table, ["base", "fewer MACs", "recipe", "acc", "drop", "MACs kept", "params kept",
@@ -172,6 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="no_retrain")
     p.add_argument("--resume", action="store_true", help="keep the rows of an earlier run")
+    p.add_argument("--render-only", action="store_true",
+                   help="rewrite the Markdown/JSON from the rows already measured")
     p.add_argument("--quick", action="store_true",
                    help="30ep base, 50%%, three recipes, 200 calibration and 1,000 test images")
     args = p.parse_args(argv)
@@ -192,6 +210,13 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict[str, Any]] = []
     if args.resume and out.is_file():
         rows = [r for r in json.loads(out.read_text())["rows_raw"]]
+    if args.render_only:
+        data = json.loads(out.read_text())
+        rows, accs = data["rows_raw"], data["base_accuracy"]
+        args.__dict__.update({k: v for k, v in data["settings"].items() if k not in ("render_only",)})
+        render(rows, accs, args)
+        _keep_raw(out, rows)
+        return
     accs = {b: base_accuracy(b, args) for b in sorted(set(bases) | {r["base"] for r in rows})}
     done = {(r["base"], r["removed"], r["recipe"]) for r in rows}
     for b in bases:
