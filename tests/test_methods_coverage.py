@@ -194,3 +194,93 @@ def test_autopruner_prunes_grouped_and_convnext_models(own, factory):
                          **AUTOPRUNER_FAST)
     _check_smaller_valid(model, res)
     assert res.report["method_ungated_groups"] == []
+
+
+# ------------------------------------------------------------------------------------- CURL
+def _scored_info(model: nn.Module, x: torch.Tensor):
+    """The model's groups without those normalised over their channels (CURL leaves them out)."""
+    info = analyse(model, x[:1])
+    left_out = [g.name for g in info.groups if g.normalised]
+    return (analyse(model, x[:1], ignored_layers=left_out) if left_out else info), left_out
+
+
+@pytest.mark.parametrize("factory", MODELS_UNDER_TEST)
+def test_curl_kl_scores_are_the_kl_of_the_physically_pruned_model(own, factory):
+    """S2 on grouped convs and channel-last Linears: the KL of zeroing channel ``c`` at every
+    consumer's input (replicated batch, several channels per forward) == the KL of the model
+    with ``c`` removed by the engine, computed here directly."""
+    from prunekit.engine import GroupPlan, PruningPlan, apply_plan
+    from prunekit.methods.curl import kl_scores
+
+    model = build(own, factory).eval()
+    with torch.no_grad():
+        model.fc.weight.mul_(30)  # sharper outputs: KLs well above float32 round-off
+    x = _x(6)
+    info, left_out = _scored_info(model, x)
+    assert (left_out == ["stem.0", "down.1"]) == (factory == "make_convnext")
+    scores = kl_scores(info, x, calib_images=6, channel_batch=3, batch_size=4)
+    assert set(scores) == {g.name for g in info.groups}
+    log_p = torch.log_softmax(out_of(model, x).double(), 1)
+    checked = []
+    for g in info.groups:
+        for c in (0, g.size - 1):
+            keep = [u for u in range(g.size) if u != c]
+            pruned = apply_plan(copy.deepcopy(model), x[:1], PruningPlan([GroupPlan(g.name, g.size, keep)]))
+            log_q = torch.log_softmax(out_of(pruned.eval(), x).double(), 1)
+            kl = (log_p.exp() * (log_p - log_q)).sum(1).mean()
+            torch.testing.assert_close(scores[g.name][c], kl, rtol=1e-3, atol=1e-6)
+            checked.append(float(kl))
+    assert sorted(checked)[len(checked) // 2] > 1e-4  # the removals do change the output
+    if factory == "make_convnext":  # the hidden widths of the channel-last MLPs are scored
+        assert {"stage1.pwconv1", "stage2.pwconv1"} <= set(scores)
+
+
+@pytest.mark.parametrize("factory", MODELS_UNDER_TEST)
+def test_curl_prunes_grouped_and_convnext_models(own, factory):
+    model = build(own, factory)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = prunekit.prune(model, _x(1), method="curl", ratio=0.4, data=images(8),
+                             calib_images=8, batch_size=8, steps=2)
+    pruned = _check_smaller_valid(model, res)
+    left_out = res.report["method_normalised_groups_left_out"]
+    ours = [w for w in caught if "curl: left" in str(w.message)]
+    if factory != "make_convnext":
+        assert left_out == [] and ours == []
+        return
+    # one warning for both rounds, naming the norms; the residual streams are kept whole
+    assert len(ours) == 1 and "'stem.1'" in str(ours[0].message) and "'gn'" in str(ours[0].message)
+    assert left_out == ["stem.0", "down.1"]
+    assert pruned.stem[0].out_channels == 8 and pruned.down[1].out_channels == 16
+    assert pruned.gn.num_channels == 16 and pruned.head_norm.normalized_shape == (16,)
+    assert pruned.stage1.pwconv1.out_features < 32 and pruned.stage2.pwconv1.out_features < 64
+    assert pruned.stage1.pwconv2.in_features == pruned.stage1.pwconv1.out_features
+
+
+def test_curl_meets_a_macs_target_on_convnext_from_the_mlp_widths_alone(own):
+    model = build(own, "make_convnext")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the normalised groups left out
+        res = prunekit.prune(model, _x(1), method="curl", target_macs=0.9, data=images(8),
+                             calib_images=8, batch_size=8)
+    _check_smaller_valid(model, res)
+    r = res.report
+    assert r["macs_after"] <= 0.9 * r["macs_before"]
+    assert res.model.stem[0].out_channels == 8 and res.model.down[1].out_channels == 16
+
+
+def test_curl_refuses_when_every_group_is_normalised(capsys, tmp_path):
+    src = tmp_path / "normed.py"
+    src.write_text(ALL_NORMALISED)
+    spec = importlib.util.spec_from_file_location("normed_for_curl", src)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with pytest.raises(UnsupportedLayerError, match="'gn'"):
+        prunekit.prune(mod.make_normed(), _x(1), method="curl", ratio=0.4, data=images(8),
+                       calib_images=8)
+    out = tmp_path / "p.pt"
+    code, stdout, err = run(capsys, "prune", "--model", f"{src}:make_normed", "--input-shape",
+                            "3,32,32", "--data", f"folder:{_rgb_folder(tmp_path / 'imgs')}",
+                            "--method", "curl", "--ratio", "0.4", "--out", out, "--device", "cpu")
+    assert_one_line_error(code, stdout, err, "'gn'")
+    assert not out.exists()
