@@ -452,6 +452,15 @@ def write_markdown(doc: dict[str, Any], path: Path) -> None:
                      f"{s.get('prunekit:skipped', 0)} | {s.get('tp:ok', 0)} | {s.get('tp:failed', 0)} | "
                      f"{s.get('tp:wrong', 0)} |")
     tp_only = [r["spec"] for r in rows if r["tp"]["status"] == "ok" and r["prunekit"]["status"] != "ok"]
+    unclean = [r["spec"] for r in rows if r["prunekit"]["status"] in ("failed", "wrong")]
+    seen = {r["spec"] for r in rows}
+    try:
+        not_run = [e["spec"] for e in entries() if e["spec"] not in seen]
+    except ImportError:  # torchvision missing: the list cannot be made
+        not_run = []
+    if not_run:
+        lines += ["", f"Not run yet ({len(not_run)}; `--resume` runs them): {', '.join(not_run)}."]
+    lines += ["", f"prunekit unclean failures or wrong outputs: {', '.join(unclean) or 'none'}."]
     lines += ["", f"Torch-Pruning ok where prunekit is not: {', '.join(tp_only) or 'none'}.", ""]
     lines += ["## Per model", "", "| model | input | params | prunekit | MACs kept | output | reload "
               "| ONNX (ORT) | time s | peak MiB | Torch-Pruning | TP MACs kept | TP s | message |",
@@ -477,7 +486,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", help="Comma-separated specs (default: all).")
     ap.add_argument("--rerun-not-ok", action="store_true",
-                    help="Keep the previous results' ok rows; rerun the others.")
+                    help="Rerun the previous results' rows that are not ok (refused, failed, wrong).")
+    ap.add_argument("--markdown-only", action="store_true", help="Rewrite the Markdown from --out.")
     ap.add_argument("--mem-gb", type=float, default=10.0)
     ap.add_argument("--timeout", type=float, default=300.0)
     ap.add_argument("--jobs", type=int, default=2, help="Models run at the same time.")
@@ -491,6 +501,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         child_main(args)
+        return
+    if args.markdown_only:
+        write_markdown(json.loads(args.out.read_text()), args.out.with_suffix(".md"))
         return
     import timm
     import torch
@@ -515,12 +528,12 @@ def main() -> None:
                                                                                   time.gmtime())}
     results = dict(previous)
     order = [e["spec"] for e in entries()]
-    if args.rerun_not_ok:
-        todo = [e for e in todo if previous.get(e["spec"], {}).get("prunekit", {}).get("status")
-                not in ("ok", "skipped")]
-    todo.sort(key=lambda e: (e["group"] == "torchvision", _heavy(e["spec"])))  # big ones last
-    if args.resume:
+    if args.rerun_not_ok:  # only models already in the results (with --resume: also the missing)
+        todo = [e for e in todo if (e["spec"] in previous or args.resume) and
+                previous.get(e["spec"], {}).get("prunekit", {}).get("status") not in ("ok", "skipped")]
+    elif args.resume:
         todo = [e for e in todo if e["spec"] not in previous]
+    todo.sort(key=lambda e: (e["group"] == "torchvision", _heavy(e["spec"])))  # big ones last
     count = [0]
 
     def done(e: dict[str, Any], rows: dict[str, Any]) -> None:
