@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="resnet20,resnet18,mobilenetv2")
     p.add_argument("--runtimes", default="onnxruntime,openvino")
-    p.add_argument("--targets", default="0.7,0.5,0.35")
+    p.add_argument("--targets", default="0.7,0.5,0.35", help="latency targets, or 'none'")
     p.add_argument("--seconds", type=float, default=1.0, help="timed seconds per setting")
     p.add_argument("--name", default="runtimes")
     return p.parse_args(argv)
@@ -81,7 +81,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)
     runtimes = args.runtimes.split(",")
-    targets = [float(t) for t in args.targets.split(",")]
+    targets = [] if args.targets == "none" else [float(t) for t in args.targets.split(",")]
     rows: list[dict] = []
     t_start = time.perf_counter()
     for name in args.models.split(","):
