@@ -386,13 +386,13 @@ def test_folder_errors(tmp_path):
 # --------------------------------------------------------------------------- API
 
 def test_bad_names_and_options(tmp_path):
-    with pytest.raises(ConfigError, match="fashion-mnist, cifar10, cifar100, folder:PATH"):
+    with pytest.raises(ConfigError, match="fashion-mnist, cifar10, cifar100, folder:PATH, images:PATH"):
         load("imagenet")
     with pytest.raises(ConfigError, match="must be positive"):
         load("fashion-mnist", train_samples=0)
     with pytest.raises(ConfigError, match="must be positive"):
         load("cifar10", train_samples=-3)
-    assert DATASETS == ["fashion-mnist", "cifar10", "cifar100", "folder:PATH"]
+    assert DATASETS == ["fashion-mnist", "cifar10", "cifar100", "folder:PATH", "images:PATH"]
 
 
 def _shift_of(src: torch.Tensor, out: torch.Tensor, padding: int) -> set[tuple[int, int, bool]]:
