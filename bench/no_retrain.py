@@ -20,6 +20,11 @@ Recipes:
   statistics re-estimated on the calibration images (``tp:taylor`` reads their labels for its
   gradients).
 
+Ablations of the default recipe (``--recipes``): ``reconstruct+bn`` (BatchNorm re-estimated),
+``reconstruct-refit-damage`` (damage curves without the output probes), ``reconstruct-lasso``
+(LASSO selection instead of backward elimination), ``reconstruct-no-trunk`` (residual trunks
+left whole).
+
 Usage::
 
     OMP_NUM_THREADS=1 python bench/no_retrain.py
@@ -54,6 +59,8 @@ BASES = {"30ep": "bench/baselines/resnet20_fashion-mnist_30ep.pt",
          "10ep": "bench/baselines/resnet20_fashion-mnist.pt"}
 RECIPES = ("reconstruct", "reconstruct+distill", "reconstruct-uniform", "csgd-no-train", "lasso",
            "thinet", "tp:l1+bn", "tp:taylor+bn", "tp:bn-scale+bn")
+#: ablations of the default recipe, run on request (``--recipes``)
+ABLATIONS = ("reconstruct+bn", "reconstruct-refit-damage", "reconstruct-lasso", "reconstruct-no-trunk")
 
 
 def recipe_call(recipe: str, args: argparse.Namespace) -> tuple[str, dict[str, Any], bool]:
@@ -65,6 +72,14 @@ def recipe_call(recipe: str, args: argparse.Namespace) -> tuple[str, dict[str, A
         return "reconstruct", {**calib, "distill_steps": args.distill_steps}, False
     if recipe == "reconstruct-uniform":
         return "reconstruct", {**calib, "widths": "uniform"}, False
+    if recipe == "reconstruct+bn":
+        return "reconstruct", {**calib, "recalibrate_bn": True}, False
+    if recipe == "reconstruct-refit-damage":
+        return "reconstruct", {**calib, "damage": "refit"}, False
+    if recipe == "reconstruct-lasso":
+        return "reconstruct", {**calib, "selection": "lasso"}, False
+    if recipe == "reconstruct-no-trunk":
+        return "reconstruct", {**calib, "prune_trunk": False}, False
     if recipe == "csgd-no-train":
         return "reconstruct", {**calib, "selection": "clusters"}, False
     if recipe in ("lasso", "thinet"):
@@ -72,7 +87,7 @@ def recipe_call(recipe: str, args: argparse.Namespace) -> tuple[str, dict[str, A
     if recipe.endswith("+bn"):
         peer = recipe[:-3]
         return peer, (calib if peer == "tp:taylor" else {}), True
-    raise SystemExit(f"error: unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
+    raise SystemExit(f"error: unknown recipe {recipe!r}; choose from {', '.join(RECIPES + ABLATIONS)}")
 
 
 def _data(args: argparse.Namespace):

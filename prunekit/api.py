@@ -13,7 +13,7 @@ import torch.nn as nn
 from . import methods
 from .engine import PruningPlan, analyse, layer_names, leftover_hooks
 from .engine.budget import check_fraction, check_round_to, count_macs_params
-from .errors import ConfigError, DataError, PrunekitError
+from .errors import ConfigError, DataError, ModelError, PrunekitError
 
 
 @dataclass
@@ -148,6 +148,39 @@ def finetune(model: nn.Module, train_set: Any, epochs: int, *, teacher: nn.Modul
             hooks=Hooks(teacher=teacher) if teacher is not None else None)
     model.eval()
     return time.perf_counter() - t
+
+
+def check_runs(pruned: nn.Module, example_inputs: Any) -> None:
+    """:class:`~prunekit.errors.ModelError` naming the failing module when the pruned model no
+    longer runs on the example inputs: a module that keeps its own record of a channel count
+    (e.g. a ``shape`` tuple used in ``view``) the surgery cannot know about. A typed refusal
+    instead of a model that fails later in the user's hands."""
+    x = example_inputs
+    if isinstance(x, torch.Tensor) and x.dim():
+        x = x[:1]
+    stack: list[str] = []
+
+    def leave(*_: Any) -> None:
+        if stack:
+            stack.pop()
+
+    handles = []
+    for name, m in pruned.named_modules():
+        handles.append(m.register_forward_pre_hook(lambda *_, n=name: stack.append(n)))
+        handles.append(m.register_forward_hook(leave))
+    try:
+        with torch.no_grad():
+            pruned(x)
+    except Exception as e:  # any failure of the user's forward code
+        where = f" in {stack[-1]!r} ({type(dict(pruned.named_modules())[stack[-1]]).__name__})" \
+            if stack and stack[-1] else ""
+        raise ModelError(f"the pruned model does not run{where}: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}; that module keeps a channel count of "
+                         "its own that pruning cannot update: leave it out with ignored_layers "
+                         "(--ignore) or skip_unsupported") from e
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def measure(original: nn.Module, pruned: nn.Module, example_inputs: torch.Tensor) -> dict[str, Any]:
@@ -310,6 +343,7 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None,
     pruned = out.model.eval()
     if leftover_hooks(pruned):
         raise PrunekitError(f"internal error: hooks left on {leftover_hooks(pruned)}")
+    check_runs(pruned, example_inputs)
     report.update({f"method_{k}": v for k, v in out.extra.items()
                    if isinstance(v, (int, float, str, bool, type(None), list, dict))})
     report["method_train_epochs"] = out.train_epochs

@@ -596,3 +596,43 @@ def _source(cls) -> str:
     import inspect
 
     return inspect.getsource(cls)
+
+
+class _ShapeScale(nn.Module):
+    """A layer scale that keeps its own ``shape`` for a ``view`` (as timm's PoolFormer does)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.shape = (dim, 1, 1)
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale.view(self.shape)
+
+
+class _ScaledNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.ls = _ShapeScale(16)
+        self.conv2 = nn.Conv2d(16, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv2(torch.relu(self.ls(self.conv1(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_pruned_model_that_does_not_run_is_refused_naming_the_module() -> None:
+    """The surgery cannot know a module's private channel count: the result is run once and a
+    failure becomes a ModelError naming the innermost failing module, never a model that
+    breaks later."""
+    from prunekit.errors import ModelError
+
+    torch.manual_seed(0)
+    with pytest.raises(ModelError, match=r"does not run in 'ls' \(_ShapeScale\)"):
+        prunekit.prune(_ScaledNet().eval(), torch.randn(2, 3, 8, 8), method="l1", ratio=0.5,
+                       evaluate=False)
+    res = prunekit.prune(_ScaledNet().eval(), torch.randn(2, 3, 8, 8), method="l1", ratio=0.5,
+                         evaluate=False, ignored_layers=["conv1"])
+    assert res.model.conv2.out_channels == 4

@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import prune_and_check
 
+import prunekit
 from prunekit.models import build
 
 TIMM = ["resnet18", "seresnet18", "resnext50_32x4d", "res2net50_14w_8s", "regnetx_002", "regnety_002",
@@ -16,12 +17,16 @@ MAY_REFUSE = {"res2net50_14w_8s", "ghostnet_100", "dpn68", "deit_tiny_patch16_22
               "swin_tiny_patch4_window7_224"}
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug (bench/results/compat.md): PoolFormer's layer "
-                   "scale is pruned to a width its reshape does not accept (RuntimeError, not a refusal)")
-def test_timm_poolformer_prunes_or_refuses_cleanly(tmp_path, seeded):
+def test_timm_poolformer_refuses_cleanly_naming_the_layer_scale(tmp_path, seeded):
+    """PoolFormer's layer scale keeps its own ``shape`` tuple for a ``view``: the pruned model
+    would not run, so prune refuses in one typed line naming that module."""
+    from prunekit.errors import ModelError
+
     model = build("timm:poolformer_s12", num_classes=10)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-    assert prune_and_check(model, x, tmp_path, may_refuse=True) in ("ok", "refused")
+    with pytest.raises(ModelError, match=r"does not run in 'stages\.0\.blocks\.0\.layer_scale1'"):
+        prunekit.prune(model, x, method="l1", ratio=0.3, evaluate=False)
+    assert prune_and_check(model, x, tmp_path, may_refuse=True) == "refused"
 
 
 @pytest.mark.parametrize("name", TIMM)
