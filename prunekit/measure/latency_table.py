@@ -247,6 +247,15 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
     threads = table.threads
     floor = table.predict(fn(0.999))
     goal = target.fraction
+    if floor <= goal:  # the table multiplies per-group slowdowns: check the narrowest for real
+        narrow = apply_plan(info.model, info.example_inputs, width_plan(info, fn(0.999)))
+        measured_floor, _, _ = measure_ratio(narrow, info.model, info.example_inputs, target.runtime,
+                                             target.batch_size, threads,
+                                             max_seconds=target.measure_seconds)
+        if measured_floor > goal:
+            raise ConfigError(f"target latency {goal:.3f} is below what pruning can reach on "
+                              f"{target.runtime} for this model (measured {measured_floor:.3f} at "
+                              "the narrowest widths)")
     aim = goal
     rounds: list[dict[str, Any]] = []
     feasible: tuple[float, dict[str, int], float, float] | None = None
