@@ -153,6 +153,20 @@ def random_images(n: int, seed: int):
                         num_classes=4, name="random")
 
 
+def import_file(path: Path, name: str, register: bool = False):
+    """The module defined by the Python file ``path`` (a factory file a test wrote), imported as
+    ``name``; ``register`` puts it in ``sys.modules`` (pickling, dataclasses need it)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    if register:
+        sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def run(capsys, *argv) -> tuple[int, str, str]:
     """``prunekit ARGV`` in process: (exit code, stdout, stderr)."""
     from prunekit import cli

@@ -15,7 +15,6 @@ name every unsupported layer at once; ``ignored_layers`` takes types and name pa
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
@@ -26,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import assert_one_line_error, run
+from conftest import assert_one_line_error, import_file, run
 
 import prunekit
 from prunekit.criteria import score
@@ -182,12 +181,8 @@ def models_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def own(models_file):
-    spec = importlib.util.spec_from_file_location("own_models_for_coverage", models_file)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop(spec.name, None)
+    yield import_file(models_file, "own_models_for_coverage", register=True)
+    sys.modules.pop("own_models_for_coverage", None)
 
 
 def build(own, factory: str, seed: int = 0) -> nn.Module:

@@ -13,7 +13,6 @@ every consumer's input by hooks here == the folded weights, 1e-5).
 from __future__ import annotations
 
 import copy
-import importlib.util
 import sys
 import textwrap
 import warnings
@@ -21,7 +20,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
-from conftest import assert_one_line_error, run
+from conftest import assert_one_line_error, import_file, run
 from test_coverage import MODELS, _rgb_folder, build, check_grouped_convs, hand_macs, images, out_of, params
 
 import prunekit
@@ -42,12 +41,8 @@ MODELS_UNDER_TEST = ("make_resnext", "make_regnet", "make_convnext")
 def own(tmp_path_factory):
     path = tmp_path_factory.mktemp("own") / "own_models.py"
     path.write_text(MODELS)
-    spec = importlib.util.spec_from_file_location("own_models_for_methods", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop(spec.name, None)
+    yield import_file(path, "own_models_for_methods", register=True)
+    sys.modules.pop("own_models_for_methods", None)
 
 
 def _x(n: int = 4) -> torch.Tensor:
@@ -129,9 +124,7 @@ ALL_NORMALISED = textwrap.dedent('''
 def test_csgd_refuses_when_every_group_is_normalised(capsys, tmp_path):
     src = tmp_path / "normed.py"
     src.write_text(ALL_NORMALISED)
-    spec = importlib.util.spec_from_file_location("normed_for_methods", src)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = import_file(src, "normed_for_methods")
     with pytest.raises(UnsupportedLayerError, match="'gn'"):
         prunekit.prune(mod.make_normed(), _x(1), method="csgd", ratio=0.4, data=images(8),
                        **CSGD_FAST)
@@ -272,9 +265,7 @@ def test_curl_meets_a_macs_target_on_convnext_from_the_mlp_widths_alone(own):
 def test_curl_refuses_when_every_group_is_normalised(capsys, tmp_path):
     src = tmp_path / "normed.py"
     src.write_text(ALL_NORMALISED)
-    spec = importlib.util.spec_from_file_location("normed_for_curl", src)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = import_file(src, "normed_for_curl")
     with pytest.raises(UnsupportedLayerError, match="'gn'"):
         prunekit.prune(mod.make_normed(), _x(1), method="curl", ratio=0.4, data=images(8),
                        calib_images=8)
