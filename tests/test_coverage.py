@@ -243,6 +243,19 @@ def params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def check_smaller_valid(model: nn.Module, res, x: torch.Tensor) -> nn.Module:
+    """The pruned model of ``res``: fewer params and MACs (equal to the report and a hand count),
+    valid grouped convs, a finite ``[4, 10]`` output on ``x``."""
+    pruned = res.model.eval()
+    r = res.report
+    assert r["params_after"] == params(pruned) < params(model) == r["params_before"]
+    assert r["macs_after"] == hand_macs(pruned, x) < hand_macs(model, x) == r["macs_before"]
+    check_grouped_convs(pruned, model)
+    y = out_of(pruned, x)
+    assert y.shape == (4, 10) and torch.isfinite(y).all()
+    return pruned
+
+
 def check_grouped_convs(model: nn.Module, original: nn.Module) -> None:
     """Every conv keeps its ``groups`` (depthwise: groups = channels) and a weight that fits."""
     before = dict(original.named_modules())
@@ -280,13 +293,8 @@ def test_prunes_a_smaller_valid_model(own, factory, criterion, tmp_path):
     res = prunekit.prune(model, x[:1], method=criterion, ratio=0.4, seed=3,
                          data=data if criterion not in ("l1", "l2", "random", "bn-scale") else None,
                          **options)
-    pruned = res.model.eval()
-    r = res.report
-    assert r["params_after"] == params(pruned) < params(model) == r["params_before"]
-    assert r["macs_after"] == hand_macs(pruned, x) < hand_macs(model, x) == r["macs_before"]
-    check_grouped_convs(pruned, model)
+    pruned = check_smaller_valid(model, res, x)
     y = out_of(pruned, x)
-    assert y.shape == (4, 10) and torch.isfinite(y).all()
     # save -> load into a fresh unpruned instance: the same outputs
     prunekit.save(pruned, tmp_path / "p.pt")
     loaded, _ = prunekit.load(tmp_path / "p.pt", model=getattr(own, factory)())

@@ -21,7 +21,14 @@ import pytest
 import torch
 import torch.nn as nn
 from conftest import assert_one_line_error, import_file, run
-from test_coverage import MODELS, _rgb_folder, build, check_grouped_convs, hand_macs, images, out_of, params
+from test_coverage import (
+    MODELS,
+    _rgb_folder,
+    build,
+    check_smaller_valid,
+    images,
+    out_of,
+)
 
 import prunekit
 from prunekit.engine import analyse
@@ -50,15 +57,7 @@ def _x(n: int = 4) -> torch.Tensor:
 
 
 def _check_smaller_valid(model: nn.Module, res) -> nn.Module:
-    pruned = res.model.eval()
-    x = _x()
-    r = res.report
-    assert r["params_after"] == params(pruned) < params(model) == r["params_before"]
-    assert r["macs_after"] == hand_macs(pruned, x) < hand_macs(model, x) == r["macs_before"]
-    check_grouped_convs(pruned, model)
-    y = out_of(pruned, x)
-    assert y.shape == (4, 10) and torch.isfinite(y).all()
-    return pruned
+    return check_smaller_valid(model, res, _x())
 
 
 # ------------------------------------------------------------------------------------- csgd
@@ -121,17 +120,19 @@ ALL_NORMALISED = textwrap.dedent('''
 ''')
 
 
-def test_csgd_refuses_when_every_group_is_normalised(capsys, tmp_path):
+@pytest.mark.parametrize("method", ["csgd", "curl"])
+def test_refuses_when_every_group_is_normalised(capsys, tmp_path, method):
     src = tmp_path / "normed.py"
     src.write_text(ALL_NORMALISED)
-    mod = import_file(src, "normed_for_methods")
+    mod = import_file(src, f"normed_for_{method}")
+    options = CSGD_FAST if method == "csgd" else {"calib_images": 8}
     with pytest.raises(UnsupportedLayerError, match="'gn'"):
-        prunekit.prune(mod.make_normed(), _x(1), method="csgd", ratio=0.4, data=images(8),
-                       **CSGD_FAST)
+        prunekit.prune(mod.make_normed(), _x(1), method=method, ratio=0.4, data=images(8),
+                       **options)
     out = tmp_path / "p.pt"
     code, stdout, err = run(capsys, "prune", "--model", f"{src}:make_normed", "--input-shape",
                             "3,32,32", "--data", f"folder:{_rgb_folder(tmp_path / 'imgs')}",
-                            "--method", "csgd", "--ratio", "0.4", "--out", out, "--device", "cpu")
+                            "--method", method, "--ratio", "0.4", "--out", out, "--device", "cpu")
     assert_one_line_error(code, stdout, err, "'gn'")
     assert not out.exists()
 
@@ -262,16 +263,3 @@ def test_curl_meets_a_macs_target_on_convnext_from_the_mlp_widths_alone(own):
     assert res.model.stem[0].out_channels == 8 and res.model.down[1].out_channels == 16
 
 
-def test_curl_refuses_when_every_group_is_normalised(capsys, tmp_path):
-    src = tmp_path / "normed.py"
-    src.write_text(ALL_NORMALISED)
-    mod = import_file(src, "normed_for_curl")
-    with pytest.raises(UnsupportedLayerError, match="'gn'"):
-        prunekit.prune(mod.make_normed(), _x(1), method="curl", ratio=0.4, data=images(8),
-                       calib_images=8)
-    out = tmp_path / "p.pt"
-    code, stdout, err = run(capsys, "prune", "--model", f"{src}:make_normed", "--input-shape",
-                            "3,32,32", "--data", f"folder:{_rgb_folder(tmp_path / 'imgs')}",
-                            "--method", "curl", "--ratio", "0.4", "--out", out, "--device", "cpu")
-    assert_one_line_error(code, stdout, err, "'gn'")
-    assert not out.exists()

@@ -9,10 +9,11 @@ curve ``e_g(k)`` (the error when ``k`` of its ``C_g`` channels are kept, e.g. th
 
 by Lagrangian relaxation, as in the multiple-choice knapsack: for a price ``lambda`` each group
 picks ``argmin_k e_g(k) + lambda * c_g * k`` independently (``c_g``: the MACs one channel of ``g``
-costs at the current widths), and ``lambda`` is bisected until the exact MACs of the chosen
-widths (counted on a pruned copy, :func:`prunekit.engine.budget.macs_of_widths`) meet the
-budget. MACs are bilinear in the widths of adjacent groups, so the per-channel costs are
-re-measured at the solution and the bisection repeated (``refresh`` rounds).
+costs at the current widths), and ``lambda`` is bisected until the MACs predicted by
+:class:`MacsModel` meet the budget. MACs are bilinear in the widths of adjacent groups, so the
+per-channel costs are re-measured at the solution and the bisection repeated (``refresh``
+rounds); the budget left by the discrete choice is given back step by step, and the final widths
+are counted exactly on a pruned copy (:func:`prunekit.engine.budget.macs_of_widths`).
 
 References
 ----------

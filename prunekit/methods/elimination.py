@@ -134,9 +134,6 @@ def eliminate(samples: list[ConsumerSamples], *, ridge: float = 1e-6) -> Elimina
     EliminationPath
         The removal order and the error at every width.
 
-    Examples
-    --------
-    >>> # a channel whose inputs carry nothing is removed first  # doctest: +SKIP
     """
     C = samples[0].group_size
     cons = [_Consumer(cs, ridge) for cs in samples]
