@@ -8,6 +8,7 @@ from .errors import (
     DataError,
     ModelError,
     PrunekitError,
+    PrunekitWarning,
     TrainingError,
     UnsupportedLayerError,
 )
@@ -16,7 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "ConfigError", "DataError", "ModelError", "PrunekitError",
-    "TrainingError", "UnsupportedLayerError", "__version__",
+    "PrunekitWarning", "TrainingError", "UnsupportedLayerError", "__version__",
     "prune", "profile", "save", "load",
 ]
 

@@ -1070,14 +1070,28 @@ def _error(message: str, every_rank: bool = False) -> None:
 
 @contextlib.contextmanager
 def _quiet_warnings() -> Iterator[None]:
-    """Library warnings (deprecations in dependencies) are noise for CLI users."""
+    """Library warnings (deprecations in dependencies) are noise for CLI users; prunekit's own
+    (:class:`~prunekit.errors.PrunekitWarning`) are one ``prunekit: warning: ...`` line each
+    (also with ``PRUNEKIT_PROGRESS=0``)."""
     import warnings
+
+    from .errors import PrunekitWarning
 
     if os.environ.get("PRUNEKIT_DEBUG") == "1":
         yield
         return
+
+    def show(message, category, *_args, **_kwargs) -> None:
+        from .utils import hold_line
+
+        # held like a note: shown before the next progress line or the result, dropped when
+        # the command fails (its error line is then the only one)
+        hold_line(f"prunekit: warning: {_one_line(str(message))}")
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        warnings.simplefilter("default", PrunekitWarning)
+        warnings.showwarning = show
         yield
 
 

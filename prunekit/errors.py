@@ -30,3 +30,9 @@ class CheckpointError(PrunekitError):
 
 class TrainingError(PrunekitError):
     """Training diverged (NaN/Inf in loss or weights) or cannot continue."""
+
+
+class PrunekitWarning(RuntimeWarning):
+    """Something the user should know about a result that is still returned (too few
+    calibration samples, a schedule too short to converge ...). The CLI prints each as one
+    ``prunekit: warning: ...`` line on stderr."""

@@ -72,7 +72,7 @@ from ..data.batches import count, is_empty, iter_batches, num_batches
 from ..engine import ChannelGroup, DependencyInfo, PruningPlan, analyse, apply_plan
 from ..engine.budget import check_fraction, count_macs_params, solve_budget
 from ..engine.ranking import NORMALIZE, consumer_index, global_widths, keep_top
-from ..errors import ConfigError, DataError, UnsupportedLayerError
+from ..errors import ConfigError, DataError, PrunekitWarning, UnsupportedLayerError
 from ..utils import module_device, progress, resolve_device
 from . import MethodOutput, PruneContext
 from .options import MethodOptions, option
@@ -310,7 +310,7 @@ def run(ctx: PruneContext) -> MethodOutput:
                    f"LayerNorm / GroupNorm ({', '.join(map(repr, norms))}) out of the ranking: "
                    f"zeroing a channel does not simulate its removal there; groups: "
                    f"{', '.join(left_out)}")
-        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        warnings.warn(message, PrunekitWarning, stacklevel=2)
         log.warning(message)
     opts["ignored"] = ignored = ignored + left_out
     base_macs = count_macs_params(model, x)[0]

@@ -15,6 +15,7 @@ gives ThiNet's ``X [rows, C]`` and ``y [rows]``. The network loop is
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from ..data.batches import Selection, is_empty, is_loader
 from ..data.batches import select as select_inputs
 from ..engine import ChannelGroup
-from ..errors import DataError, UnsupportedLayerError
+from ..errors import DataError, PrunekitWarning, UnsupportedLayerError
 from ..utils import eval_mode, module_device
 
 
@@ -252,6 +253,11 @@ class OriginalTargets:
                 raise UnsupportedLayerError(f"layer {n!r} is missing from the original model")
             _check_consumer(n, mods[n])
         self.names = names
+        #: layer -> output places to draw per image: at least ``samples_per_image``, raised for
+        #: a wide consumer so that its refit has ROWS_PER_COLUMN rows per weight column
+        n_images = max(1, len(self.selection))
+        self.wanted = {n: max(samples_per_image, math.ceil(ROWS_PER_COLUMN * _columns(mods[n]) / n_images))
+                       for n in names}
         #: layer -> per batch: (n_idx, oh, ow) or None for linear layers
         self.places: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]] = {}
         #: layer -> per batch: original outputs [n * p, out]
@@ -273,7 +279,7 @@ class OriginalTargets:
                 if y.dim() == 4:
                     N, _, Ho, Wo = y.shape
                     L = Ho * Wo
-                    p = min(self.m, L)
+                    p = min(self.wanted[name], L)
                     pos = torch.rand(N, L, generator=gens[name]).argsort(1)[:, :p].reshape(-1)
                     n_idx = torch.arange(N).repeat_interleave(p)
                     oh, ow = pos // Wo, pos % Wo
@@ -308,6 +314,28 @@ class OriginalTargets:
             for h in handles:
                 h.remove()
             original.train(was_training)
+        short = {n: _columns(mods[n]) for n in names
+                 if len(self.selection) * self.per_image.get(n, 1) < 2 * _columns(mods[n])}
+        if short:
+            n, cols = max(short.items(), key=lambda kv: kv[1])
+            warnings.warn(f"{len(self.selection)} calibration images give fewer than 2 samples per weight "
+                          f"column for {len(short)} layer(s) (e.g. {n!r}: {cols} columns, "
+                          f"{len(self.selection) * self.per_image.get(n, 1)} samples): the least-squares "
+                          "refit may overfit; give more calibration images", PrunekitWarning,
+                          stacklevel=3)
+
+
+#: sampled rows wanted per weight column of a consumer's refit (fewer overfit it: 64 images x 10
+#: places for 576 columns gave 19.6 % on ResNet-20 / Fashion-MNIST, x 40 places 91.4 %)
+ROWS_PER_COLUMN = 4
+
+
+def _columns(module: nn.Module) -> int:
+    """Weight columns of a consumer's least-squares refit (``Cin / groups * kh * kw``)."""
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        return module.in_channels // module.groups * kh * kw
+    return int(getattr(module, "in_features", 1))
 
 
 def _selection(data: Any, images: torch.Tensor | int | Selection, batch_size: int) -> Selection:

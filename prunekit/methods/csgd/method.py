@@ -17,7 +17,7 @@ import torch.nn as nn
 from ...data.batches import is_empty
 from ...engine import DependencyInfo, analyse, apply_plan
 from ...engine.budget import budget_widths
-from ...errors import ConfigError, DataError, UnsupportedLayerError
+from ...errors import ConfigError, DataError, PrunekitWarning, UnsupportedLayerError
 from ...train.bn import recalibrate_bn
 from ...utils import module_device, resolve_device
 from .. import MethodOutput, PruneContext
@@ -235,7 +235,7 @@ def _analyse_mergeable(model: nn.Module, x: torch.Tensor, ignored: list[str | An
     message = (f"csgd: left {len(names)} group(s) normalised over their channels by a LayerNorm / "
                f"GroupNorm ({', '.join(map(repr, norms))}) out of the clustering: merging them "
                f"would not be exact; groups: {', '.join(names)}")
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    warnings.warn(message, PrunekitWarning, stacklevel=3)
     log.warning(message)
     return analyse(model, x, ignored_layers=list(ignored) + [g.root for g in normalised]), names
 
@@ -278,7 +278,7 @@ def resolve_epsilon(o: CsgdOptions, cfg: Any, d0: float, train_set: Any) -> tupl
     if not reachable and o.centripetal_epochs > 0:
         warnings.warn("csgd: the centripetal schedule is too short for the clusters to converge "
                       f"even at the strongest stable epsilon ({epsilon:.3g}); use more "
-                      "centripetal_epochs or steps", RuntimeWarning, stacklevel=3)
+                      "centripetal_epochs or steps", PrunekitWarning, stacklevel=3)
     return float(epsilon), reachable
 
 
@@ -312,7 +312,7 @@ def _check_converged(transform: CentripetalTransform, tolerance: float) -> float
     if distance >= tolerance:
         message = (f"csgd: clusters did not converge (max intra-cluster distance {distance:.3g} >= "
                    f"tolerance {tolerance:.3g}); the merge will change the network's outputs")
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        warnings.warn(message, PrunekitWarning, stacklevel=3)
         log.warning(message)
     return distance
 
