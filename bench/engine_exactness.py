@@ -1,7 +1,8 @@
 """Is the surgery exact on real architectures? (issue #17, item 2: grouped convs, channel-last
 blocks, attention left alone).
 
-For each torchvision model (random weights; a zero-initialised Linear, such as ViT's head, gets
+For each torchvision model (and GhostNet from timm, whose concatenated depthwise copies tie two
+trunk channels into one unit; random weights; a zero-initialised Linear, such as ViT's head, gets
 small random weights so that outputs are not all zero, and ConvNeXt's layer scales, 1e-6 at
 initialisation, are set to 0.5 so that the blocks' outputs count), ``prunekit.prune(model, x, "l1",
 ratio=0.3, skip_unsupported=True)`` gives a plan; the groups of the plan without a LayerNorm /
@@ -37,7 +38,7 @@ import torch.nn as nn
 
 MODELS = ("resnext50_32x4d@64", "regnet_x_400mf@64", "regnet_y_400mf@64", "convnext_tiny@64",
           "mobilenet_v2@64", "densenet121@64", "efficientnet_b0@64", "vit_b_16@224",
-          "swin_t@224")
+          "swin_t@224", "timm:ghostnet_100@64")
 OUT = Path(__file__).resolve().parent / "results"
 
 
@@ -49,7 +50,12 @@ def check(name: str, size: int) -> dict:
     from prunekit.testing.fuzz import zero_removed_inputs
 
     torch.manual_seed(0)
-    model = getattr(torchvision.models, name)(weights=None).eval()
+    if ":" in name:  # a model spec (timm:ghostnet_100, hf:convnext ...)
+        from prunekit.models import build
+
+        model = build(name).eval()
+    else:
+        model = getattr(torchvision.models, name)(weights=None).eval()
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.Linear) and m.weight.abs().max() == 0:

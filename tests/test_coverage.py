@@ -167,9 +167,45 @@ MODELS = textwrap.dedent('''
 
     def make_branches(num_classes=10):
         return BranchNet(num_classes)
+
+
+    class Ghost(nn.Module):
+        """GhostNet's module: half the channels from a conv, half a depthwise copy of them."""
+
+        def __init__(self, cin, cout, act=True):
+            super().__init__()
+            self.primary = conv_bn(cin, cout // 2, act=act)
+            self.cheap = conv_bn(cout // 2, cout // 2, 3, groups=cout // 2, act=act)
+
+        def forward(self, x):
+            y = self.primary(x)
+            return torch.cat([y, self.cheap(y)], 1)
+
+
+    class GhostNet(nn.Module):
+        """Ghost bottlenecks on a residual trunk: trunk channels j and j + C/2 both come from
+        channel j of every block's second ghost conv, so they are one unit."""
+
+        def __init__(self, num_classes=10):
+            super().__init__()
+            self.stem = conv_bn(3, 8, 3, 2)
+            self.g1 = nn.Sequential(Ghost(8, 24), Ghost(24, 16, act=False))
+            self.short = conv_bn(8, 16, act=False)
+            self.g2 = nn.Sequential(Ghost(16, 32), Ghost(32, 16, act=False))
+            self.fc = nn.Linear(16, num_classes)
+
+        def forward(self, x):
+            x = self.stem(x)
+            x = self.g1(x) + self.short(x)
+            x = self.g2(x) + x
+            return self.fc(x.mean((2, 3)))
+
+
+    def make_ghost(num_classes=10):
+        return GhostNet(num_classes)
 ''')
 
-FACTORIES = ("make_resnext", "make_regnet", "make_convnext", "make_branches")
+FACTORIES = ("make_resnext", "make_regnet", "make_convnext", "make_branches", "make_ghost")
 
 
 @pytest.fixture(scope="module")
@@ -280,7 +316,8 @@ def out_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 CRITERIA = {"make_resnext": ("l1", "l2", "random", "bn-scale", "taylor", "apoz"),
             "make_regnet": ("l1", "random", "taylor", "mean-l2"),
             "make_convnext": ("l1", "l2", "random", "taylor", "apoz"),
-            "make_branches": ("l1", "bn-scale", "taylor", "var-l2")}
+            "make_branches": ("l1", "bn-scale", "taylor", "var-l2"),
+            "make_ghost": ("l1", "bn-scale", "taylor")}
 CASES = [(f, c) for f in FACTORIES for c in CRITERIA[f]]
 
 
@@ -351,6 +388,30 @@ def test_removing_silent_units_of_grouped_convs_changes_nothing(own, factory):
     assert params(pruned) < params(model)
     check_grouped_convs(pruned, model)
     torch.testing.assert_close(out_of(pruned, x), before, rtol=1e-9, atol=1e-10)
+
+
+def test_ghost_trunk_ties_a_channel_and_its_depthwise_copy(own):
+    """In the GhostNet trunk, channel j of the second ghost conv reaches trunk channels j and
+    j + 8 (the concatenation of it and its depthwise copy): they are one unit, named after the
+    shortcut conv (the one producer that carries each trunk channel once). Removing units is
+    exactly the original with those trunk channels' inputs zeroed in every consumer."""
+    from prunekit.testing.fuzz import zero_removed_inputs
+
+    model = build(own, "make_ghost").double()
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    info = analyse(model, x[:1])
+    g = info.producer_group("short.0")
+    assert g.name == "short.0" and g.units == [[j, j + 8] for j in range(8)]
+    primary = next(s for s in g.producers if s.name == "g2.1.primary.0")
+    assert primary.positions == {j: [j] for j in range(8)}
+    reader = next(s for s in g.consumers if s.name == "g2.0.primary.0")
+    assert reader.positions == {j: [j, j + 8] for j in range(8)}
+    plan = PruningPlan([GroupPlan(g.name, 8, [0, 2, 3, 6, 7])])
+    pruned = apply_plan(model, x[:1], plan)
+    assert pruned.short[0].out_channels == 10 and pruned.g2[1].primary[0].out_channels == 5
+    assert pruned.g2[1].cheap[0].groups == 5
+    torch.testing.assert_close(out_of(pruned, x), out_of(zero_removed_inputs(model, x[:1], plan), x),
+                               rtol=1e-9, atol=1e-10)
 
 
 def test_convnext_hidden_width_and_empty_plan_are_exact(own):

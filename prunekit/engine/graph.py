@@ -726,6 +726,22 @@ class DependencyInfo:
             raise _Refused(name, f"its channels pass through a transpose / permute "
                                  f"({type(shuffle.grad_fn).__name__}, e.g. a channel shuffle or "
                                  "attention heads), which reorders channels the engine cannot follow")
+        self._collect(tp_group, slots, params)
+        self._complete(root, size, slots, params)
+        ordered = sorted(slots.values(), key=lambda s: self._order[s.module])
+        # name the group after its first producing layer (stable across traces) that carries
+        # every channel once: the channels of a plan are that layer's channels
+        producers = [s for s in ordered if s.role == "producer" and _one_to_one(s, size)]
+        if producers:
+            name, root = producers[0].name, producers[0].module
+        group = ChannelGroup(name, root, size, ordered, params=list(params.values()))
+        self._check_supported(group)
+        _tie_units(group)
+        return group
+
+    def _collect(self, tp_group, slots: dict[tuple[int, Role], Slot],
+                 params: dict[int, ParamSlot]) -> None:
+        """Add the (root channel, local index) pairs of ``tp_group``'s items to the slots."""
         for item in tp_group:
             module = item.dep.target.module
             if isinstance(module, nn.Parameter):
@@ -741,15 +757,33 @@ class DependencyInfo:
             if slot is None:
                 slot = slots[key] = Slot(self.names[module], module, role, {})
             for local, r in zip(item.idxs, item.root_idxs, strict=True):
-                slot.positions.setdefault(int(r), []).append(int(local))
-        ordered = sorted(slots.values(), key=lambda s: self._order[s.module])
-        producers = [s for s in ordered if s.role == "producer"]
-        if producers:  # name the group after its first producing layer: stable across traces
-            name, root = producers[0].name, producers[0].module
-        group = ChannelGroup(name, root, size, ordered, params=list(params.values()))
-        self._check_supported(group)
-        _tie_units(group)
-        return group
+                ps = slot.positions.setdefault(int(r), [])
+                if int(local) not in ps:
+                    ps.append(int(local))
+
+    def _complete(self, root: nn.Module, size: int, slots: dict[tuple[int, Role], Slot],
+                  params: dict[int, ParamSlot]) -> None:
+        """Trace again from the root channels some layer was not reached from.
+
+        Torch-Pruning visits each (layer, index) once per trace, so when two root channels
+        reach the same channel of a layer (GhostNet: a conv's output and a depthwise copy of it
+        are concatenated, then added to a trunk: trunk channels ``j`` and ``j + C`` both reach
+        the conv's channel ``j``) only the first is recorded. Tracing from the missed root
+        channels records the others; :func:`_tie_units` then makes such channels one unit."""
+        def recorded() -> int:
+            return sum(len(sl.positions) for sl in list(slots.values()) + list(params.values()))
+
+        for _ in range(8):  # one trace per set of missed channels (GhostNet: two at most)
+            partial = next((sl for sl in list(slots.values()) + list(params.values())
+                            if getattr(sl, "role", None) != "consumer" and len(sl.positions) < size),
+                           None)
+            if partial is None:
+                return
+            missed = sorted(set(range(size)) - set(partial.positions))
+            before = recorded()
+            self._collect(self.pruning_group(root, self.out_handler(root), missed), slots, params)
+            if recorded() == before:
+                return  # really partial: _check_supported refuses it
 
     def _add_param(self, params: dict[int, ParamSlot], item) -> None:
         """Record a free parameter pruned with the group (Torch-Pruning prunes it along
@@ -764,7 +798,9 @@ class DependencyInfo:
         if slot is None:
             slot = params[id(p)] = ParamSlot(name, p, int(dim) % max(p.dim(), 1), {})
         for local, r in zip(item.idxs, item.root_idxs, strict=True):
-            slot.positions.setdefault(int(r), []).append(int(local))
+            ps = slot.positions.setdefault(int(r), [])
+            if int(local) not in ps:
+                ps.append(int(local))
 
     def _role(self, module: nn.Module, handler) -> Role | None:
         if isinstance(module, _CHANNELWISE_TYPES) or is_depthwise(module):
@@ -799,6 +835,13 @@ class DependencyInfo:
                                           "not supported")
 
 
+def _one_to_one(slot: Slot, size: int) -> bool:
+    """Whether ``slot`` carries each of the ``size`` root channels at one index of its own."""
+    if len(slot.positions) != size or any(len(ps) != 1 for ps in slot.positions.values()):
+        return False
+    return len({ps[0] for ps in slot.positions.values()}) == size
+
+
 def _width(slot: Slot) -> int:
     """Channels a tying layer has on the side the group sees (inputs of a consumer)."""
     m = slot.module
@@ -830,14 +873,16 @@ def _tie_units(group: ChannelGroup) -> None:
         return c
 
     tied = False
-    for slot in group.slots:
-        chunk = _chunk(slot)
-        if chunk is None:
+    for slot in list(group.slots) + list(group.params):
+        chunk = _chunk(slot) if isinstance(slot, Slot) else None
+        if chunk is None and getattr(slot, "role", None) == "consumer":
             continue
+        # a grouped conv ties position p to p + k chunk; any other layer ties root channels
+        # that reach the same one of its channels (see DependencyInfo._complete)
         first: dict[int, int] = {}
         for c, ps in slot.positions.items():
             for p in ps:
-                r = first.setdefault(p % chunk, c)
+                r = first.setdefault(p % chunk if chunk else p, c)
                 a, b = find(r), find(c)
                 if a != b:
                     parent[max(a, b)] = min(a, b)
@@ -849,7 +894,7 @@ def _tie_units(group: ChannelGroup) -> None:
         members.setdefault(find(c), []).append(c)
     units = sorted(members.values(), key=lambda u: u[0])
     for slot in list(group.slots) + list(group.params):
-        slot.positions = {u: [p for c in unit for p in slot.positions.get(c, [])]
+        slot.positions = {u: list(dict.fromkeys(p for c in unit for p in slot.positions.get(c, [])))
                           for u, unit in enumerate(units)
                           if any(c in slot.positions for c in unit)}
     group.units = units
