@@ -518,8 +518,10 @@ def main() -> None:
     previous = {}
     if args.out.is_file():
         previous = {r["spec"]: r for r in json.loads(args.out.read_text())["models"]}
-    doc = {"command": "OMP_NUM_THREADS=1 nice .venv-vision/bin/python bench/compat.py "
-                      + " ".join(sys.argv[1:]),
+    command = "OMP_NUM_THREADS=1 nice .venv-vision/bin/python bench/compat.py " + " ".join(sys.argv[1:])
+    earlier = json.loads(args.out.read_text()).get("command", "") if args.out.is_file() else ""
+    doc = {"command": (f"{earlier}; then {command}" if earlier and (args.resume or args.rerun_not_ok)
+                       else command),
            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
            "versions": f"torch {torch.__version__}, torchvision {torchvision.__version__}, timm "
                        f"{timm.__version__}, transformers {transformers.__version__}, torch-pruning "
