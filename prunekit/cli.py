@@ -255,18 +255,20 @@ def load_data(name: str, data_dir: Path | None, train_samples: int | None = None
               input_shape: Sequence[int] | None = None):
     """``prunekit.data.load`` behind the CLI's data options.
 
-    An image folder (``folder:PATH``) is read at the checkpoint's square ``input_shape`` when
-    one is known (else 32 x 32), and streamed from disk instead of held in memory when it
-    would not fit :func:`prunekit.data.in_memory_limit` (``folder+stream:PATH`` always streams).
+    An image folder (``folder:PATH``, ``images:PATH``) is read at the model's ``input_shape``
+    when one is known (else 32 x 32; a non-square ``H, W`` too: each image is resized with its
+    aspect ratio kept and centre-cropped), and streamed from disk instead of held in memory
+    when it would not fit :func:`prunekit.data.in_memory_limit` (``folder+stream:PATH`` always
+    streams).
     """
     from .data import load
 
     size = None
     if (name.strip().lower().startswith(("folder:", "folder+stream:", "images:"))
             and isinstance(input_shape, (list, tuple)) and len(input_shape) == 3
-            and all(isinstance(v, int) and v > 0 for v in input_shape)
-            and input_shape[1] == input_shape[2]):
-        size = int(input_shape[1])
+            and all(isinstance(v, int) and v > 0 for v in input_shape)):
+        h, w = int(input_shape[1]), int(input_shape[2])
+        size = h if h == w else (h, w)
     return load(name, root=data_dir, train_samples=train_samples, image_size=size)
 
 
@@ -450,6 +452,8 @@ def eval_(
         if not name:
             raise ConfigError("the checkpoint does not record its dataset; pass --data")
         shape = input_shape_for(meta, input_shape) if input_shape is not None else meta.get("input_shape")
+        if shape:
+            check_forward(model, example_input(shape), source)
         _, test_set = load_data(name, data_dir, input_shape=shape)
         acc = evaluate(model, test_set, batch_size=batch_size, device=resolve_device(device))
         o.result({"checkpoint": source, "data": name, "samples": len(test_set),
@@ -541,6 +545,7 @@ def profile_(
         runtimes = None if runtime == "none" else check_runtimes(runtime)
         model, meta, source = model_from_cli(checkpoint, model_spec, weights, trust_code, num_classes)
         shape = input_shape_for(meta, input_shape)
+        check_forward(model, example_input(shape), source)
         ref = None
         if original is not None:
             ref, _ = load_checkpoint(original, trust_code)
@@ -583,6 +588,7 @@ def export(
         check_output_path(onnx)
         model, meta, source = model_from_cli(checkpoint, model_spec, weights, trust_code, num_classes)
         shape = input_shape_for(meta, input_shape)
+        check_forward(model, example_input(shape), source)
         info = export_onnx(model, example_input(shape), onnx, opset=opset, dynamic_batch=dynamic_batch)
         o.result({"checkpoint": source, **info},
                  [f"wrote {onnx} (opset {info['opset']}, {info['file_size_bytes'] / 1024:.1f} KiB, "
@@ -725,6 +731,7 @@ def prune_(
         model, meta, source = model_from_cli(checkpoint, model_spec, weights, trust_code, num_classes)
         check_finite(model, Path(str(weights or checkpoint or source)))
         shape = input_shape_for(meta, input_shape)
+        check_forward(model, example_input(shape), source)
         data_name = data or meta.get("data")
         if data_name is None:
             raise ConfigError("the checkpoint does not record its dataset; pass --data")
@@ -924,6 +931,7 @@ def compare_(
             raise ConfigError("--model needs --input-shape C,H,W")
         model, meta, source = model_from_cli(checkpoint, model_spec, weights, trust_code, num_classes)
         shape = input_shape_for(meta, input_shape)
+        check_forward(model, example_input(shape), source)
         data_name = opt.get("data") or meta.get("data")
         if data_name is None:
             raise ConfigError("the checkpoint does not record its dataset; pass --data")

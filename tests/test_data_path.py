@@ -312,3 +312,68 @@ def test_cli_prunes_and_evaluates_a_streamed_folder(folder, tmp_path, capsys) ->
     assert code == 0 and out.is_file() and report["macs_fraction"] < 1.0
     code = cli.main(["eval", str(out), "--json"])
     assert code == 0 and json.loads(capsys.readouterr().out)["samples"] == 8
+
+
+def _stripes(tmp_path, size_wh: tuple[int, int]):
+    """A folder of RGB images ``size_wh`` (width, height) whose pixel columns encode x and rows
+    encode y (red = 255 x / (w - 1), green = 255 y / (h - 1)), in two classes."""
+    import numpy as np
+    from PIL import Image
+
+    w, h = size_wh
+    xs = np.round(np.linspace(0, 255, w)).astype(np.uint8)
+    ys = np.round(np.linspace(0, 255, h)).astype(np.uint8)
+    a = np.zeros((h, w, 3), np.uint8)
+    a[..., 0], a[..., 1] = xs[None, :], ys[:, None]
+    for cls in ("a", "b"):
+        d = tmp_path / "train" / cls
+        d.mkdir(parents=True)
+        for i in range(5):  # the fifth is the test image
+            Image.fromarray(a).save(d / f"{i}.png")
+    return tmp_path
+
+
+def test_folder_images_keep_their_aspect_ratio_and_are_centre_cropped(tmp_path) -> None:
+    """A 64x32 (w x h) image fitted to 16x16 is resized to 32x16 (not squashed to 16x16) and its
+    centre cropped: the kept columns span the middle half of the x range, the rows all of y.
+    The in-memory, streamed and unlabeled readers agree, also at a non-square (H, W)."""
+    from prunekit.data.unlabeled import UnlabeledImages
+
+    root = _stripes(tmp_path, (64, 32))
+    train, _ = load(f"folder:{root}", image_size=16, stream=False)
+    img = train.images[0].float()  # [3, 16, 16]
+    red_row, green_col = img[0, 8], img[1, :, 8]
+    assert 60 <= red_row[0] <= 72 and 183 <= red_row[-1] <= 195  # x from ~1/4 to ~3/4: cropped
+    assert green_col[0] <= 12 and green_col[-1] >= 243  # y: all of it
+    streamed, _ = load(f"folder+stream:{root}", image_size=16)
+    assert torch.equal(streamed.raw(0), train.images[0])
+    # a non-square target of the image's own aspect ratio: resized only, nothing cropped
+    wide, _ = load(f"folder:{root}", image_size=(8, 16), stream=False)
+    assert wide.image_size == (8, 16)
+    row = wide.images[0, 0, 4].float()
+    assert row[0] <= 12 and row[-1] >= 243
+    flat = UnlabeledImages(root, image_size=(8, 16))
+    assert flat[0].shape == (3, 8, 16) and flat.image_size == (8, 16)
+    with pytest.raises(ConfigError, match="height, width"):
+        load(f"folder:{root}", image_size=(8, 0))
+    with pytest.raises(ConfigError, match="square"):
+        load("fashion-mnist", image_size=(8, 16))
+
+
+def test_cli_reads_a_folder_at_a_non_square_input_shape(tmp_path, capsys) -> None:
+    """``--input-shape 3,24,40`` on a factory model reads the folder at 24x40 (aspect kept,
+    centre crop) and evaluates it: the model flattens its 24x40 map into a Linear, so any other
+    size fails."""
+    root = _stripes(tmp_path / "data", (80, 40))
+    factory = tmp_path / "net.py"
+    factory.write_text("import torch.nn as nn\n\n"
+                       "def make(num_classes=2):\n"
+                       "    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8),\n"
+                       "                         nn.ReLU(), nn.Flatten(),\n"
+                       "                         nn.Linear(8 * 24 * 40, num_classes))\n")
+    args = ["eval", "--model", f"{factory}:make", "--data", f"folder:{root}", "--num-classes", "2",
+            "--json"]
+    assert cli.main(args + ["--input-shape", "3,24,40"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["samples"] == 2 and 0 <= rep["test_acc"] <= 100
+    assert cli.main(args + ["--input-shape", "3,24,24"]) == 2  # the model does not fit 24x24

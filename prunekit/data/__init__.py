@@ -68,12 +68,13 @@ def in_memory_limit() -> int:
     return int(value)
 
 
-def _folder_bytes(path: str, size: int) -> int:
+def _folder_bytes(path: str, size: int | tuple[int, int]) -> int:
     """``uint8`` bytes an image folder takes in memory at ``size`` (three channels assumed)."""
-    from .folder import scan_image_folder
+    from .folder import image_hw, scan_image_folder
 
     _, _, train_items, test_items = scan_image_folder(path)
-    return (len(train_items) + len(test_items)) * 3 * size * size
+    h, w = image_hw(size)
+    return (len(train_items) + len(test_items)) * 3 * h * w
 
 
 def resize(dataset: ImageDataset, size: int, chunk: int = 4096) -> ImageDataset:
@@ -109,9 +110,11 @@ def load(name: str, root: str | os.PathLike | None = None, train_samples: int | 
         ``~/.cache/prunekit/cifar-100-python``). Ignored for ``folder:PATH``.
     train_samples : int, optional
         Keep only the first ``train_samples`` training images (quick runs).
-    image_size : int, optional
-        Resize images to this square size. Image folders default to 32; the built-in
-        datasets keep their native size (28 or 32) unless asked.
+    image_size : int or (int, int), optional
+        Image size: a square side, or ``(height, width)`` for image folders (each image is
+        resized with its aspect ratio kept and centre-cropped, see
+        :func:`~prunekit.data.folder.fit_image`). Image folders default to 32; the built-in
+        datasets keep their native size (28 or 32) unless asked (a square).
     stream : bool, optional
         Image folders only. ``True``: read lazily, image by image
         (:func:`~prunekit.data.stream.stream_image_folder`: memory bounded by a few batches;
@@ -143,9 +146,11 @@ def load(name: str, root: str | os.PathLike | None = None, train_samples: int | 
     """
     if train_samples is not None and (isinstance(train_samples, bool) or train_samples <= 0):
         raise ConfigError(f"train_samples must be positive, got {train_samples}")
-    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
-                                   or image_size <= 0):
-        raise ConfigError(f"image_size must be a positive integer, got {image_size!r}")
+    if image_size is not None:
+        from .folder import image_hw
+
+        hw = image_hw(image_size)
+        image_size = hw[0] if hw[0] == hw[1] else hw
     if not isinstance(name, str):
         raise ConfigError(f"dataset name must be a string, got {name!r}")
     if stream is not None and not isinstance(stream, bool):
@@ -189,6 +194,8 @@ def load(name: str, root: str | os.PathLike | None = None, train_samples: int | 
         train, test = _LOADERS[key](root)
     if train_samples is not None:
         train = train.subset(int(train_samples))
-    if image_size is not None:
+    if image_size is not None and prefix is None:  # a folder was read at its size
+        if not isinstance(image_size, int):
+            raise ConfigError(f"a built-in dataset is resized to a square; got image_size {image_size!r}")
         train, test = resize(train, image_size), resize(test, image_size)
     return train, test

@@ -12,14 +12,16 @@ Layouts understood, for ``folder:PATH``:
 
 Classes are the sorted names of the training sub-folders; files may sit in nested folders
 below a class folder. Every image is converted to RGB, or to grayscale ``L`` when all images
-of both splits are grayscale, and resized (bilinear) to a square ``image_size`` x
-``image_size``, ignoring its aspect ratio. Mean and standard deviation are measured on the
-training images.
+of both splits are grayscale, and fitted to ``image_size`` (a side, or ``(height, width)``) by
+:func:`fit_image`: resized (bilinear) keeping its aspect ratio until it covers the size, then
+centre-cropped (an image of the target's shape is only resized). Mean and standard deviation
+are measured on the training images.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -88,12 +90,44 @@ def _split(items: list[tuple[Path, int]]) -> tuple[list[tuple[Path, int]], list[
     return train, test
 
 
-def _decode(path: Path, size: int) -> tuple[np.ndarray, bool]:
-    """``uint8 [size, size]`` for a grayscale file or ``[size, size, 3]``; and whether gray."""
+def image_hw(size: int | Sequence[int]) -> tuple[int, int]:
+    """``(height, width)`` from a side or a ``(height, width)`` pair.
+
+    Raises
+    ------
+    ConfigError
+        Not a positive integer or a pair of them.
+    """
+    pair = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, (tuple, list)) else ()
+    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in pair):
+        raise ConfigError(f"image_size must be a positive integer or a (height, width) pair of them, "
+                          f"got {size!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def fit_image(im: Image.Image, size: int | Sequence[int]) -> Image.Image:
+    """``im`` resized (bilinear) to cover ``size`` with its aspect ratio kept, then
+    centre-cropped to exactly ``size`` (a side or ``(height, width)``), as the resize and
+    centre-crop of the usual evaluation transforms; an image of the target's aspect ratio is
+    only resized."""
+    h, w = image_hw(size)
+    scale = max(h / im.height, w / im.width)
+    nw, nh = max(w, round(im.width * scale)), max(h, round(im.height * scale))
+    if (nw, nh) != im.size:
+        im = im.resize((nw, nh), Image.BILINEAR)
+    if (nw, nh) == (w, h):
+        return im
+    left, top = (nw - w) // 2, (nh - h) // 2
+    return im.crop((left, top, left + w, top + h))
+
+
+def _decode(path: Path, size: int | Sequence[int]) -> tuple[np.ndarray, bool]:
+    """``uint8 [H, W]`` for a grayscale file or ``[H, W, 3]`` (:func:`fit_image` to ``size``);
+    and whether it is gray."""
     try:
         with Image.open(path) as im:
             gray = im.mode in GRAY_MODES
-            im = im.convert("L" if gray else "RGB").resize((size, size), Image.BILINEAR)
+            im = fit_image(im.convert("L" if gray else "RGB"), size)
             return np.asarray(im, dtype=np.uint8), gray
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot decode image {path}: {e}") from e
@@ -159,21 +193,23 @@ def scan_image_folder(path: str | os.PathLike) -> tuple[Path, list[str], list[tu
     return root, classes, train_items, test_items
 
 
-def load_image_folder(path: str | os.PathLike, image_size: int = 32) -> tuple[ImageDataset, ImageDataset]:
+def load_image_folder(path: str | os.PathLike, image_size: int | Sequence[int] = 32
+                      ) -> tuple[ImageDataset, ImageDataset]:
     """Load an image-per-file dataset into memory (see the module docstring for layouts).
 
     Parameters
     ----------
     path : path
         The dataset folder.
-    image_size : int
-        Side of the square every image is resized to.
+    image_size : int or (int, int)
+        Side of the square, or ``(height, width)``, every image is fitted to
+        (:func:`fit_image`: aspect ratio kept, centre crop).
 
     Returns
     -------
     train, test : ImageDataset
-        ``uint8 [N, C, image_size, image_size]`` with ``C`` 1 (all grayscale) or 3; both use
-        the training set's mean and std and list the same classes.
+        ``uint8 [N, C, H, W]`` with ``C`` 1 (all grayscale) or 3; both use the training set's
+        mean and std and list the same classes.
 
     Raises
     ------
@@ -183,8 +219,7 @@ def load_image_folder(path: str | os.PathLike, image_size: int = 32) -> tuple[Im
     ConfigError
         ``image_size`` is not a positive integer.
     """
-    if not isinstance(image_size, int) or image_size <= 0:
-        raise ConfigError(f"image_size must be a positive integer, got {image_size!r}")
+    image_size = image_hw(image_size)
     root, classes, train_items, test_items = scan_image_folder(path)
     decoded = [_decode(f, image_size) for f, _ in
                progress(train_items + test_items, desc=f"reading {root.name}")]

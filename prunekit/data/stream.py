@@ -2,8 +2,8 @@
 
 :func:`stream_image_folder` understands exactly the layouts, classes and train/test split of
 :func:`prunekit.data.folder.load_image_folder` and decodes each image the same way (Pillow,
-converted to RGB -- or grayscale ``L`` -- and resized bilinearly to a square
-``image_size`` x ``image_size``, aspect ratio ignored), so a streamed item equals the
+converted to RGB -- or grayscale ``L`` -- and fitted to ``image_size`` by
+:func:`~prunekit.data.folder.fit_image`: aspect ratio kept, centre crop), so a streamed item equals the
 in-memory dataset's item bit for bit when both use the same mean and std. Nothing but the file
 list is kept in memory: the datasets carry ``num_workers``, and prunekit's data helpers
 (:mod:`prunekit.data.batches`, the trainer) read them through a ``DataLoader`` with that many
@@ -39,7 +39,7 @@ from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
 from ..utils import progress
-from .folder import _decode, scan_image_folder
+from .folder import _decode, image_hw, scan_image_folder
 
 STATS_SAMPLES = 1000
 """Training images (at most) the streamed mean and std are measured on."""
@@ -73,7 +73,7 @@ class ImageFolderStream(Dataset):
     """
 
     def __init__(self, root: str | os.PathLike, files: Sequence[str], labels: Sequence[int], *,
-                 image_size: int, gray: bool, mean: Sequence[float], std: Sequence[float],
+                 image_size: int | Sequence[int], gray: bool, mean: Sequence[float], std: Sequence[float],
                  classes: Sequence[str], name: str, num_workers: int | None = None) -> None:
         if len(files) != len(labels):
             raise DataError(f"{name}: {len(files)} files but {len(labels)} labels")
@@ -82,7 +82,7 @@ class ImageFolderStream(Dataset):
         # reference counts, so the forked pages stay shared (no copy-on-read growth)
         self._files = np.array([os.fsencode(f) for f in files], dtype=np.bytes_)
         self._labels = np.asarray(labels, dtype=np.int64)
-        self.size = int(image_size)
+        self.size = image_hw(image_size)
         self.gray = bool(gray)
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
@@ -105,7 +105,7 @@ class ImageFolderStream(Dataset):
 
     @property
     def image_size(self) -> tuple[int, int]:
-        return (self.size, self.size)
+        return self.size
 
     @property
     def targets(self) -> torch.Tensor:
@@ -158,7 +158,7 @@ class ImageFolderStream(Dataset):
 
     def __repr__(self) -> str:
         return (f"ImageFolderStream({self.name!r}, n={len(self)}, shape=({self.in_channels}, "
-                f"{self.size}, {self.size}), classes={self.num_classes}, "
+                f"{self.size[0]}, {self.size[1]}), classes={self.num_classes}, "
                 f"workers={self.num_workers})")
 
 
@@ -195,7 +195,7 @@ def _measure(files: list[Path], size: int, threads: int, desc: str
     return gray, mean.tolist(), std.tolist()
 
 
-def stream_image_folder(path: str | os.PathLike, image_size: int = 32, *,
+def stream_image_folder(path: str | os.PathLike, image_size: int | Sequence[int] = 32, *,
                         mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                         stats_samples: int = STATS_SAMPLES, num_workers: int | None = None,
                         ) -> tuple[ImageFolderStream, ImageFolderStream]:
@@ -205,8 +205,8 @@ def stream_image_folder(path: str | os.PathLike, image_size: int = 32, *,
     ----------
     path : path
         The dataset folder (layouts: :mod:`prunekit.data.folder`).
-    image_size : int
-        Side of the square every image is resized to.
+    image_size : int or (int, int)
+        Side of the square, or ``(height, width)``, every image is fitted to.
     mean, std : sequence of float, optional
         Fixed normalisation (one value per channel, in [0, 1] units; e.g. ImageNet's
         ``(0.485, 0.456, 0.406)``, ``(0.229, 0.224, 0.225)``); both or neither. Default:
@@ -229,8 +229,7 @@ def stream_image_folder(path: str | os.PathLike, image_size: int = 32, *,
     ConfigError
         A non-positive ``image_size`` or ``stats_samples``, or only one of ``mean`` / ``std``.
     """
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
-        raise ConfigError(f"image_size must be a positive integer, got {image_size!r}")
+    image_size = image_hw(image_size)
     if isinstance(stats_samples, bool) or not isinstance(stats_samples, int) or stats_samples <= 0:
         raise ConfigError(f"stats_samples must be a positive integer, got {stats_samples!r}")
     if (mean is None) != (std is None):

@@ -4,10 +4,11 @@ Pruning without retraining (``--method reconstruct``) needs a few hundred images
 normally sees and no labels. ``images:PATH`` reads every image file below ``PATH`` (nested
 folders allowed, hidden files skipped, sorted by relative path), decoded on access (nothing but
 the file list and the normalisation statistics is held in memory), converted to grayscale when
-every image is grayscale (else RGB) or to the channels asked for, resized (bilinear) to a
-square ``image_size`` and normalised by the mean and standard deviation measured on up to
-``stats_images`` of them, as ``folder:PATH`` does with its training images. Items are image
-tensors only: there is no label to read.
+every image is grayscale (else RGB) or to the channels asked for, fitted to ``image_size``
+(:func:`~prunekit.data.folder.fit_image`: aspect ratio kept, centre crop) and normalised by
+the mean and standard deviation measured on up to ``stats_images`` of them, as
+``folder:PATH`` does with its training images. Items are image tensors only: there is no
+label to read.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import DataError
-from .folder import GRAY_MODES, IMAGE_EXTENSIONS
+from .folder import GRAY_MODES, IMAGE_EXTENSIONS, fit_image, image_hw
 
 __all__ = ["UnlabeledImages"]
 
@@ -40,8 +41,8 @@ class UnlabeledImages(Dataset):
     ----------
     root : str or PathLike
         The folder.
-    image_size : int
-        Square side the images are resized to.
+    image_size : int or (int, int)
+        Side of the square, or ``(height, width)``, the images are fitted to.
     channels : {None, 1, 3}
         Force grayscale (1) or RGB (3); ``None``: grayscale when every image is.
     stats_images : int
@@ -53,7 +54,8 @@ class UnlabeledImages(Dataset):
         Missing folder, no image in it, or an image that cannot be decoded.
     """
 
-    def __init__(self, root: str | os.PathLike, image_size: int = 32, channels: int | None = None,
+    def __init__(self, root: str | os.PathLike, image_size: int | tuple[int, int] = 32,
+                 channels: int | None = None,
                  stats_images: int = 512) -> None:
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
@@ -62,7 +64,7 @@ class UnlabeledImages(Dataset):
         if not self.files:
             exts = ", ".join(sorted(IMAGE_EXTENSIONS))
             raise DataError(f"{self.root}: no image files (extensions: {exts})")
-        self.image_size = (int(image_size), int(image_size))
+        self.image_size = image_hw(image_size)
         if channels is None:
             channels = 1 if all(self._mode(p) in GRAY_MODES for p in self.files) else 3
         self.in_channels = int(channels)
@@ -85,7 +87,7 @@ class UnlabeledImages(Dataset):
         try:
             with Image.open(path) as im:
                 im = im.convert("L" if self.in_channels == 1 else "RGB")
-                im = im.resize(self.image_size, Image.BILINEAR)
+                im = fit_image(im, self.image_size)
                 a = np.asarray(im, dtype=np.float32) / 255.0
         except Exception as e:
             raise DataError(f"cannot decode image {path}: {e}") from e
