@@ -360,6 +360,27 @@ def test_grouped_conv_channels_are_pruned_at_the_same_position_in_every_group(ow
     torch.testing.assert_close(pruned.b1.conv1[0].weight, model.b1.conv1[0].weight[1::2])
 
 
+def test_round_to_counts_the_channels_of_tied_units(own):
+    """round_to=8 on a group of 4 units of 4 channels keeps 2 or 4 units (8 or 16 channels), not
+    3 (12 channels); every pruned conv of the ResNeXt keeps a multiple of 8 channels."""
+    from prunekit.engine.budget import round_widths, unit_round_to
+
+    model = build(own, "make_resnext")
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    info = analyse(model, x[:1])
+    g = info.producer_group("b1.conv1.0")
+    assert (g.size, g.channels, unit_round_to(g, 8)) == (4, 16, 2)
+    assert round_widths(info, {g.name: 3}, 8) == {g.name: 2}
+    plain = next(h for h in info.groups if h.units is None and h.size > 8)
+    assert unit_round_to(plain, 8) == 8
+    res = prunekit.prune(model, x[:1], method="l1", ratio=0.3, round_to=8, evaluate=False)
+    pruned = check_smaller_valid(model, res, x)
+    before = dict(model.named_modules())
+    changed = [(n, m.out_channels) for n, m in pruned.named_modules()
+               if isinstance(m, nn.Conv2d) and m.out_channels != before[n].out_channels]
+    assert changed and all(c % 8 == 0 for _, c in changed), changed
+
+
 @pytest.mark.parametrize("factory", ["make_resnext", "make_regnet"])
 def test_removing_silent_units_of_grouped_convs_changes_nothing(own, factory):
     """Units whose BatchNorm outputs are exactly zero (scale and shift 0, after ReLU) are the

@@ -32,7 +32,14 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
-from .budget import Widths, check_fraction, count_macs_params, macs_of_widths, round_width
+from .budget import (
+    Widths,
+    check_fraction,
+    count_macs_params,
+    macs_of_widths,
+    round_width,
+    unit_round_to,
+)
 from .graph import DependencyInfo
 
 __all__ = ["MacsModel", "allocate_widths", "channel_costs"]
@@ -162,7 +169,8 @@ def allocate_widths(info: DependencyInfo, curves: Mapping[str, torch.Tensor], ta
     for n in names:
         if len(curves[n]) != sizes[n] + 1:
             raise ConfigError(f"damage curve of {n!r} has {len(curves[n])} entries, expected {sizes[n] + 1}")
-    cands = {n: _candidates(sizes[n], round_to, min_width) for n in names}
+    by_name = {g.name: g for g in info.groups}
+    cands = {n: _candidates(sizes[n], unit_round_to(by_name[n], round_to), min_width) for n in names}
     base = count_macs_params(info.model, info.example_inputs)[0]
 
     def exact(w: Widths) -> float:

@@ -3,7 +3,9 @@
 ``--ratio r`` removes ``round(r * C)`` of the ``C`` channels of every group (at least one stays).
 ``round_to=k`` then rounds every kept width down to a multiple of ``k`` (at least ``k``; groups of
 at most ``k`` channels are left as they are): vectorised CPU/GPU kernels run widths that are
-multiples of 8 or 16 markedly faster than the odd widths a uniform ratio gives.
+multiples of 8 or 16 markedly faster than the odd widths a uniform ratio gives. ``k`` counts the
+root layer's channels: in a group of tied units (grouped convs) the width moves in steps of
+units that keep a multiple of ``k`` channels (:func:`unit_round_to`).
 ``--target-macs f`` searches, by bisection on a monotone knob (the ratio, or a method's own), the
 least pruning whose model keeps at most ``f`` of the original MACs. MACs depend only on the widths,
 not on which channels are kept, so candidates are counted on a copy pruned to the first channels.
@@ -11,6 +13,7 @@ not on which channels are kept, so candidates are counted on a copy pruned to th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +24,7 @@ import torch_pruning as tp
 
 from ..errors import ConfigError
 from ..utils import eval_mode
-from .graph import DependencyInfo
+from .graph import ChannelGroup, DependencyInfo
 from .plan import GroupPlan, PruningPlan
 from .surgery import apply_plan
 
@@ -75,12 +78,25 @@ def round_width(width: int, size: int, round_to: int | None) -> int:
     return max(round_to, width - width % round_to)
 
 
+def unit_round_to(group: ChannelGroup, round_to: int | None) -> int | None:
+    """``round_to`` counted in the group's units: widths are units, and a unit of ``u`` tied
+    channels (grouped convs, GhostNet's copies) keeps ``u`` channels of the root layer, so a
+    multiple of ``round_to // gcd(round_to, u)`` units keeps a multiple of ``round_to``
+    channels (ResNeXt's 32-group conv, units of 4: every 2 units)."""
+    if not round_to or group.units is None:
+        return round_to
+    u = len(group.units[0])
+    return round_to // math.gcd(round_to, u)
+
+
 def round_widths(info: DependencyInfo, widths: Widths, round_to: int | None) -> Widths:
-    """:func:`round_width` applied to every group of ``widths``."""
+    """:func:`round_width` applied to every group of ``widths`` (``round_to`` in channels, see
+    :func:`unit_round_to`)."""
     if not round_to:
         return dict(widths)
-    sizes = {g.name: g.size for g in info.groups}
-    return {n: round_width(w, sizes.get(n, w), round_to) for n, w in widths.items()}
+    groups = {g.name: g for g in info.groups}
+    return {n: (round_width(w, groups[n].size, unit_round_to(groups[n], round_to)) if n in groups else w)
+            for n, w in widths.items()}
 
 
 def widths_at_ratio(info: DependencyInfo, ratio: float) -> Widths:

@@ -170,7 +170,7 @@ def build_table(info: Any, runtime: str, batch_size: int = 1, threads: int | Non
     (table, about)
         ``about``: ``cached`` (read from disk), ``path`` (the cache file), ``measurements``.
     """
-    from ..engine.budget import apply_plan, width_plan
+    from ..engine.budget import apply_plan, unit_round_to, width_plan
 
     (runtime,) = check_runtimes([runtime])
     threads = int(threads) if threads is not None else torch.get_num_threads()
@@ -178,7 +178,7 @@ def build_table(info: Any, runtime: str, batch_size: int = 1, threads: int | Non
     if not isinstance(x, torch.Tensor):
         raise ConfigError("a latency budget needs a model that takes one input tensor")
     sizes = {g.name: g.size for g in info.groups}
-    candidates = {g: _candidates(s, round_to, fractions) for g, s in sizes.items()}
+    candidates = {g.name: _candidates(g.size, unit_round_to(g, round_to), fractions) for g in info.groups}
     path = cache_dir() / f"latency-{_key(info.model, x, runtime, batch_size, threads, candidates)}.json"
     if use_cache and path.is_file():
         try:
