@@ -201,6 +201,24 @@ def test_few_calibration_images_draw_more_places_and_warn(trained_resnet8, grati
     assert top1(res.model, test) >= 93.0
 
 
+def test_adaptive_widths_meet_a_measured_latency_budget(trained_resnet8, grating_data, tmp_path,
+                                                          monkeypatch):
+    """Under ``target_latency`` the damage-optimal allocation is the knob the measured-latency
+    search moves: the result is within its budget by its own measurement, its widths are not a
+    uniform ratio, and it keeps the accuracy."""
+    monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path / "cache"))
+    train, test = grating_data
+    res = prunekit.prune(trained_resnet8, data=train, method="reconstruct", evaluate=False,
+                         calib_images=128, probe_images=32, target_latency=0.75, runtime="deploy",
+                         latency_batch_size=16)
+    lb = res.report["latency_budget"]
+    assert lb["reached"] and lb["measured_ratio"] <= 0.75
+    assert res.report["method_widths_source"] == "adaptive, measured-latency search"
+    kept = {n: w / c for n, (c, w) in res.report["method_widths"].items()}
+    assert max(kept.values()) - min(kept.values()) > 0.2, kept
+    assert top1(res.model, test) >= 95.0
+
+
 def test_reconstruct_never_reads_labels(trained_resnet8, grating_data):
     train, _ = grating_data
     res = _prune(trained_resnet8, _NoLabels(train), calib_images=64)

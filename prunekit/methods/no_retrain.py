@@ -263,6 +263,27 @@ def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor
     return f0 + t * (f1 - f0)
 
 
+def _adaptive_knob(info, curves: dict[str, torch.Tensor], round_to: int | None):
+    """``r -> widths``: the damage-optimal allocation (:func:`allocate_widths`) at a MACs budget
+    of ``1 - r`` (the narrowest widths where that is out of reach), non-increasing in ``r``:
+    the knob :func:`~prunekit.measure.latency_table.solve_latency_budget` searches to meet a
+    measured latency. Cached per knob value."""
+    full = {g.name: g.size for g in info.groups}
+    cache: dict[float, dict[str, int]] = {}
+
+    def fn(r: float) -> dict[str, int]:
+        key = round(float(r), 4)
+        if key not in cache:
+            try:
+                widths, _ = allocate_widths(info, curves, max(1.0 - key, 1e-3), round_to=round_to)
+            except ConfigError:  # below the narrowest widths' MACs
+                widths = {n: 1 for n in curves}
+            cache[key] = {**full, **widths}
+        return cache[key]
+
+    return fn
+
+
 def _target_fraction(ctx: PruneContext, info, names: list[str]) -> float:
     """The MACs fraction to meet: ``target_macs``, or what a uniform ``ratio`` would keep."""
     if ctx.target_macs is not None:
@@ -311,7 +332,7 @@ def run(ctx: PruneContext) -> MethodOutput:
     from ..engine.budget import LatencyTarget
 
     latency = isinstance(ctx.target_macs, LatencyTarget)  # --target-latency: the latency search
-    if opts.widths == "adaptive" and not latency:
+    if opts.widths == "adaptive":
         probe = None
         if opts.damage == "output":
             probe = _first_images(images, opts.probe_images).to(next(model.parameters()).device)
@@ -322,8 +343,15 @@ def run(ctx: PruneContext) -> MethodOutput:
                                         batch_size=opts.batch_size, seed=ctx.seed + 1)
         curves = damage_curves(ctx, curve_targets, info, names, opts, probe, probes)
         del curve_targets
-        widths, frac = allocate_widths(info, curves, _target_fraction(ctx, info, names),
-                                       round_to=ctx.round_to)
+        if latency:
+            # the measured-latency search moves one knob: here the MACs budget of the
+            # damage-optimal allocation, so the widths keep their layer-adaptive shape
+            _, widths, frac = budget_widths(info, None, ctx.target_macs,
+                                            _adaptive_knob(info, curves, ctx.round_to),
+                                            round_to=ctx.round_to)
+        else:
+            widths, frac = allocate_widths(info, curves, _target_fraction(ctx, info, names),
+                                           round_to=ctx.round_to)
     else:
         _, widths, frac = budget_widths(
             info, ctx.ratio, ctx.target_macs,
@@ -345,7 +373,7 @@ def run(ctx: PruneContext) -> MethodOutput:
     extra: dict[str, Any] = dict(out.extra)
     extra.update({"selection": opts.selection, "widths_mode": opts.widths,
                   "widths": {n: [sizes[n], widths[n]] for n in names},
-                  "widths_source": ("latency table" if latency else opts.widths),
+                  "widths_source": (f"{opts.widths}, measured-latency search" if latency else opts.widths),
                   "macs_fraction_planned": frac, "bn_images": bn_images,
                   "damage": {n: float(curves[n][widths[n]]) for n in curves},
                   "targets_s": t_targets, "widths_s": t_widths,
