@@ -270,13 +270,23 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
             break
         r, widths = _allocate(table, fn, aim, round_to, iters)
         key = tuple(sorted(widths.items()))
-        while key in tried and aim > floor:  # the same widths again: step on to new ones
-            step = 0.97 if rounds and rounds[-1]["measured_ratio"] > goal else 1.03
-            aim = max(floor, aim * step) if step < 1 else aim * step
-            r, widths = _allocate(table, fn, aim, round_to, iters)
+        while key in tried:  # the same widths again: step on to new ones
+            if rounds and rounds[-1]["measured_ratio"] > goal:  # over budget: narrower
+                if aim > floor:
+                    aim = max(floor, aim * 0.97)
+                    r, widths = _allocate(table, fn, aim, round_to, iters)
+                elif r < 0.999:  # the table predicts every narrower candidate within the aim
+                    # while the measurement says otherwise: move the knob itself
+                    r = min(0.999, r + (1.0 - r) / 2)
+                    widths = fn(r)
+                else:
+                    break
+            else:
+                aim *= 1.03
+                if aim >= 1.0:
+                    break
+                r, widths = _allocate(table, fn, aim, round_to, iters)
             key = tuple(sorted(widths.items()))
-            if aim >= 1.0:
-                break
         if key in tried or aim >= 1.0:
             break
         tried.add(key)
