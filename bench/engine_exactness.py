@@ -110,6 +110,8 @@ def markdown(rows: list[dict], settings: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", help="comma-separated NAME@SIZE entries")
+    parser.add_argument("--update", action="store_true",
+                        help="keep the earlier rows of the models not run now")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
@@ -124,8 +126,15 @@ def main() -> None:
         except Exception as exc:  # recorded, not hidden
             rows.append({"model": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
         print(json.dumps(rows[-1]), flush=True)
-    settings = {"command": "OMP_NUM_THREADS=1 .venv-vision/bin/python bench/engine_exactness.py"
-                + (f" --only {args.only}" if args.only else ""),
+    command = ("OMP_NUM_THREADS=1 .venv-vision/bin/python bench/engine_exactness.py"
+               + (f" --only {args.only}" if args.only else "") + (" --update" if args.update else ""))
+    previous = OUT / "engine_exactness.json"
+    if args.update and previous.is_file():
+        earlier = json.loads(previous.read_text())
+        done = {r["model"] for r in rows}
+        rows = [r for r in earlier["rows"] if r["model"] not in done] + rows
+        command = f"{earlier['settings']['command']}; then {command}"
+    settings = {"command": command,
                 "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, "
                            f"{torch.get_num_threads()} torch thread",
                 "torch": torch.__version__, "torchvision": torchvision.__version__}

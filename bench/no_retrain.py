@@ -187,8 +187,10 @@ def render(rows: list[dict[str, Any]], bases: dict[str, float], args: argparse.N
              "training set; one process per run (peak RSS is that process's maximum resident memory, "
              "the loaded data set included); `seconds`: the whole prune call (plus the BatchNorm "
              "re-estimation for `+bn`), distillation included where there is one. These runs shared the "
-             "2 cores with other jobs (load average 2-8; the 10-epoch 30 and 40 % rows ran on a "
-             "nearly idle machine): the seconds are upper bounds.\n\n"
+             "2 cores with other jobs (load average 2-8): the seconds are upper bounds; "
+             "`no_retrain_quiet.md` times the default recipe on a nearly idle machine. The VGG-16-BN "
+             "base (`vgg16bn`) is the Taylor benchmark's, trained 3 epochs on 12,000 images "
+             "(84.85 %), pruned to one third of its MACs.\n\n"
              "Commands (each row records its own): " + "; ".join(
                  f"`OMP_NUM_THREADS=1 python bench/no_retrain.py {a}`"
                  for a in dict.fromkeys(r.get("argv", "") for r in rows)))
