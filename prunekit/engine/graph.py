@@ -756,10 +756,7 @@ class DependencyInfo:
             slot = slots.get(key)
             if slot is None:
                 slot = slots[key] = Slot(self.names[module], module, role, {})
-            for local, r in zip(item.idxs, item.root_idxs, strict=True):
-                ps = slot.positions.setdefault(int(r), [])
-                if int(local) not in ps:
-                    ps.append(int(local))
+            _record(slot.positions, item)
 
     def _complete(self, root: nn.Module, size: int, slots: dict[tuple[int, Role], Slot],
                   params: dict[int, ParamSlot]) -> None:
@@ -797,10 +794,7 @@ class DependencyInfo:
         slot = params.get(id(p))
         if slot is None:
             slot = params[id(p)] = ParamSlot(name, p, int(dim) % max(p.dim(), 1), {})
-        for local, r in zip(item.idxs, item.root_idxs, strict=True):
-            ps = slot.positions.setdefault(int(r), [])
-            if int(local) not in ps:
-                ps.append(int(local))
+        _record(slot.positions, item)
 
     def _role(self, module: nn.Module, handler) -> Role | None:
         if isinstance(module, _CHANNELWISE_TYPES) or is_depthwise(module):
@@ -833,6 +827,15 @@ class DependencyInfo:
                 raise _Refused(slot.name, f"covers {len(slot.positions)} of the {group.size} "
                                           f"channels of group {group.name!r}; partial coupling is "
                                           "not supported")
+
+
+def _record(positions: dict[int, list[int]], item) -> None:
+    """Add a Torch-Pruning group item's (root channel -> local index) pairs to ``positions``,
+    each pair once (a second trace from missed root channels repeats the others)."""
+    for local, r in zip(item.idxs, item.root_idxs, strict=True):
+        ps = positions.setdefault(int(r), [])
+        if int(local) not in ps:
+            ps.append(int(local))
 
 
 def _one_to_one(slot: Slot, size: int) -> bool:

@@ -314,15 +314,14 @@ class OriginalTargets:
             for h in handles:
                 h.remove()
             original.train(was_training)
-        short = {n: _columns(mods[n]) for n in names
-                 if len(self.selection) * self.per_image.get(n, 1) < 2 * _columns(mods[n])}
+        rows = {n: len(self.selection) * self.per_image.get(n, 1) for n in names}
+        short = {n: _columns(mods[n]) for n in names if rows[n] < 2 * _columns(mods[n])}
         if short:
             n, cols = max(short.items(), key=lambda kv: kv[1])
             warnings.warn(f"{len(self.selection)} calibration images give fewer than 2 samples per weight "
                           f"column for {len(short)} layer(s) (e.g. {n!r}: {cols} columns, "
-                          f"{len(self.selection) * self.per_image.get(n, 1)} samples): the least-squares "
-                          "refit may overfit; give more calibration images", PrunekitWarning,
-                          stacklevel=3)
+                          f"{rows[n]} samples): the least-squares refit may overfit; give more "
+                          "calibration images", PrunekitWarning, stacklevel=3)
 
 
 #: sampled rows wanted per weight column of a consumer's refit (fewer overfit it: 64 images x 10
