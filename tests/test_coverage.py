@@ -614,6 +614,27 @@ def test_index_mapping_that_would_explode_is_refused_with_the_layer_name(monkeyp
     assert "conv" in [g.name for g in analyse(model, x).groups]  # within the real budget
 
 
+def test_fast_flatten_mapping_builds_torch_prunings_index_sets():
+    """The engine's flatten / reshape mapping (built without Torch-Pruning's per-index keyword
+    construction) gives the same (index, root index) set as Torch-Pruning's own, both ways."""
+    import random
+
+    from torch_pruning._helpers import _HybridIndex
+    from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
+
+    from prunekit.engine.graph import _flatten
+
+    rng = random.Random(0)
+    idxs = [_HybridIndex(idx=rng.randrange(200), root_idx=rng.choice([None, 3, 7])) for _ in range(300)]
+    for stride in (1, 4, 49):
+        for reverse in (False, True):
+            fn = _FlattenIndexMapping(stride=stride, reverse=reverse)
+            ours, theirs = _flatten(fn, idxs), fn(idxs)
+            assert sorted(ours, key=repr) == sorted(theirs, key=repr)
+            assert all(type(i) is _HybridIndex for i in ours)
+            assert len(ours) == len(theirs)  # no duplicates lost or added
+
+
 # ------------------------------------------------------------------------------- the CLI
 def _rgb_folder(root: Path) -> Path:
     from PIL import Image

@@ -95,6 +95,31 @@ def test_table_entries_are_ratios_of_one_group_cut() -> None:
     assert not about["cached"] and about["measurements"] == sum(map(len, table.ratios.values()))
 
 
+def test_search_corrects_a_table_that_mispredicts(monkeypatch) -> None:
+    """A runtime with a fixed cost per call (latency 0.4 + 0.6 x the MACs fraction): the
+    per-group table multiplies the groups' savings and predicts far too fast a model; the
+    search's measurements must still land in [f - slack, f]."""
+    from prunekit.engine.budget import count_macs_params
+    from prunekit.measure import latency_table
+
+    net, x = _net(), torch.randn(1, 1, 20, 20)
+    base = count_macs_params(net, x)[0]
+
+    def fake(model, original, example_input, runtime, batch_size, threads, **_kw):
+        ratio = 0.4 + 0.6 * count_macs_params(model, example_input)[0] / base
+        return ratio, ratio, 1.0
+
+    monkeypatch.setattr(latency_table, "measure_ratio", fake)
+    info = analyse(net, x)
+    target = LatencyTarget(0.6, RUNTIME, table_seconds=0.02, use_cache=False)
+    budget_widths(info, None, target, round_to=8)
+    lb = target.result
+    first = lb["rounds"][1]  # rounds[0]: the narrowest widths
+    assert first["predicted_ratio"] <= 0.6 and first["measured_ratio"] > 0.6  # the table erred
+    assert lb["reached"] and 0.55 <= lb["measured_ratio"] <= 0.6, lb["rounds"]
+    assert len(lb["rounds"]) <= 1 + target.max_rounds
+
+
 def test_unreachable_latency_budget_is_a_config_error() -> None:
     net, x = _net(), torch.randn(1, 1, 20, 20)
     info = analyse(net, x)

@@ -134,10 +134,10 @@ class LatencyTarget:
     threads : int, optional
         Runtime threads (default: torch's setting).
     max_rounds : int
-        Measure-and-tighten rounds at most.
+        Measure-and-correct rounds at most (after the narrowest widths are measured).
     slack : float
-        A measured ratio in ``[fraction - slack, fraction]`` ends the search; one further below
-        loosens the predicted budget for the next round.
+        A measured ratio in ``[fraction - slack, fraction]`` ends the search; the search aims
+        at the middle of that window.
     table_seconds, measure_seconds : float
         Timed seconds per table entry / per end-to-end check.
     use_cache : bool
@@ -153,7 +153,7 @@ class LatencyTarget:
     runtime: str
     batch_size: int = 1
     threads: int | None = None
-    max_rounds: int = 4
+    max_rounds: int = 6
     slack: float = 0.05
     table_seconds: float = 0.3
     measure_seconds: float = 1.0

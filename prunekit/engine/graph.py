@@ -438,11 +438,26 @@ class _GuardedMapping:
             predicted = len(idxs) * int(stride)  # check before building a huge list
             if predicted > self.budget.per_call or self.budget.used + predicted > self.budget.total:
                 self._explode(predicted, predicted <= self.budget.per_call)
-        out = self.fn(idxs)
+        out = _flatten(self.fn, idxs) if type(self.fn) is _FLATTEN else self.fn(idxs)
         self.budget.used += len(out)
         if len(out) > self.budget.per_call or self.budget.used > self.budget.total:
             self._explode(len(out), len(out) <= self.budget.per_call)
         return out
+
+
+_FLATTEN = tp.dependency.index_mapping._FlattenIndexMapping
+_HYBRID = tp._helpers._HybridIndex
+
+
+def _flatten(fn, idxs) -> list:
+    """Torch-Pruning's flatten / reshape index mapping, the same index set built without its
+    per-index keyword construction (forward: each index becomes ``stride`` indices; reverse:
+    the distinct ``index // stride``, deduplicated before any object is made). Window
+    attention's reshapes run these on lists of 10^5 indices before a group is refused."""
+    s, new = int(fn._stride), tuple.__new__
+    if fn.reverse:
+        return [new(_HYBRID, t) for t in {(i[0] // s, i[1]) for i in idxs}]
+    return [new(_HYBRID, (k, i[1])) for i in idxs for k in range(i[0] * s, (i[0] + 1) * s)]
 
 
 class _GuardedMappings(list):

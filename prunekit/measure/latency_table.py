@@ -18,10 +18,13 @@ per layer) and HALP [2]_ (a latency lookup table constraining the widths):
    removed are the least important ones in the method's own order; then :func:`fill_back`
    gives back channels, group by group, where the table says they cost least, while the
    prediction stays within the budget.
-3. **Measure and tighten**: the chosen widths are built and timed end to end against the
-   original; while the measured ratio exceeds ``f`` (or lies more than ``slack`` below it) the
-   predicted budget is scaled by ``f / measured`` and the allocation repeated; the widest
-   allocation measured within ``f`` wins.
+3. **Measure and correct**: the narrowest widths are built and timed first (a target below
+   them cannot be reached: :class:`~prunekit.errors.ConfigError`), then the table's own
+   allocation for ``f``. While the measured ratio lies outside ``[f - slack, f]`` the next
+   predicted budget is interpolated (on a log scale) between the two measured allocations
+   that bracket the middle of that window (regula falsi: each measurement corrects the table
+   where it errs, e.g. a runtime that fuses some layers); the widest allocation measured
+   within ``f`` wins, the fastest measured when none is.
 
 References
 ----------
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import tempfile
@@ -245,69 +249,53 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
                                use_cache=target.use_cache, progress=note,
                                fractions=tuple(target.fractions))
     threads = table.threads
-    floor = table.predict(fn(0.999))
     goal = target.fraction
-    if floor <= goal:  # the table multiplies per-group slowdowns: check the narrowest for real
-        narrow = apply_plan(info.model, info.example_inputs, width_plan(info, fn(0.999)))
-        measured_floor, _, _ = measure_ratio(narrow, info.model, info.example_inputs, target.runtime,
-                                             target.batch_size, threads,
-                                             max_seconds=target.measure_seconds)
-        if measured_floor > goal:
-            raise ConfigError(f"target latency {goal:.3f} is below what pruning can reach on "
-                              f"{target.runtime} for this model (measured {measured_floor:.3f} at "
-                              "the narrowest widths)")
-    aim = goal
+    aim_target = goal - target.slack / 2  # the middle of the window [goal - slack, goal]
+    floor = table.predict(fn(0.999))
     rounds: list[dict[str, Any]] = []
-    feasible: tuple[float, dict[str, int], float, float] | None = None
-    fallback: tuple[float, dict[str, int], float, float] | None = None
-    tried: set[tuple] = set()
-    for _ in range(target.max_rounds):
-        if floor > aim:
-            if not rounds:
-                raise ConfigError(f"target latency {goal:.3f} is below what pruning can reach on "
-                                  f"{target.runtime} for this model (predicted {floor:.3f} at the "
-                                  "narrowest widths)")
-            break
-        r, widths = _allocate(table, fn, aim, round_to, iters)
+    tried: dict[tuple, float] = {}
+    points: list[tuple[float, float]] = [(1.0, 1.0)]  # (aim, measured): the original is 1.0
+
+    def measure(aim: float, r: float, widths: dict[str, int]) -> float:
         key = tuple(sorted(widths.items()))
-        while key in tried:  # the same widths again: step on to new ones
-            if rounds and rounds[-1]["measured_ratio"] > goal:  # over budget: narrower
-                if aim > floor:
-                    aim = max(floor, aim * 0.97)
-                    r, widths = _allocate(table, fn, aim, round_to, iters)
-                elif r < 0.999:  # the table predicts every narrower candidate within the aim
-                    # while the measurement says otherwise: move the knob itself
-                    r = min(0.999, r + (1.0 - r) / 2)
-                    widths = fn(r)
-                else:
-                    break
-            else:
-                aim *= 1.03
-                if aim >= 1.0:
-                    break
-                r, widths = _allocate(table, fn, aim, round_to, iters)
-            key = tuple(sorted(widths.items()))
-        if key in tried or aim >= 1.0:
-            break
-        tried.add(key)
+        if key in tried:
+            return tried[key]
         pred = table.predict(widths)
         note(f"latency budget on {target.runtime}: measuring widths predicted at {pred:.3f}")
         cut = apply_plan(info.model, info.example_inputs, width_plan(info, widths))
         measured, _, _ = measure_ratio(cut, info.model, info.example_inputs, target.runtime,
                                        target.batch_size, threads, max_seconds=target.measure_seconds)
-        rounds.append({"aim": aim, "predicted_ratio": pred, "measured_ratio": measured, "knob": r})
-        pick = (r, widths, pred, measured)
-        if measured <= goal:
-            if feasible is None or measured > feasible[3]:
-                feasible = pick
-            if measured >= goal - target.slack:
-                break
-        elif fallback is None or measured < fallback[3]:
-            fallback = pick
-        aim *= goal / measured  # tighten (measured above the goal) or loosen (far below it)
-    best = feasible or fallback
-    assert best is not None
-    r, widths, pred, measured = best
+        tried[key] = measured
+        rounds.append({"aim": aim, "predicted_ratio": pred, "measured_ratio": measured, "knob": r,
+                       "widths": widths})
+        points.append((aim, measured))
+        return measured
+
+    # the narrowest widths, measured: a target below them cannot be reached on this runtime
+    narrow = fn(0.999)
+    measured_floor = measure(floor, 0.999, narrow)
+    if measured_floor > goal:
+        raise ConfigError(f"target latency {goal:.3f} is below what pruning can reach on "
+                          f"{target.runtime} for this model (measured {measured_floor:.3f} at "
+                          "the narrowest widths)")
+    aim = min(max(goal, floor), 0.999)  # first trust the table
+    for _ in range(target.max_rounds):
+        r, widths = _allocate(table, fn, aim, round_to, iters)
+        key = tuple(sorted(widths.items()))
+        if key in tried:  # these widths were measured: halve the bracket instead
+            lo, hi = _bracket(points, aim_target)
+            aim = (lo[0] * hi[0]) ** 0.5
+            r, widths = _allocate(table, fn, aim, round_to, iters)
+            if tuple(sorted(widths.items())) in tried:
+                break  # the bracket holds no new widths
+        measured = measure(aim, r, widths)
+        if goal - target.slack <= measured <= goal:
+            break
+        aim = _next_aim(points, aim_target, floor)
+    best = _best(rounds, goal)
+    r, widths, pred, measured = best["knob"], best["widths"], best["predicted_ratio"], best["measured_ratio"]
+    for rec in rounds:
+        rec.pop("widths")
     base = count_macs_params(info.model, info.example_inputs)[0]
     frac = macs_of_widths(info, widths) / base
     target.result.update({
@@ -317,6 +305,38 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
                                                                  "base_ms": table.base_ms},
         "macs_fraction": frac})
     return r, widths, frac
+
+
+def _bracket(points: list[tuple[float, float]], t: float) -> tuple[tuple[float, float], tuple[float, float]]:
+    """The measured ``(aim, ratio)`` points around ``t``: the widest measured at or under it
+    and the narrowest measured over it, wider than that one (the original when none)."""
+    under = [p for p in points if p[1] <= t]
+    lo = max(under, key=lambda p: p[0]) if under else min(points, key=lambda p: p[1])
+    over = [p for p in points if p[1] > t and p[0] > lo[0]]
+    hi = min(over, key=lambda p: p[0]) if over else (1.0, 1.0)
+    return lo, hi
+
+
+def _next_aim(points: list[tuple[float, float]], t: float, floor: float) -> float:
+    """The predicted budget to try next: the measured ratio interpolated between the bracket
+    around ``t`` (regula falsi on log aim, each round's measurement correcting the table);
+    bisection when the interpolation lands near an end."""
+    lo, hi = _bracket(points, t)
+    a0, a1 = math.log(max(lo[0], 1e-6)), math.log(max(hi[0], 1e-6))
+    if hi[1] - lo[1] > 1e-9:
+        w = (t - lo[1]) / (hi[1] - lo[1])
+        w = min(max(w, 0.1), 0.9)  # safeguard: stay inside the bracket
+    else:
+        w = 0.5
+    return min(max(math.exp(a0 + w * (a1 - a0)), floor), 0.999)
+
+
+def _best(rounds: list[dict[str, Any]], goal: float) -> dict[str, Any]:
+    """The widest measured within the goal, or the fastest measured when none is."""
+    within = [rec for rec in rounds if rec["measured_ratio"] <= goal]
+    if within:
+        return max(within, key=lambda rec: rec["measured_ratio"])
+    return min(rounds, key=lambda rec: rec["measured_ratio"])
 
 
 def _allocate(table: LatencyTable, fn: Callable[[float], dict[str, int]], aim: float,
