@@ -133,8 +133,9 @@ class LatencyTarget:
         Batch size the latency is measured at.
     threads : int, optional
         Runtime threads (default: torch's setting).
-    max_rounds : int
-        Measure-and-correct rounds at most (after the narrowest widths are measured).
+    table_rounds, max_rounds : int
+        Measured rounds at most of the table's allocation, then (when it did not land in the
+        window) of the method's own widths searched by measurement alone.
     slack : float
         A measured ratio in ``[fraction - slack, fraction]`` ends the search; the search aims
         at the middle of that window.
@@ -153,6 +154,7 @@ class LatencyTarget:
     runtime: str
     batch_size: int = 1
     threads: int | None = None
+    table_rounds: int = 3
     max_rounds: int = 6
     slack: float = 0.05
     table_seconds: float = 0.3

@@ -21,10 +21,12 @@ per layer) and HALP [2]_ (a latency lookup table constraining the widths):
 3. **Measure and correct**: the narrowest widths are built and timed first (a target below
    them cannot be reached: :class:`~prunekit.errors.ConfigError`), then the table's own
    allocation for ``f``. While the measured ratio lies outside ``[f - slack, f]`` the next
-   predicted budget is interpolated (on a log scale) between the two measured allocations
-   that bracket the middle of that window (regula falsi: each measurement corrects the table
-   where it errs, e.g. a runtime that fuses some layers); the widest allocation measured
-   within ``f`` wins, the fastest measured when none is.
+   predicted budget is interpolated (on a log scale) between the measured allocations that
+   bracket the middle of that window (regula falsi: each measurement corrects the table).
+   Where the table errs beyond what that fixes in ``table_rounds`` rounds (a runtime that
+   fuses or pads some layers, so that one group's cost depends on its neighbours' widths),
+   the method's own widths are searched the same way by measurement alone. The widest
+   allocation measured within ``f`` wins.
 
 References
 ----------
@@ -250,50 +252,50 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
                                fractions=tuple(target.fractions))
     threads = table.threads
     goal = target.fraction
-    aim_target = goal - target.slack / 2  # the middle of the window [goal - slack, goal]
+    t = goal - target.slack / 2  # the middle of the window [goal - slack, goal]
     floor = table.predict(fn(0.999))
     rounds: list[dict[str, Any]] = []
-    tried: dict[tuple, float] = {}
-    points: list[tuple[float, float]] = [(1.0, 1.0)]  # (aim, measured): the original is 1.0
+    tried: set[tuple] = set()
 
-    def measure(aim: float, r: float, widths: dict[str, int]) -> float:
+    def measure(widths: dict[str, int], phase: str, **about: float) -> float | None:
         key = tuple(sorted(widths.items()))
         if key in tried:
-            return tried[key]
+            return None
+        tried.add(key)
         pred = table.predict(widths)
         note(f"latency budget on {target.runtime}: measuring widths predicted at {pred:.3f}")
         cut = apply_plan(info.model, info.example_inputs, width_plan(info, widths))
         measured, _, _ = measure_ratio(cut, info.model, info.example_inputs, target.runtime,
                                        target.batch_size, threads, max_seconds=target.measure_seconds)
-        tried[key] = measured
-        rounds.append({"aim": aim, "predicted_ratio": pred, "measured_ratio": measured, "knob": r,
-                       "widths": widths})
-        points.append((aim, measured))
+        rounds.append({"phase": phase, **about, "predicted_ratio": pred,
+                       "measured_ratio": measured, "widths": widths})
         return measured
 
+    def inside(m: float) -> bool:
+        return goal - target.slack <= m <= goal
+
     # the narrowest widths, measured: a target below them cannot be reached on this runtime
-    narrow = fn(0.999)
-    measured_floor = measure(floor, 0.999, narrow)
-    if measured_floor > goal:
+    m_floor = measure(fn(0.999), "narrowest", knob=0.999)
+    assert m_floor is not None
+    if m_floor > goal:
         raise ConfigError(f"target latency {goal:.3f} is below what pruning can reach on "
-                          f"{target.runtime} for this model (measured {measured_floor:.3f} at "
+                          f"{target.runtime} for this model (measured {m_floor:.3f} at "
                           "the narrowest widths)")
-    aim = min(max(goal, floor), 0.999)  # first trust the table
-    for _ in range(target.max_rounds):
-        r, widths = _allocate(table, fn, aim, round_to, iters)
-        key = tuple(sorted(widths.items()))
-        if key in tried:  # these widths were measured: halve the bracket instead
-            lo, hi = _bracket(points, aim_target)
-            aim = (lo[0] * hi[0]) ** 0.5
-            r, widths = _allocate(table, fn, aim, round_to, iters)
-            if tuple(sorted(widths.items())) in tried:
-                break  # the bracket holds no new widths
-        measured = measure(aim, r, widths)
-        if goal - target.slack <= measured <= goal:
-            break
-        aim = _next_aim(points, aim_target, floor)
+    # (a) the table's allocation; its predicted budget (log scale) corrected by measurement
+    log_floor = math.log(max(floor, 1e-6))
+    found = inside(m_floor) or _regula_falsi(
+        lambda v: _allocate(table, fn, math.exp(v), round_to, iters)[1],
+        math.log(min(max(goal, floor), 0.999)), [(log_floor, m_floor), (0.0, 1.0)], t, inside,
+        target.table_rounds, lambda w, v: measure(w, "table", aim=math.exp(v)))
+    # (b) where the table errs beyond that (runtimes that fuse or pad some layers), the
+    # method's own widths, their knob searched by measurement alone (latency falls about
+    # as the MACs, with the square of the widths kept: the first guess)
+    if not found:
+        _regula_falsi(lambda v: fn(min(1.0 - v, 0.999)), math.sqrt(t), [(0.001, m_floor), (1.0, 1.0)],
+                      t, inside, target.max_rounds, lambda w, v: measure(w, "knob", knob=1.0 - v))
     best = _best(rounds, goal)
-    r, widths, pred, measured = best["knob"], best["widths"], best["predicted_ratio"], best["measured_ratio"]
+    widths, pred, measured = best["widths"], best["predicted_ratio"], best["measured_ratio"]
+    r = best["knob"] if "knob" in best else _allocate(table, fn, best["aim"], round_to, iters)[0]
     for rec in rounds:
         rec.pop("widths")
     base = count_macs_params(info.model, info.example_inputs)[0]
@@ -307,28 +309,40 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
     return r, widths, frac
 
 
+def _regula_falsi(widths_of: Callable[[float], dict[str, int]], first: float,
+                  anchors: list[tuple[float, float]], t: float, inside: Callable[[float], bool],
+                  rounds: int, measure: Callable[[dict[str, int], float], float | None]) -> bool:
+    """Search a scalar ``v`` (measured latency rising with it) for widths measured ``inside``
+    the window around ``t``: each round interpolates ``v`` between the measured points that
+    bracket ``t`` (regula falsi, kept inside the bracket); widths measured before are replaced
+    by the bracket's midpoint. Returns whether the window was reached."""
+    points = list(anchors)
+    v = first
+    for _ in range(rounds):
+        m = measure(widths_of(v), v)
+        if m is None:  # measured before: the bracket's middle instead
+            lo, hi = _bracket(points, t)
+            v = (lo[0] + hi[0]) / 2
+            m = measure(widths_of(v), v)
+            if m is None:
+                return False  # the bracket holds no new widths
+        points.append((v, m))
+        if inside(m):
+            return True
+        lo, hi = _bracket(points, t)
+        w = (t - lo[1]) / (hi[1] - lo[1]) if hi[1] - lo[1] > 1e-9 else 0.5
+        v = lo[0] + min(max(w, 0.1), 0.9) * (hi[0] - lo[0])
+    return False
+
+
 def _bracket(points: list[tuple[float, float]], t: float) -> tuple[tuple[float, float], tuple[float, float]]:
-    """The measured ``(aim, ratio)`` points around ``t``: the widest measured at or under it
-    and the narrowest measured over it, wider than that one (the original when none)."""
+    """The measured ``(v, ratio)`` points around ``t``: the largest ``v`` measured at or under
+    ``t``, and the smallest ``v`` above it measured over ``t``."""
     under = [p for p in points if p[1] <= t]
     lo = max(under, key=lambda p: p[0]) if under else min(points, key=lambda p: p[1])
     over = [p for p in points if p[1] > t and p[0] > lo[0]]
-    hi = min(over, key=lambda p: p[0]) if over else (1.0, 1.0)
+    hi = min(over, key=lambda p: p[0]) if over else max(points, key=lambda p: p[0])
     return lo, hi
-
-
-def _next_aim(points: list[tuple[float, float]], t: float, floor: float) -> float:
-    """The predicted budget to try next: the measured ratio interpolated between the bracket
-    around ``t`` (regula falsi on log aim, each round's measurement correcting the table);
-    bisection when the interpolation lands near an end."""
-    lo, hi = _bracket(points, t)
-    a0, a1 = math.log(max(lo[0], 1e-6)), math.log(max(hi[0], 1e-6))
-    if hi[1] - lo[1] > 1e-9:
-        w = (t - lo[1]) / (hi[1] - lo[1])
-        w = min(max(w, 0.1), 0.9)  # safeguard: stay inside the bracket
-    else:
-        w = 0.5
-    return min(max(math.exp(a0 + w * (a1 - a0)), floor), 0.999)
 
 
 def _best(rounds: list[dict[str, Any]], goal: float) -> dict[str, Any]:
