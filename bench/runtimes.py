@@ -43,8 +43,8 @@ from prunekit.models import create  # noqa: E402
 MODELS = {  # name -> (builder, input shape, batch sizes timed, batch sizes of the latency budget)
     "resnet20": (lambda: create("resnet20", num_classes=10, in_channels=1).eval(),
                  (1, 28, 28), (1, 64), (1, 64)),
-    "resnet18": (lambda: __import__("imagenet_models").resnet18(), (3, 224, 224), (1, 16), (1,)),
-    "mobilenetv2": (lambda: __import__("imagenet_models").mobilenetv2(), (3, 224, 224), (1, 16), (1,)),
+    "resnet18": (lambda: __import__("imagenet_models").resnet18(), (3, 224, 224), (1, 16, 64), (1,)),
+    "mobilenetv2": (lambda: __import__("imagenet_models").mobilenetv2(), (3, 224, 224), (1, 16, 64), (1,)),
 }
 
 
@@ -55,6 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--targets", default="0.7,0.5,0.35", help="latency targets, or 'none'")
     p.add_argument("--seconds", type=float, default=1.0, help="timed seconds per setting")
     p.add_argument("--name", default="runtimes")
+    p.add_argument("--no-uniform", action="store_true", help="only the --target-latency rows")
     return p.parse_args(argv)
 
 
@@ -90,8 +91,9 @@ def main(argv=None) -> None:
         net = build()
         x = torch.randn(1, *shape)
         fractions = (0.25, 0.5, 0.75) if shape[-1] < 100 else (0.375, 0.75)  # cheaper at 224x224
-        for setting, round_to in (("uniform 50% MACs, exact widths", None),
-                                  ("uniform 50% MACs, round_to 8 (default)", 8)):
+        uniform = () if args.no_uniform else (("uniform 50% MACs, exact widths", None),
+                                              ("uniform 50% MACs, round_to 8 (default)", 8))
+        for setting, round_to in uniform:
             res = prunekit.prune(net, x, method="l1", target_macs=0.5, round_to=round_to)
             rows += timed_rows(name, setting, net, res.model, x, batches, runtimes, args.seconds,
                                res.report["macs_fraction"])
@@ -110,8 +112,11 @@ def main(argv=None) -> None:
                         continue
                     lb = res.report["latency_budget"]
                     extra = {"target": f, "predicted": lb["predicted_ratio"],
+                             "confirmed": lb.get("confirmed_ratio"),
                              "search_measured": lb["measured_ratio"], "rounds": len(lb["rounds"]),
                              "table_s": lb["table"]["seconds"], "table_cached": lb["table"]["cached"],
+                             "search_rounds": [(round(r["predicted_ratio"], 3), round(r["measured_ratio"], 3))
+                                               for r in lb["rounds"]],
                              "prune_s": time.perf_counter() - t0}
                     got = timed_rows(name, f"target latency {f}", net, res.model, x, [b], [rt],
                                      args.seconds, res.report["macs_fraction"], extra)
@@ -125,7 +130,7 @@ def main(argv=None) -> None:
         write_results(args.name, payload, rows,
                       ["model", "setting", "runtime", "batch", "macs_ratio", "original_ms", "pruned_ms",
                        "latency_ratio", "efficiency", "target", "predicted", "search_measured",
-                       "rounds", "table_s", "ok"],
+                       "rounds", "table_s", "table_cached", "ok"],
                       "Speed on the deployment runtime: uniform MACs budget vs --target-latency",
                       notes="latency_ratio: pruned / original median latency, timed interleaved "
                             "on the runtime (one thread); efficiency = macs_ratio / latency_ratio; "

@@ -118,6 +118,33 @@ def test_search_corrects_a_table_that_mispredicts(monkeypatch) -> None:
     assert first["phase"] == "table" and first["predicted_ratio"] <= 0.6 < first["measured_ratio"]
     assert lb["reached"] and 0.55 <= lb["measured_ratio"] <= 0.6, lb["rounds"]
     assert all(r["phase"] != "knob" for r in lb["rounds"])  # the corrected table sufficed
+    assert lb["confirmed_ratio"] == pytest.approx(lb["measured_ratio"])  # measured twice
+
+
+def test_a_candidate_slower_when_measured_again_is_not_accepted(monkeypatch) -> None:
+    """Each model measures 0.1 slower the second time: the first candidate inside the window
+    fails its confirmation (mean over the budget) and a narrower one is confirmed instead."""
+    from prunekit.engine.budget import count_macs_params
+    from prunekit.measure import latency_table
+
+    net, x = _net(), torch.randn(1, 1, 20, 20)
+    base = count_macs_params(net, x)[0]
+    seen: set[int] = set()
+
+    def fake(model, original, example_input, runtime, batch_size, threads, **_kw):
+        macs = count_macs_params(model, example_input)[0]
+        ratio = 0.4 + 0.6 * macs / base + (0.1 if macs in seen else 0.0)
+        seen.add(macs)
+        return ratio, ratio, 1.0
+
+    monkeypatch.setattr(latency_table, "measure_ratio", fake)
+    target = LatencyTarget(0.6, RUNTIME, table_seconds=0.02, use_cache=False)
+    budget_widths(analyse(net, x), None, target, round_to=8)
+    lb = target.result
+    rejected = [r for r in lb["rounds"] if "confirmed_ratio" in r and r["measured_ratio"] > 0.6]
+    assert rejected, lb["rounds"]
+    assert lb["reached"] and lb["measured_ratio"] <= 0.6 and lb["confirmed_ratio"] is not None
+    assert lb["measured_ratio"] < min(r["measured_ratio"] for r in rejected)
 
 
 def test_search_falls_back_to_the_methods_widths_when_the_table_cannot_see(monkeypatch) -> None:

@@ -139,6 +139,9 @@ class LatencyTarget:
     slack : float
         A measured ratio in ``[fraction - slack, fraction]`` ends the search; the search aims
         at the middle of that window.
+    confirmations : int
+        Candidates measured a second time at most before one is accepted (the mean of its
+        two measurements has to stay within ``fraction``).
     table_seconds, measure_seconds : float
         Timed seconds per table entry / per end-to-end check.
     use_cache : bool
@@ -156,6 +159,7 @@ class LatencyTarget:
     threads: int | None = None
     table_rounds: int = 3
     max_rounds: int = 6
+    confirmations: int = 3
     slack: float = 0.05
     table_seconds: float = 0.3
     measure_seconds: float = 1.0

@@ -26,7 +26,8 @@ per layer) and HALP [2]_ (a latency lookup table constraining the widths):
    Where the table errs beyond what that fixes in ``table_rounds`` rounds (a runtime that
    fuses or pads some layers, so that one group's cost depends on its neighbours' widths),
    the method's own widths are searched the same way by measurement alone. The widest
-   allocation measured within ``f`` wins.
+   allocation measured within ``f`` is measured again in fresh sessions and wins if the mean
+   of both measurements stays within ``f`` (else the next one is confirmed).
 
 References
 ----------
@@ -294,6 +295,17 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
         _regula_falsi(lambda v: fn(min(1.0 - v, 0.999)), math.sqrt(t), [(0.001, m_floor), (1.0, 1.0)],
                       t, inside, target.max_rounds, lambda w, v: measure(w, "knob", knob=1.0 - v))
     best = _best(rounds, goal)
+    for _ in range(target.confirmations):
+        # a second measurement in fresh sessions: one compiled instance of a model can run a
+        # few percent faster than the next; the mean of both has to meet the budget
+        if best["measured_ratio"] > goal or "confirmed_ratio" in best:
+            break
+        cut = apply_plan(info.model, info.example_inputs, width_plan(info, best["widths"]))
+        again, _, _ = measure_ratio(cut, info.model, info.example_inputs, target.runtime,
+                                    target.batch_size, threads, max_seconds=target.measure_seconds)
+        best["confirmed_ratio"] = again
+        best["measured_ratio"] = (best["measured_ratio"] + again) / 2
+        best = _best(rounds, goal)
     widths, pred, measured = best["widths"], best["predicted_ratio"], best["measured_ratio"]
     r = best["knob"] if "knob" in best else _allocate(table, fn, best["aim"], round_to, iters)[0]
     for rec in rounds:
@@ -303,6 +315,7 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
     target.result.update({
         "target_latency": goal, "runtime": target.runtime, "batch_size": target.batch_size,
         "threads": threads, "predicted_ratio": pred, "measured_ratio": measured,
+        "confirmed_ratio": best.get("confirmed_ratio"),
         "reached": measured <= goal, "rounds": rounds, "table": {**about, "seconds": table.seconds,
                                                                  "base_ms": table.base_ms},
         "macs_fraction": frac})
