@@ -256,13 +256,12 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
     t = goal - target.slack / 2  # the middle of the window [goal - slack, goal]
     floor = table.predict(fn(0.999))
     rounds: list[dict[str, Any]] = []
-    tried: set[tuple] = set()
+    tried: dict[tuple, float] = {}
 
-    def measure(widths: dict[str, int], phase: str, **about: float) -> float | None:
+    def measure(widths: dict[str, int], phase: str, **about: float) -> float:
         key = tuple(sorted(widths.items()))
-        if key in tried:
-            return None
-        tried.add(key)
+        if key in tried:  # the same widths again (coarse steps): their measurement
+            return tried[key]
         pred = table.predict(widths)
         note(f"latency budget on {target.runtime}: measuring widths predicted at {pred:.3f}")
         cut = apply_plan(info.model, info.example_inputs, width_plan(info, widths))
@@ -270,6 +269,7 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
                                        target.batch_size, threads, max_seconds=target.measure_seconds)
         rounds.append({"phase": phase, **about, "predicted_ratio": pred,
                        "measured_ratio": measured, "widths": widths})
+        tried[key] = measured
         return measured
 
     def inside(m: float) -> bool:
@@ -277,20 +277,20 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
 
     # the narrowest widths, measured: a target below them cannot be reached on this runtime
     m_floor = measure(fn(0.999), "narrowest", knob=0.999)
-    assert m_floor is not None
     if m_floor > goal:
         raise ConfigError(f"target latency {goal:.3f} is below what pruning can reach on "
                           f"{target.runtime} for this model (measured {m_floor:.3f} at "
                           "the narrowest widths)")
     # (a) the table's allocation; its predicted budget (log scale) corrected by measurement
     log_floor = math.log(max(floor, 1e-6))
-    found = inside(m_floor) or _regula_falsi(
+    found = _regula_falsi(
         lambda v: _allocate(table, fn, math.exp(v), round_to, iters)[1],
         math.log(min(max(goal, floor), 0.999)), [(log_floor, m_floor), (0.0, 1.0)], t, inside,
         target.table_rounds, lambda w, v: measure(w, "table", aim=math.exp(v)))
     # (b) where the table errs beyond that (runtimes that fuse or pad some layers), the
     # method's own widths, their knob searched by measurement alone (latency falls about
-    # as the MACs, with the square of the widths kept: the first guess)
+    # as the MACs, with the square of the widths kept: the first guess). The narrowest
+    # widths inside the window do not end the search: wider ones may be too.
     if not found:
         _regula_falsi(lambda v: fn(min(1.0 - v, 0.999)), math.sqrt(t), [(0.001, m_floor), (1.0, 1.0)],
                       t, inside, target.max_rounds, lambda w, v: measure(w, "knob", knob=1.0 - v))
@@ -324,21 +324,15 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
 
 def _regula_falsi(widths_of: Callable[[float], dict[str, int]], first: float,
                   anchors: list[tuple[float, float]], t: float, inside: Callable[[float], bool],
-                  rounds: int, measure: Callable[[dict[str, int], float], float | None]) -> bool:
+                  rounds: int, measure: Callable[[dict[str, int], float], float]) -> bool:
     """Search a scalar ``v`` (measured latency rising with it) for widths measured ``inside``
     the window around ``t``: each round interpolates ``v`` between the measured points that
-    bracket ``t`` (regula falsi, kept inside the bracket); widths measured before are replaced
-    by the bracket's midpoint. Returns whether the window was reached."""
+    bracket ``t`` (regula falsi, kept inside the bracket). Returns whether the window was
+    reached."""
     points = list(anchors)
     v = first
     for _ in range(rounds):
         m = measure(widths_of(v), v)
-        if m is None:  # measured before: the bracket's middle instead
-            lo, hi = _bracket(points, t)
-            v = (lo[0] + hi[0]) / 2
-            m = measure(widths_of(v), v)
-            if m is None:
-                return False  # the bracket holds no new widths
         points.append((v, m))
         if inside(m):
             return True
