@@ -60,6 +60,9 @@ DETSEG = {"fasterrcnn_mobilenet_v3_large_fpn": "det", "ssdlite320_mobilenet_v3_l
 # CPU time of the whole-model run low without changing the architecture
 DET_KW = {"fasterrcnn_mobilenet_v3_large_fpn": {"min_size": 320, "max_size": 320},
           "retinanet_resnet50_fpn": {"min_size": 320, "max_size": 320}}
+#: the libraries each child runs (``--prunekit-only``: prunekit alone, Torch-Pruning's previous
+#: row kept)
+LIBS: tuple[str, ...] = ("prunekit", "tp")
 MAX_PARAMS = 150e6  # larger models are listed, not run (memory and time on this machine)
 ONNX_MAX_PARAMS = 30e6
 
@@ -317,7 +320,7 @@ def child_main(args: argparse.Namespace) -> None:
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
     rows: dict[str, Any] = {}
-    for lib, fn in (("prunekit", child_prunekit), ("tp", child_tp)):
+    for lib, fn in (("prunekit", child_prunekit), ("tp", child_tp))[:len(LIBS)]:
         t0 = time.perf_counter()
         rows[lib] = {"status": "failed", "error": "killed", "message": "killed (memory cap or timeout)"}
         Path(args.result).write_text(json.dumps(rows, default=float))
@@ -348,7 +351,7 @@ def _child_rows(result: str, why: str) -> dict[str, Any]:
     text = path.read_text() if path.is_file() and path.stat().st_size else ""
     path.unlink(missing_ok=True)
     rows = json.loads(text) if text else {}
-    for lib in ("prunekit", "tp"):
+    for lib in LIBS:
         if lib not in rows:
             rows[lib] = {"status": "failed", "error": "killed", "message": why or "not run"}
         if rows[lib].get("error") == "killed":
@@ -461,12 +464,20 @@ def write_markdown(doc: dict[str, Any], path: Path) -> None:
     if not_run:
         lines += ["", f"Not run yet ({len(not_run)}; `--resume` runs them): {', '.join(not_run)}."]
     lines += ["", f"prunekit unclean failures or wrong outputs: {', '.join(unclean) or 'none'}."]
+    refusals = sorted(((r["prunekit"].get("prune_s") or 0.0, r["spec"]) for r in rows
+                       if r["prunekit"]["status"] == "refused"), reverse=True)
+    if refusals:
+        slow = [f"{spec} {t:.1f} s" for t, spec in refusals if t > 10]
+        lines += ["", f"Refusals: {len(refusals)}, the slowest {refusals[0][1]} in {refusals[0][0]:.1f} s "
+                      "(`prune s`: the `prunekit.prune` call, model building excluded); over 10 s: "
+                      f"{', '.join(slow) or 'none'}."]
     lines += ["", f"Torch-Pruning ok where prunekit is not: {', '.join(tp_only) or 'none'}.", ""]
     lines += ["## Per model", "", "| model | input | params | prunekit | MACs kept | output | reload "
-              "| ONNX (ORT) | time s | peak MiB | Torch-Pruning | TP MACs kept | TP s | message |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| ONNX (ORT) | prune s | time s | peak MiB | Torch-Pruning | TP MACs kept | TP s | message |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p, t = r["prunekit"], r["tp"]
+        earlier = " (earlier run)" if t.get("reused") else ""
         msg = p.get("message") or t.get("message") or ""
         if p.get("message") and t.get("message"):
             msg = f"prunekit: {p['message']} / TP: {t['message']}"
@@ -476,8 +487,10 @@ def write_markdown(doc: dict[str, Any], path: Path) -> None:
             f"| {r['spec']} | {r['size']} | {_fmt(p.get('params', 0) / 1e6, '.1f')}M | {p['status']} | "
             f"{_fmt(p.get('macs_kept'), '.3f')} | {_verdict(p, 'output_ok', 'ok', 'WRONG')} | "
             f"{_verdict(p, 'reload_ok', 'exact', 'DIFFERS')} | "
-            f"{p.get('onnx', '')} | {_fmt(p.get('total_s'), '.1f')} | {_fmt(p.get('peak_rss_mb'), '.0f')} | "
-            f"{t['status']} | {_fmt(t.get('macs_kept'), '.3f')} | {_fmt(t.get('total_s'), '.1f')} | "
+            f"{p.get('onnx', '')} | {_fmt(p.get('prune_s'), '.1f')} | {_fmt(p.get('total_s'), '.1f')} | "
+            f"{_fmt(p.get('peak_rss_mb'), '.0f')} | {t['status']}{earlier} | "
+            f"{_fmt(t.get('macs_kept'), '.3f')} | "
+            f"{_fmt(t.get('total_s'), '.1f')} | "
             f"{msg.replace('|', '/')[:220]} |")
     path.write_text("\n".join(lines) + "\n")
 
@@ -492,6 +505,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=300.0)
     ap.add_argument("--jobs", type=int, default=2, help="Models run at the same time.")
     ap.add_argument("--resume", action="store_true", help="Skip the models already in --out.")
+    ap.add_argument("--prunekit-only", action="store_true",
+                    help="Run prunekit alone and keep each model's previous Torch-Pruning row.")
     ap.add_argument("--out", type=Path, default=RESULTS / "compat.json")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
@@ -499,6 +514,9 @@ def main() -> None:
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.prunekit_only:
+        global LIBS
+        LIBS = ("prunekit",)
     if args.child:
         child_main(args)
         return
@@ -540,6 +558,8 @@ def main() -> None:
 
     def done(e: dict[str, Any], rows: dict[str, Any]) -> None:
         count[0] += 1
+        if "tp" not in rows:  # --prunekit-only
+            rows["tp"] = {**previous.get(e["spec"], {}).get("tp", {"status": "not run"}), "reused": True}
         row = {**e, **rows}
         results[e["spec"]] = row
         print(f"[{count[0]}/{len(todo)}] {e['spec']}: prunekit {row['prunekit']['status']} "
