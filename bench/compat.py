@@ -496,6 +496,7 @@ def write_markdown(doc: dict[str, Any], path: Path) -> None:
 
 
 def main() -> None:
+    global LIBS, MAX_PARAMS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", help="Comma-separated specs (default: all).")
     ap.add_argument("--rerun-not-ok", action="store_true",
@@ -505,6 +506,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=300.0)
     ap.add_argument("--jobs", type=int, default=2, help="Models run at the same time.")
     ap.add_argument("--resume", action="store_true", help="Skip the models already in --out.")
+    ap.add_argument("--max-params", type=float, default=150e6,
+                    help="Models with more parameters are listed as skipped, not run.")
     ap.add_argument("--prunekit-only", action="store_true",
                     help="Run prunekit alone and keep each model's previous Torch-Pruning row.")
     ap.add_argument("--out", type=Path, default=RESULTS / "compat.json")
@@ -514,8 +517,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    MAX_PARAMS = args.max_params
     if args.prunekit_only:
-        global LIBS
         LIBS = ("prunekit",)
     if args.child:
         child_main(args)
@@ -538,8 +541,8 @@ def main() -> None:
         previous = {r["spec"]: r for r in json.loads(args.out.read_text())["models"]}
     command = "OMP_NUM_THREADS=1 nice .venv-vision/bin/python bench/compat.py " + " ".join(sys.argv[1:])
     earlier = json.loads(args.out.read_text()).get("command", "") if args.out.is_file() else ""
-    doc = {"command": (f"{earlier}; then {command}" if earlier and (args.resume or args.rerun_not_ok)
-                       else command),
+    adds = args.resume or args.rerun_not_ok or args.only  # to the earlier results
+    doc = {"command": (f"{earlier}; then {command}" if earlier and adds else command),
            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
            "versions": f"torch {torch.__version__}, torchvision {torchvision.__version__}, timm "
                        f"{timm.__version__}, transformers {transformers.__version__}, torch-pruning "

@@ -1,0 +1,183 @@
+"""Accuracy at equal measured latency: ``--target-latency``'s widths vs uniform ``--target-macs``
+(issue #18).
+
+ResNet-20 trained on Fashion-MNIST (``bench/baselines/resnet20_fashion-mnist.pt``) is pruned by
+``l1`` two ways for each latency target ``f`` on runtime ``R`` at batch ``B``:
+
+* **latency**: ``target_latency=f`` (the per-group latency table, the widths searched against it
+  and measured end to end);
+* **uniform**: ``target_macs=q`` (the same fraction of every group, widths rounded to multiples
+  of 8 like the latency model's and the command line's), ``q`` searched by bisection
+  until its latency ratio, measured on ``R`` interleaved against the original, matches the
+  latency model's own (within ``--match``);
+
+then the two are timed against each other (interleaved) to show the latencies match, and each is
+fine-tuned with the same recipe (``--epochs`` on the first ``--train-samples`` training images,
+SGD, cosine lr from ``--lr``) for every seed, and evaluated on the full test set.
+
+Phases (the pruning one needs a quiet machine, the fine-tuning runs may run side by side):
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/latency_accuracy.py prune
+    OMP_NUM_THREADS=1 .venv/bin/python bench/latency_accuracy.py finetune --seeds 0,1,2
+    .venv/bin/python bench/latency_accuracy.py report
+
+Pruned models are kept in ``bench/cache/latency_accuracy/``; results in
+``bench/results/latency_accuracy.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import CACHE, RESULTS, load_baseline, write_results  # noqa: E402
+
+import prunekit  # noqa: E402
+from prunekit.api import finetune  # noqa: E402
+from prunekit.measure.latency_table import measure_ratio  # noqa: E402
+from prunekit.train import TrainConfig  # noqa: E402
+from prunekit.train.loop import evaluate  # noqa: E402
+
+BASE = Path(__file__).resolve().parent / "baselines" / "resnet20_fashion-mnist.pt"
+WORK = CACHE / "latency_accuracy"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("phase", choices=("prune", "finetune", "report"))
+    p.add_argument("--targets", default="0.5,0.35", help="latency fractions, comma-separated")
+    p.add_argument("--runtime", default="onnxruntime")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--method", default="l1")
+    p.add_argument("--match", type=float, default=0.02,
+                   help="uniform model's measured ratio within this of the latency model's")
+    p.add_argument("--measure-seconds", type=float, default=2.0)
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--train-samples", type=int, default=20000)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--name", default="latency_accuracy")
+    return p.parse_args(argv)
+
+
+def _pruned_path(f: float, kind: str) -> Path:
+    return WORK / f"f{f:g}_{kind}.pt"
+
+
+def prune_phase(args: argparse.Namespace) -> None:
+    torch.set_num_threads(1)
+    net, meta, _train, test = load_baseline(BASE)
+    net.eval()
+    x = torch.zeros(1, *meta["input_shape"])
+    WORK.mkdir(parents=True, exist_ok=True)
+    for f in map(float, args.targets.split(",")):
+        t0 = time.perf_counter()
+        lat = prunekit.prune(net, x, method=args.method, target_latency=f, runtime=args.runtime,
+                             latency_batch_size=args.batch_size, latency_threads=1, evaluate=False)
+        lb = lat.report["latency_budget"]
+        m_lat, _, _ = measure_ratio(lat.model, net, x, args.runtime, args.batch_size, 1,
+                                    max_seconds=args.measure_seconds)
+        print(f"[{time.perf_counter() - t0:.0f} s] f={f}: latency model measured {m_lat:.3f} "
+              f"(search {lb['measured_ratio']:.3f}), MACs {lat.report['macs_fraction']:.3f}", flush=True)
+        lo, hi, tries = 0.02, 1.0, []
+        best = None
+        for _ in range(10):  # bisection on the uniform MACs fraction, by measured latency
+            q = (lo + hi) / 2
+            uni = prunekit.prune(net, x, method=args.method, target_macs=q, round_to=8, evaluate=False)
+            m, _, _ = measure_ratio(uni.model, net, x, args.runtime, args.batch_size, 1,
+                                    max_seconds=args.measure_seconds)
+            tries.append({"target_macs": q, "macs_fraction": uni.report["macs_fraction"], "measured": m})
+            print(f"  uniform target_macs {q:.3f}: measured {m:.3f}", flush=True)
+            if best is None or abs(m - m_lat) < abs(best[2] - m_lat):
+                best = (q, uni, m)
+            if abs(m - m_lat) <= args.match:
+                break
+            lo, hi = (q, hi) if m < m_lat else (lo, q)
+        q, uni, m_uni = best
+        head, _, _ = measure_ratio(lat.model, uni.model, x, args.runtime, args.batch_size, 1,
+                                   max_seconds=args.measure_seconds)
+        rec = {"target": f, "runtime": args.runtime, "batch": args.batch_size, "method": args.method,
+               "latency": {"measured": m_lat, "search_measured": lb["measured_ratio"],
+                           "predicted": lb["predicted_ratio"], "macs_fraction": lat.report["macs_fraction"],
+                           "widths": lat.report["widths"],
+                           "accuracy_pruned": evaluate(lat.model, test)},
+               "uniform": {"measured": m_uni, "target_macs": q, "macs_fraction": uni.report["macs_fraction"],
+                           "widths": uni.report["widths"], "tries": tries,
+                           "accuracy_pruned": evaluate(uni.model, test)},
+               "latency_over_uniform": head, "prune_s": time.perf_counter() - t0}
+        prunekit.save(lat.model, _pruned_path(f, "latency"), meta={**meta, "pruned": "latency"})
+        prunekit.save(uni.model, _pruned_path(f, "uniform"), meta={**meta, "pruned": "uniform"})
+        (WORK / f"f{f:g}.json").write_text(json.dumps(rec, indent=1))
+        print(f"f={f}: latency/uniform measured {head:.3f}; MACs {rec['latency']['macs_fraction']:.3f} "
+              f"vs {rec['uniform']['macs_fraction']:.3f}", flush=True)
+
+
+def finetune_phase(args: argparse.Namespace) -> None:
+    torch.set_num_threads(1)
+    _net, _meta, train, test = load_baseline(BASE)
+    train = train.subset(args.train_samples)
+    for f in map(float, args.targets.split(",")):
+        for seed in map(int, args.seeds.split(",")):
+            for kind in ("latency", "uniform"):
+                out = WORK / f"f{f:g}_{kind}_seed{seed}.json"
+                if out.is_file():
+                    continue
+                model, _ = prunekit.load(_pruned_path(f, kind))
+                cfg = TrainConfig(lr=args.lr, batch_size=128)
+                secs = finetune(model, train, args.epochs, train_config=cfg, seed=seed)
+                acc = evaluate(model, test)
+                out.write_text(json.dumps({"target": f, "kind": kind, "seed": seed, "accuracy": acc,
+                                           "seconds": secs, "epochs": args.epochs,
+                                           "train_samples": args.train_samples, "lr": args.lr}))
+                print(f"f={f} {kind} seed {seed}: {acc:.2f} % ({secs:.0f} s)", flush=True)
+
+
+def report_phase(args: argparse.Namespace) -> None:
+    rows = []
+    for f in map(float, args.targets.split(",")):
+        rec = json.loads((WORK / f"f{f:g}.json").read_text())
+        for kind in ("latency", "uniform"):
+            runs = sorted((json.loads(p.read_text()) for p in WORK.glob(f"f{f:g}_{kind}_seed*.json")),
+                          key=lambda r: r["seed"])
+            accs = [r["accuracy"] for r in runs]
+            rows.append({"target": f, "allocation": kind, "runtime": rec["runtime"], "batch": rec["batch"],
+                         "macs_fraction": rec[kind]["macs_fraction"], "measured_ratio": rec[kind]["measured"],
+                         "latency_over_uniform": rec["latency_over_uniform"],
+                         "acc_pruned": rec[kind]["accuracy_pruned"],
+                         "acc_finetuned_mean": statistics.mean(accs) if accs else None,
+                         "acc_finetuned_std": statistics.stdev(accs) if len(accs) > 1 else None,
+                         "seeds": len(accs), "accs": accs,
+                         "epochs": runs[0]["epochs"] if runs else None,
+                         "train_samples": runs[0]["train_samples"] if runs else None})
+    payload = {"settings": {k: v for k, v in vars(args).items() if k != "phase"}, "base": str(BASE.name),
+               "pruning": {f"f{r['target']:g}": json.loads((WORK / f"f{r['target']:g}.json").read_text())
+                           for r in rows}}
+    write_results(args.name, payload, rows,
+                  ["target", "allocation", "runtime", "batch", "macs_fraction", "measured_ratio",
+                   "latency_over_uniform", "acc_pruned", "acc_finetuned_mean", "acc_finetuned_std",
+                   "seeds", "epochs", "train_samples"],
+                  "Accuracy at equal measured latency: --target-latency vs uniform --target-macs",
+                  notes="ResNet-20 on Fashion-MNIST (" + BASE.name + "), pruned by l1. measured_ratio: "
+                        "latency over the original's on the runtime, interleaved; latency_over_uniform: "
+                        "the latency model timed against the uniform one (1.0 = equal). Accuracy on the "
+                        "full test set after the same fine-tuning per seed. Commands: `OMP_NUM_THREADS=1 "
+                        "python bench/latency_accuracy.py prune` (quiet machine), `... finetune "
+                        "--seeds 0,1,2`, `... report`.")
+    print((RESULTS / f"{args.name}.md").read_text())
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    {"prune": prune_phase, "finetune": finetune_phase, "report": report_phase}[args.phase](args)
+
+
+if __name__ == "__main__":
+    main()
