@@ -300,6 +300,8 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
         # few percent faster than the next; the mean of both has to meet the budget
         if best["measured_ratio"] > goal or "confirmed_ratio" in best:
             break
+        note(f"latency budget on {target.runtime}: measuring the widths measured at "
+             f"{best['measured_ratio']:.3f} again (fresh sessions)")
         cut = apply_plan(info.model, info.example_inputs, width_plan(info, best["widths"]))
         again, _, _ = measure_ratio(cut, info.model, info.example_inputs, target.runtime,
                                     target.batch_size, threads, max_seconds=target.measure_seconds)
