@@ -232,14 +232,24 @@ class ChannelGroup:
                 f"{[s.name for s in self.producers]}, consumers={[s.name for s in self.consumers]})")
 
 
+def _record_order(model: nn.Module, order: list[nn.Module]) -> list:
+    """Hooks that append each Conv2d / Linear layer to ``order`` when a forward pass calls it."""
+    return [m.register_forward_hook(lambda mod, _i, _o: order.append(mod))
+            for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
 def _execution_order(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.Module]:
     """Conv2d / Linear layers in the order a forward pass on ``example_inputs`` calls them."""
     order: list[nn.Module] = []
-    handles = [m.register_forward_hook(lambda mod, _i, _o: order.append(mod))
-               for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    handles = _record_order(model, order)
     with eval_mode(model, handles), torch.no_grad():
         model(example_inputs)
     return order
+
+
+def _last_classifier(layers: Sequence[nn.Module]) -> nn.Module | None:
+    linears = [m for m in layers if isinstance(m, nn.Linear)]
+    return (linears or list(layers) or [None])[-1]
 
 
 def find_classifier(model: nn.Module, example_inputs: torch.Tensor | None = None) -> nn.Module | None:
@@ -248,11 +258,8 @@ def find_classifier(model: nn.Module, example_inputs: torch.Tensor | None = None
     inputs, the last one in definition order (which differs when, say, the classifier is
     defined before a hidden Linear layer)."""
     if example_inputs is not None:
-        layers = _execution_order(model, example_inputs)
-    else:
-        layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    linears = [m for m in layers if isinstance(m, nn.Linear)]
-    return (linears or layers or [None])[-1]
+        return _last_classifier(_execution_order(model, example_inputs))
+    return _last_classifier([m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))])
 
 
 _PATTERN_CHARS = frozenset("*?[")
@@ -509,10 +516,6 @@ class DependencyInfo:
         self.skip_unsupported = bool(skip_unsupported)
         #: groups the engine cannot handle (left unpruned with ``skip_unsupported``)
         self.refused: list[Refusal] = []
-        if ignore_classifier:
-            clf = find_classifier(model, example_inputs)
-            if clf is not None and all(clf is not m for m in self.ignored):
-                self.ignored.append(clf)
         self.names = {m: n for n, m in model.named_modules()}
         self._order = {m: i for i, m in enumerate(self.names)}
         was_training = model.training
@@ -522,15 +525,22 @@ class DependencyInfo:
         frozen = [p for p in model.parameters() if not p.requires_grad]
         for p in frozen:
             p.requires_grad_(True)
+        order: list[nn.Module] = []  # the tracing pass also finds the classifier (one forward)
+        handles = _record_order(model, order) if ignore_classifier else []
         try:
             with torch.enable_grad():
                 self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
         except Exception as exc:  # tracing failures are model problems, not ours to hide
             raise ModelError(f"cannot trace the model for pruning: {exc}") from exc
         finally:
+            for h in handles:
+                h.remove()
             for p in frozen:
                 p.requires_grad_(False)
             model.train(was_training)
+        clf = _last_classifier(order) if ignore_classifier else None
+        if clf is not None and all(clf is not m for m in self.ignored):
+            self.ignored.append(clf)
         self.param_names = {p: n for n, p in model.named_parameters()}
         self._guard_index_mappings()
         self._unmapped_concats = [
