@@ -56,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=1.0, help="timed seconds per setting")
     p.add_argument("--name", default="runtimes")
     p.add_argument("--no-uniform", action="store_true", help="only the --target-latency rows")
+    p.add_argument("--round-tos", default="none,8",
+                   help="round_to of the uniform 50%% MACs rows ('none': exact widths)")
     return p.parse_args(argv)
 
 
@@ -91,8 +93,10 @@ def main(argv=None) -> None:
         net = build()
         x = torch.randn(1, *shape)
         fractions = (0.25, 0.5, 0.75) if shape[-1] < 100 else (0.375, 0.75)  # cheaper at 224x224
-        uniform = () if args.no_uniform else (("uniform 50% MACs, exact widths", None),
-                                              ("uniform 50% MACs, round_to 8 (default)", 8))
+        uniform = [] if args.no_uniform else [
+            ("uniform 50% MACs, exact widths", None) if q == "none" else
+            (f"uniform 50% MACs, round_to {q}{' (default)' if q == '8' else ''}", int(q))
+            for q in args.round_tos.split(",")]
         for setting, round_to in uniform:
             res = prunekit.prune(net, x, method="l1", target_macs=0.5, round_to=round_to)
             rows += timed_rows(name, setting, net, res.model, x, batches, runtimes, args.seconds,
