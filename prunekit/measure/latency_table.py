@@ -254,9 +254,16 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
     threads = table.threads
     goal = target.fraction
     t = goal - target.slack / 2  # the middle of the window [goal - slack, goal]
-    floor = table.predict(fn(0.999))
+    narrow = fn(0.999)
+    floor = table.predict(narrow)
     rounds: list[dict[str, Any]] = []
     tried: dict[tuple, float] = {}
+
+    def timed(widths: dict[str, int]) -> float:
+        """The latency ratio of the model cut to ``widths``, measured end to end."""
+        cut = apply_plan(info.model, info.example_inputs, width_plan(info, widths))
+        return measure_ratio(cut, info.model, info.example_inputs, target.runtime,
+                             target.batch_size, threads, max_seconds=target.measure_seconds)[0]
 
     def measure(widths: dict[str, int], phase: str, **about: float) -> float:
         key = tuple(sorted(widths.items()))
@@ -264,9 +271,7 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
             return tried[key]
         pred = table.predict(widths)
         note(f"latency budget on {target.runtime}: measuring widths predicted at {pred:.3f}")
-        cut = apply_plan(info.model, info.example_inputs, width_plan(info, widths))
-        measured, _, _ = measure_ratio(cut, info.model, info.example_inputs, target.runtime,
-                                       target.batch_size, threads, max_seconds=target.measure_seconds)
+        measured = timed(widths)
         rounds.append({"phase": phase, **about, "predicted_ratio": pred,
                        "measured_ratio": measured, "widths": widths})
         tried[key] = measured
@@ -276,7 +281,7 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
         return goal - target.slack <= m <= goal
 
     # the narrowest widths, measured: a target below them cannot be reached on this runtime
-    m_floor = measure(fn(0.999), "narrowest", knob=0.999)
+    m_floor = measure(narrow, "narrowest", knob=0.999)
     if m_floor > goal:
         raise ConfigError(f"target latency {goal:.3f} is below what pruning can reach on "
                           f"{target.runtime} for this model (measured {m_floor:.3f} at "
@@ -302,9 +307,7 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
             break
         note(f"latency budget on {target.runtime}: measuring the widths measured at "
              f"{best['measured_ratio']:.3f} again (fresh sessions)")
-        cut = apply_plan(info.model, info.example_inputs, width_plan(info, best["widths"]))
-        again, _, _ = measure_ratio(cut, info.model, info.example_inputs, target.runtime,
-                                    target.batch_size, threads, max_seconds=target.measure_seconds)
+        again = timed(best["widths"])
         best["confirmed_ratio"] = again
         best["measured_ratio"] = (best["measured_ratio"] + again) / 2
         best = _best(rounds, goal)
