@@ -702,7 +702,13 @@ def prune_(
 
     with Output(json_) as o:
         spec = _methods.spec(method)  # unknown method: fail before loading anything
-        options = method_options_from_cli(method, ctx.args)
+        words = list(ctx.args)
+        if checkpoint is not None and str(checkpoint).startswith("-"):
+            # with --model the checkpoint position is free, and click puts the first unknown
+            # option there: it is a (misspelt) option, not a checkpoint
+            words.insert(0, str(checkpoint))
+            checkpoint = None
+        options = method_options_from_cli(method, words)
         check_budget(ratio, target_macs, optional=spec.chooses_widths, target_latency=target_latency)
         _methods.check_round_to_supported(method, round_to)
         round_to = default_round_to(method, round_to, target_latency is not None, options)

@@ -74,6 +74,19 @@ def test_cli_misspelt_option_one_line_exit_2(name: str, checkpoint, tmp_path, ca
     assert f"did you mean {info.flag}?" in err and not out.exists()
 
 
+@pytest.mark.parametrize("typo", [["--target-latncy", "0.5"], ["--target-latncy=0.5"]],
+                         ids=["space", "equals"])
+def test_cli_misspelt_option_with_a_model_spec(typo, tmp_path, capsys) -> None:
+    """With ``--model`` (no checkpoint) a misspelt option is still an error with the suggestion,
+    not taken for the checkpoint or silently dropped."""
+    out = tmp_path / "o.pt"
+    code = cli.main(["prune", "--model", "resnet8", "--input-shape", "1,16,16", "--method", "l1",
+                     "--out", str(out), "--data", "folder:/nonexistent", *typo])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "did you mean --target-latency?" in err and not out.exists()
+
+
 def test_cli_option_values_reach_the_method(monkeypatch, checkpoint, tmp_path, capsys) -> None:
     """``--name value``, ``--opt name=value`` and bare true/false flags parse into the method's
     options with their kinds."""
