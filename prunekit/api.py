@@ -11,7 +11,14 @@ import torch
 import torch.nn as nn
 
 from . import methods
-from .engine import PruningPlan, analyse, layer_names, leftover_hooks
+from .engine import (
+    PruningPlan,
+    analyse,
+    layer_names,
+    leftover_hooks,
+    refusal_error,
+    refusals_before_copy,
+)
 from .engine.budget import check_fraction, check_round_to, count_macs_params
 from .errors import ConfigError, DataError, ModelError, PrunekitError
 
@@ -304,13 +311,19 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None,
         raise ConfigError("expand / refine_labels apply to fine-tuning: give finetune_epochs > 0")
     ignored = layer_names(model, ignored_layers)  # names: they resolve again in the copy
     original = model
+    # a large model is checked on its weightless twin first: a refusal comes before copying it
+    refused = refusals_before_copy(model, example_inputs, ignored)
+    if refused and not skip_unsupported:
+        raise refusal_error(refused)
     work = copy.deepcopy(model).eval()
     skipped: list[dict[str, str]] = []
     if skip_unsupported:
-        info = analyse(work, example_inputs, ignored_layers=ignored, skip_unsupported=True)
-        if info.groups is not None:  # traced on first use, which fills info.refused
-            skipped = [r.to_dict() for r in info.refused]
-        ignored += sorted({r.group for r in info.refused} - set(ignored))
+        if refused is None:
+            info = analyse(work, example_inputs, ignored_layers=ignored, skip_unsupported=True)
+            info.groups  # noqa: B018  (traced on first use, which fills info.refused)
+            refused = info.refused
+        skipped = [r.to_dict() for r in refused]
+        ignored += sorted({r.group for r in refused} - set(ignored))
     times: dict[str, float] = {}
     report: dict[str, Any] = {"method": method, "ratio": ratio, "target_macs": target_macs,
                               "round_to": round_to, "skipped_unsupported": skipped,

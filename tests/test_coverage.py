@@ -561,6 +561,61 @@ def test_skip_unsupported_prunes_everything_else_and_reports_it():
     json.dumps(res.report["skipped_unsupported"])
 
 
+def test_large_model_is_refused_from_its_weightless_twin(monkeypatch):
+    """Over STRUCTURE_CHECK_PARAMS the refusal comes from a meta-device twin: the same layers,
+    and the model's own weights never run a forward pass (no copy, no real computation)."""
+    import prunekit.engine.graph as graph
+
+    torch.manual_seed(0)
+    model, x = ThreeUnsupported().eval(), torch.randn(1, 3, 8, 8)
+    devices: list[str] = []
+
+    def refused_layers() -> set[str]:
+        devices.clear()
+        hook = model.stem.register_forward_pre_hook(
+            lambda m, args: devices.append(args[0].device.type))
+        try:
+            with pytest.raises(UnsupportedLayerError) as err:
+                prunekit.prune(model, x, method="l1", ratio=0.5)
+        finally:
+            hook.remove()
+        return {r.layer for r in err.value.refused}
+
+    full = refused_layers()
+    assert "cpu" in devices  # small: analysed on the model's copy, as before
+    monkeypatch.setattr(graph, "STRUCTURE_CHECK_PARAMS", 0)
+    assert refused_layers() == full and full >= {"pre_shuffle", "attn", "qkv"}
+    assert devices and set(devices) == {"meta"}
+    # skipping: the twin's list is the one reported, and the rest is pruned as before
+    res = prunekit.prune(model, x, method="l1", ratio=0.5, skip_unsupported=True)
+    assert {r["layer"] for r in res.report["skipped_unsupported"]} == full
+    assert res.model.stem.out_channels == 4 and res.model.pre_shuffle.out_channels == 8
+
+
+class DataDependent(nn.Module):
+    """A forward pass that reads a value (cannot run on the meta device)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        if y.detach().mean().item() > 1e9:  # never true; needs the value
+            y = y * 0
+        return self.fc(y.mean((2, 3)))
+
+
+def test_structure_check_falls_back_when_the_twin_cannot_run(monkeypatch):
+    import prunekit.engine.graph as graph
+
+    monkeypatch.setattr(graph, "STRUCTURE_CHECK_PARAMS", 0)
+    model, x = DataDependent().eval(), torch.randn(1, 3, 8, 8)
+    assert graph.refusals_before_copy(model, x) is None
+    assert prunekit.prune(model, x, method="l1", ratio=0.5).model.conv.out_channels == 4
+
+
 def test_ignored_layers_take_types_and_patterns():
     torch.manual_seed(0)
     model, x = ThreeUnsupported().eval(), torch.randn(1, 3, 8, 8)

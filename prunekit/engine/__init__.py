@@ -12,6 +12,8 @@ from .graph import (
     is_depthwise,
     is_grouped,
     layer_names,
+    refusal_error,
+    refusals_before_copy,
     resolve_layers,
 )
 from .plan import GroupPlan, PlanError, PruningPlan
@@ -21,5 +23,6 @@ __all__ = [
     "ChannelGroup", "DependencyInfo", "GroupPlan", "ParamSlot", "PlanError", "PruningPlan",
     "Refusal", "Slot", "analyse", "apply_group", "apply_plan", "find_classifier",
     "fold_consumers", "input_columns", "is_depthwise", "is_grouped", "layer_names",
-    "leftover_hooks", "make_identical", "resolve_layers",
+    "leftover_hooks", "make_identical", "refusal_error", "refusals_before_copy",
+    "resolve_layers",
 ]
