@@ -88,3 +88,33 @@ def test_maxvit_refusal_is_quick_and_lists_every_layer(seeded):
     assert qkv <= refused
     assert str(info.value).startswith(f"{len(refused)} unsupported layers")
     assert elapsed < 30, elapsed
+
+
+def test_large_model_refusal_comes_from_the_weightless_twin(seeded, monkeypatch):
+    """ViT-B/16 (86M parameters, over STRUCTURE_CHECK_PARAMS) is refused from its meta-device
+    twin: the same refusals as the full analysis of the model's copy, every attention layer
+    named, and no forward pass on the real weights."""
+    import prunekit
+    import prunekit.engine.graph as graph
+
+    model, x = build("torchvision:vit_b_16"), torch.randn(1, 3, 224, 224)
+    devices: list[str] = []
+    hook = model.conv_proj.register_forward_pre_hook(
+        lambda m, args: devices.append(args[0].device.type))
+
+    def refused() -> set[str]:
+        devices.clear()
+        with pytest.raises(prunekit.UnsupportedLayerError) as info:
+            prunekit.prune(model, x, method="l1", ratio=0.3, evaluate=False)
+        return {r.layer for r in info.value.refused}
+
+    try:
+        twin = refused()
+        assert devices == ["meta"]
+        monkeypatch.setattr(graph, "STRUCTURE_CHECK_PARAMS", 10**12)
+        full = refused()
+        assert devices == ["cpu"]
+    finally:
+        hook.remove()
+    attention = {f"encoder.layers.encoder_layer_{i}.self_attention" for i in range(12)}
+    assert twin == full and attention <= twin
