@@ -294,3 +294,42 @@ def test_needs_data():
     with pytest.raises(ConfigError):
         lasso.run(_ctx(model, torch.randn(1, 1, 16, 16), ratio=0.5, train_set=_synthetic(4),
                        options={"calib_images": 0}))
+
+
+class _ChannelLast(nn.Module):
+    """ConvNeXt's pattern: conv -> permute -> Linear -> GELU -> Linear -> permute; the Linear
+    consumers read channel-last [N, H, W, C] maps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.pw1 = nn.Linear(8, 16)
+        self.pw2 = nn.Linear(16, 8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = self.conv(x).permute(0, 2, 3, 1)
+        y = self.pw2(torch.nn.functional.gelu(self.pw1(y))).permute(0, 3, 1, 2)
+        return self.fc(y.mean((2, 3)))
+
+
+def test_channel_last_linear_consumers_are_sampled_at_the_same_places():
+    """A Linear reading [N, H, W, C] is sampled at drawn positions like a conv's output pixels:
+    before pruning, the sampled inputs times the weights reproduce the original outputs drawn
+    at those places (a misaligned place or a channel-first reading would not), and ThiNet
+    prunes through both Linear consumers."""
+    torch.manual_seed(0)
+    model, data = _ChannelLast().eval(), _synthetic(8)
+    info = analyse(model, data.example_input(1))
+    consumers = set()
+    for g in info.groups:
+        for cs in sample_group(model, model, g, data, torch.arange(8), samples_per_image=5):
+            consumers.add(cs.name)
+            X, y = cs.contributions()
+            assert 8 * 5 <= X.shape[0] <= 8 * 16  # a few of the 16x16 places per image, not whole maps
+            assert (X.sum(1) - y).abs().max() <= 1e-4 * y.abs().max()
+            assert cs.relative_error() < 1e-5
+    assert consumers >= {"pw1", "pw2"}
+    res = prunekit.prune(model, data.example_input(1), method="thinet", ratio=0.5, data=data,
+                         calib_images=8, evaluate=False)
+    assert res.model.pw1.in_features == 4 and res.model.pw1.out_features == 8

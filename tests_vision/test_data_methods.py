@@ -1,5 +1,6 @@
-"""Data-driven methods (ThiNet, Taylor) on real torchvision architectures at 64x64, with a small
-labelled image set built here."""
+"""Data-driven methods (C-SGD, ThiNet, Taylor) on real torchvision architectures at 64x64 (a plain
+residual net, inverted residuals with depthwise convs, grouped convs, ConvNeXt's channel-last
+blocks), with a small labelled image set built here."""
 
 from __future__ import annotations
 
@@ -22,11 +23,12 @@ def images(n: int, seed: int) -> ImageDataset:
                         name="colours")
 
 
-OPTIONS = {"thinet": dict(calib_images=32, batch_size=16),
+OPTIONS = {"csgd": dict(centripetal_epochs=1, batch_size=16, calib_images=32, recalibrate_samples=32),
+           "thinet": dict(calib_images=32, batch_size=16),
            "taylor": dict(steps=1, calib_images=32, calib_batch_size=16, finetune_epochs_per_step=0)}
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2", "resnext50_32x4d", "convnext_tiny"])
 @pytest.mark.parametrize("method", sorted(OPTIONS))
 def test_data_method_on_a_torchvision_model(arch, method, tmp_path, seeded):
     model = build(f"torchvision:{arch}", num_classes=4)

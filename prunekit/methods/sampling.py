@@ -258,8 +258,9 @@ class OriginalTargets:
         n_images = max(1, len(self.selection))
         self.wanted = {n: max(samples_per_image, math.ceil(ROWS_PER_COLUMN * _columns(mods[n]) / n_images))
                        for n in names}
-        #: layer -> per batch: (n_idx, oh, ow) or None for linear layers
-        self.places: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]] = {}
+        #: layer -> per batch: (n_idx, oh, ow) for convs, (n_idx, position) for channel-last
+        #: linear layers, None for [N, features] linear layers
+        self.places: dict[str, list[tuple[torch.Tensor, ...] | None]] = {}
         #: layer -> per batch: original outputs [n * p, out]
         self.outputs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         self.sizes: dict[str, tuple[int, ...]] = {}
@@ -276,7 +277,7 @@ class OriginalTargets:
                                                 "shared layers cannot be reconstructed")
                 seen.add(name)
                 y = y.detach()
-                if y.dim() == 4:
+                if y.dim() == 4 and not isinstance(mods[name], nn.Linear):
                     N, _, Ho, Wo = y.shape
                     L = Ho * Wo
                     p = min(self.wanted[name], L)
@@ -291,9 +292,21 @@ class OriginalTargets:
                     self.places[name].append(None)
                     self.outputs[name].append(y.clone())
                     self.sizes[name], self.per_image[name] = (), 1
+                elif isinstance(mods[name], nn.Linear):
+                    # channel-last [N, ..., features] (ConvNeXt's MLP, tokens): each position
+                    # of the leading axes is one place, drawn as an output pixel is
+                    N, L = y.shape[0], math.prod(y.shape[1:-1])
+                    p = min(self.wanted[name], L)
+                    pos = torch.rand(N, L, generator=gens[name]).argsort(1)[:, :p].reshape(-1)
+                    n_idx = torch.arange(N).repeat_interleave(p)
+                    self.places[name].append((n_idx, pos))
+                    rows = y.reshape(N, L, y.shape[-1])
+                    self.outputs[name].append(rows[n_idx.to(y.device), pos.to(y.device)].clone())
+                    self.sizes[name], self.per_image[name] = tuple(y.shape[1:-1]), p
                 else:
                     raise UnsupportedLayerError(f"layer {name!r} outputs a {y.dim()}-D tensor; only "
-                                                "[N, C, H, W] and [N, features] are supported")
+                                                "[N, C, H, W], [N, features] and channel-last "
+                                                "[N, ..., features] (Linear) are supported")
                 if len(seen) == len(self.names):
                     raise _Stop
             return fn
@@ -394,11 +407,16 @@ class _Collector:
                                             f"{self.targets.sizes[name]} in the original")
             n_idx, oh, ow = self.targets.places[name][b]
             P = conv_patches(x, self.module, n_idx, oh, ow)
-        else:
-            if x.dim() != 2:
-                raise UnsupportedLayerError(f"linear consumer {name!r} gets a {x.dim()}-D input; "
-                                            "only [N, features] inputs are supported")
+        elif x.dim() == 2:
             P = x
+        else:  # channel-last: the same places as the original's outputs
+            if tuple(x.shape[1:-1]) != self.targets.sizes[name]:
+                raise UnsupportedLayerError(f"consumer {name!r}: input positions {tuple(x.shape[1:-1])} "
+                                            f"in the pruned model, {self.targets.sizes[name]} in the "
+                                            "original")
+            n_idx, pos = self.targets.places[name][b]
+            rows = x.reshape(x.shape[0], -1, x.shape[-1])
+            P = rows[n_idx.to(x.device), pos.to(x.device)]
         dev = P.device
         if self.out_rows is not None:
             Y = Y[:, self.out_rows.to(Y.device)]
