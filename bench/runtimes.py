@@ -56,6 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=1.0, help="timed seconds per setting")
     p.add_argument("--name", default="runtimes")
     p.add_argument("--no-uniform", action="store_true", help="only the --target-latency rows")
+    p.add_argument("--budget-batches", default=None,
+                   help="batch sizes of the --target-latency rows (default: the model's, 1 and 64 "
+                        "for resnet20, 1 for the 224x224 models)")
     p.add_argument("--round-tos", default="none,8",
                    help="round_to of the uniform 50%% MACs rows ('none': exact widths)")
     return p.parse_args(argv)
@@ -89,6 +92,8 @@ def main(argv=None) -> None:
     t_start = time.perf_counter()
     for name in args.models.split(","):
         build, shape, batches, budget_batches = MODELS[name]
+        if args.budget_batches:
+            budget_batches = tuple(int(b) for b in args.budget_batches.split(","))
         torch.manual_seed(0)
         net = build()
         x = torch.randn(1, *shape)
