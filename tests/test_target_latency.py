@@ -172,6 +172,40 @@ def test_search_falls_back_to_the_methods_widths_when_the_table_cannot_see(monke
     assert lb["reached"] and 0.55 <= lb["measured_ratio"] <= 0.6, lb["rounds"]
 
 
+def test_single_groups_are_widened_when_the_knob_steps_over_the_window(monkeypatch) -> None:
+    """The method's widths move every group at once; cut short to one knob round that misses
+    the window, the search widens single groups from the widest widths measured under it
+    (table-guided, measurement-corrected) until a measurement lands in [f - slack, f]."""
+    from prunekit.engine.budget import count_macs_params
+    from prunekit.measure import latency_table
+
+    net, x = _net(), torch.randn(1, 1, 20, 20)
+    base = count_macs_params(net, x)[0]
+
+    def fake(model, original, example_input, runtime, batch_size, threads, **_kw):
+        ratio = 0.4 + 0.6 * count_macs_params(model, example_input)[0] / base
+        return ratio, ratio, 1.0
+
+    monkeypatch.setattr(latency_table, "measure_ratio", fake)
+    info = analyse(net, x)
+    target = LatencyTarget(0.8, RUNTIME, table_seconds=0.02, use_cache=False, table_rounds=0,
+                           max_rounds=1)
+    budget_widths(info, None, target, round_to=8)
+    lb = target.result
+    phases = [r["phase"] for r in lb["rounds"]]
+    assert phases[:2] == ["narrowest", "knob"] and not 0.75 <= lb["rounds"][1]["measured_ratio"] <= 0.8
+    assert "refine" in phases, lb["rounds"]
+    assert lb["reached"] and 0.75 <= lb["measured_ratio"] <= 0.8, lb["rounds"]
+    # the widths accepted are reachable from the start only by widening single groups
+    sizes = {g.name: g.size for g in info.groups}
+    assert all(w % 8 == 0 or w == sizes[n] for n, w in lb.get("widths", {}).items())
+    # without the refinement the same search ends outside the window
+    short = LatencyTarget(0.8, RUNTIME, table_seconds=0.02, use_cache=False, table_rounds=0,
+                          max_rounds=1, refine_rounds=0)
+    budget_widths(info, None, short, round_to=8)
+    assert not 0.75 <= short.result["measured_ratio"] <= 0.8
+
+
 def test_unreachable_latency_budget_is_a_config_error() -> None:
     net, x = _net(), torch.randn(1, 1, 20, 20)
     info = analyse(net, x)

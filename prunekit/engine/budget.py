@@ -133,9 +133,10 @@ class LatencyTarget:
         Batch size the latency is measured at.
     threads : int, optional
         Runtime threads (default: torch's setting).
-    table_rounds, max_rounds : int
+    table_rounds, max_rounds, refine_rounds : int
         Measured rounds at most of the table's allocation, then (when it did not land in the
-        window) of the method's own widths searched by measurement alone.
+        window) of the method's own widths searched by measurement alone, then of single
+        groups widened from the widest widths measured under the window.
     slack : float
         A measured ratio in ``[fraction - slack, fraction]`` ends the search; the search aims
         at the middle of that window.
@@ -159,6 +160,7 @@ class LatencyTarget:
     threads: int | None = None
     table_rounds: int = 3
     max_rounds: int = 6
+    refine_rounds: int = 4
     confirmations: int = 3
     slack: float = 0.05
     table_seconds: float = 0.3

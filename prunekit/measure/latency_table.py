@@ -25,9 +25,13 @@ per layer) and HALP [2]_ (a latency lookup table constraining the widths):
    bracket the middle of that window (regula falsi: each measurement corrects the table).
    Where the table errs beyond what that fixes in ``table_rounds`` rounds (a runtime that
    fuses or pads some layers, so that one group's cost depends on its neighbours' widths),
-   the method's own widths are searched the same way by measurement alone. The widest
-   allocation measured within ``f`` is measured again in fresh sessions and wins if the mean
-   of both measurements stays within ``f`` (else the next one is confirmed).
+   the method's own widths are searched the same way by measurement alone. Those move every
+   group at once in ``round_to`` steps, which on a small model can jump over the window; then
+   the widest widths measured under it are widened one group step at a time where the table
+   says it costs least (:func:`fill_back`), the aim corrected by measurement (NetAdapt's
+   layer-by-layer steps). The widest allocation measured within ``f`` is measured again in
+   fresh sessions and wins if the mean of both measurements stays within ``f`` (else the next
+   one is confirmed).
 
 References
 ----------
@@ -297,8 +301,24 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
     # as the MACs, with the square of the widths kept: the first guess). The narrowest
     # widths inside the window do not end the search: wider ones may be too.
     if not found:
-        _regula_falsi(lambda v: fn(min(1.0 - v, 0.999)), math.sqrt(t), [(0.001, m_floor), (1.0, 1.0)],
-                      t, inside, target.max_rounds, lambda w, v: measure(w, "knob", knob=1.0 - v))
+        found = _regula_falsi(lambda v: fn(min(1.0 - v, 0.999)), math.sqrt(t),
+                              [(0.001, m_floor), (1.0, 1.0)], t, inside, target.max_rounds,
+                              lambda w, v: measure(w, "knob", knob=1.0 - v))
+    # (c) the method's widths move all groups at once, in round_to steps: on a small model no
+    # knob value may fall in the window. From the widest widths measured under it, single
+    # groups are widened step by step where the table says it costs least (fill_back), the
+    # aim set from that candidate's measurement and corrected by each new one (NetAdapt's
+    # one-layer-at-a-time steps, measured).
+    if not found and target.refine_rounds > 0:
+        lo = max((rec for rec in rounds if rec["measured_ratio"] < goal - target.slack),
+                 key=lambda rec: rec["measured_ratio"])
+        start, p_lo, m_lo = dict(lo["widths"]), table.predict(lo["widths"]), lo["measured_ratio"]
+        knob = lo["knob"] if "knob" in lo else _allocate(table, fn, lo["aim"], round_to, iters)[0]
+        log_p = math.log(max(p_lo, 1e-6))
+        _regula_falsi(lambda v: fill_back(table, start, math.exp(v), round_to),
+                      min(log_p + math.log(t / max(m_lo, 1e-6)), -1e-3),
+                      [(log_p, m_lo), (0.0, 1.0)], t, inside, target.refine_rounds,
+                      lambda w, v: measure(w, "refine", aim=math.exp(v), knob=knob))
     best = _best(rounds, goal)
     for _ in range(target.confirmations):
         # a second measurement in fresh sessions: one compiled instance of a model can run a
