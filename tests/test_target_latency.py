@@ -95,10 +95,10 @@ def test_table_entries_are_ratios_of_one_group_cut() -> None:
     assert not about["cached"] and about["measurements"] == sum(map(len, table.ratios.values()))
 
 
-def test_search_corrects_a_table_that_mispredicts(monkeypatch) -> None:
-    """A runtime with a fixed cost per call (latency 0.4 + 0.6 x the MACs fraction): the
-    per-group table multiplies the groups' savings and predicts far too fast a model; the
-    search's measurements must still land in [f - slack, f]."""
+@pytest.fixture()
+def fixed_cost_runtime(monkeypatch):
+    """A ResNet-8 and its input, timed by a fake runtime with a fixed cost per call: latency
+    0.4 + 0.6 x the MACs fraction (deterministic)."""
     from prunekit.engine.budget import count_macs_params
     from prunekit.measure import latency_table
 
@@ -110,6 +110,14 @@ def test_search_corrects_a_table_that_mispredicts(monkeypatch) -> None:
         return ratio, ratio, 1.0
 
     monkeypatch.setattr(latency_table, "measure_ratio", fake)
+    return net, x
+
+
+def test_search_corrects_a_table_that_mispredicts(fixed_cost_runtime) -> None:
+    """A runtime with a fixed cost per call (latency 0.4 + 0.6 x the MACs fraction): the
+    per-group table multiplies the groups' savings and predicts far too fast a model; the
+    search's measurements must still land in [f - slack, f]."""
+    net, x = fixed_cost_runtime
     info = analyse(net, x)
     target = LatencyTarget(0.6, RUNTIME, table_seconds=0.02, use_cache=False)
     budget_widths(info, None, target, round_to=8)
@@ -172,21 +180,11 @@ def test_search_falls_back_to_the_methods_widths_when_the_table_cannot_see(monke
     assert lb["reached"] and 0.55 <= lb["measured_ratio"] <= 0.6, lb["rounds"]
 
 
-def test_single_groups_are_widened_when_the_knob_steps_over_the_window(monkeypatch) -> None:
+def test_single_groups_are_widened_when_the_knob_steps_over_the_window(fixed_cost_runtime) -> None:
     """The method's widths move every group at once; cut short to one knob round that misses
     the window, the search widens single groups from the widest widths measured under it
     (table-guided, measurement-corrected) until a measurement lands in [f - slack, f]."""
-    from prunekit.engine.budget import count_macs_params
-    from prunekit.measure import latency_table
-
-    net, x = _net(), torch.randn(1, 1, 20, 20)
-    base = count_macs_params(net, x)[0]
-
-    def fake(model, original, example_input, runtime, batch_size, threads, **_kw):
-        ratio = 0.4 + 0.6 * count_macs_params(model, example_input)[0] / base
-        return ratio, ratio, 1.0
-
-    monkeypatch.setattr(latency_table, "measure_ratio", fake)
+    net, x = fixed_cost_runtime
     info = analyse(net, x)
     target = LatencyTarget(0.8, RUNTIME, table_seconds=0.02, use_cache=False, table_rounds=0,
                            max_rounds=1)
