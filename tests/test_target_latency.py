@@ -65,7 +65,9 @@ def test_prune_meets_its_latency_budget_by_its_own_remeasurement() -> None:
     lb = res.report["latency_budget"]
     assert lb["runtime"] == RUNTIME and lb["batch_size"] == batch and lb["threads"] >= 1
     assert lb["reached"] and lb["measured_ratio"] <= target
-    assert 0 < lb["predicted_ratio"] <= target
+    assert lb["predicted_ratio"] > 0  # reported; the measurement decides, not the table
+    table_rounds = [r for r in lb["rounds"] if r["phase"] == "table"]
+    assert table_rounds and all(r["predicted_ratio"] <= r["aim"] + 1e-9 for r in table_rounds)
     assert res.report["target_latency"] == target and res.report["round_to"] == DEFAULT_ROUND_TO
     # the result itself, re-timed here against the original (interleaved, 3 s): within the
     # budget up to the noise of a shared machine
