@@ -146,7 +146,7 @@ def main(argv=None) -> None:
                             "for target-latency rows, latency_ratio is the final model re-measured "
                             "after the search (search_measured: the search's own last measurement, "
                             "predicted: the table's prediction). Command: `OMP_NUM_THREADS=1 "
-                            f".venv/bin/python bench/runtimes.py --models {args.models}`.")
+                            f".venv/bin/python bench/runtimes.py {' '.join(sys.argv[1:])}`.")
     print(f"done in {time.perf_counter() - t_start:.0f} s", flush=True)
 
 
