@@ -140,9 +140,9 @@ class LatencyTarget:
     slack : float
         A measured ratio in ``[fraction - slack, fraction]`` ends the search; the search aims
         at the middle of that window.
-    confirmations : int
-        Candidates measured a second time at most before one is accepted (the mean of its
-        two measurements has to stay within ``fraction``).
+    confirmations, confirm_sessions : int
+        Candidates measured again at most before one is accepted, and the fresh sessions each
+        is measured in (the mean of all its measurements has to stay within ``fraction``).
     table_seconds, measure_seconds : float
         Timed seconds per table entry / per end-to-end check.
     use_cache : bool
@@ -162,6 +162,7 @@ class LatencyTarget:
     max_rounds: int = 6
     refine_rounds: int = 4
     confirmations: int = 3
+    confirm_sessions: int = 2
     slack: float = 0.05
     table_seconds: float = 0.3
     measure_seconds: float = 1.0
