@@ -969,11 +969,11 @@ def refusals_before_copy(model: nn.Module, example_inputs: torch.Tensor,
     GMACs, 12 of the 15 s its refusal took). ``None`` when the model is small or its forward pass
     cannot run on the meta device (data-dependent code): the caller then analyses the model.
     """
-    if sum(p.numel() for p in model.parameters()) < STRUCTURE_CHECK_PARAMS:
-        return None
     if not isinstance(example_inputs, torch.Tensor):
         return None
     try:
+        if sum(p.numel() for p in model.parameters()) < STRUCTURE_CHECK_PARAMS:
+            return None
         twin = structure_twin(model)
         info = DependencyInfo(twin, example_inputs.to("meta"), ignored_layers,
                               skip_unsupported=True)
