@@ -286,6 +286,10 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
     def inside(m: float) -> bool:
         return goal - target.slack <= m <= goal
 
+    def knob_of(rec: dict[str, Any]) -> float:
+        """The method's knob of a measured round (a table round: the one its aim allocated)."""
+        return rec["knob"] if "knob" in rec else _allocate(table, fn, rec["aim"], round_to, iters)[0]
+
     # the narrowest widths, measured: a target below them cannot be reached on this runtime
     m_floor = measure(narrow, "narrowest", knob=0.999)
     if m_floor > goal:
@@ -315,7 +319,7 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
         lo = max((rec for rec in rounds if rec["measured_ratio"] < goal - target.slack),
                  key=lambda rec: rec["measured_ratio"])
         start, p_lo, m_lo = dict(lo["widths"]), table.predict(lo["widths"]), lo["measured_ratio"]
-        knob = lo["knob"] if "knob" in lo else _allocate(table, fn, lo["aim"], round_to, iters)[0]
+        knob = knob_of(lo)
         log_p = math.log(max(p_lo, 1e-6))
         _regula_falsi(lambda v: fill_back(table, start, math.exp(v), round_to),
                       min(log_p + math.log(t / max(m_lo, 1e-6)), -1e-3),
@@ -323,8 +327,8 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
                       lambda w, v: measure(w, "refine", aim=math.exp(v), knob=knob))
     best = _best(rounds, goal)
     for _ in range(target.confirmations):
-        # a second measurement in fresh sessions: one compiled instance of a model can run a
-        # few percent faster than the next; the mean of both has to meet the budget
+        # more measurements in fresh sessions: one compiled instance of a model can run a
+        # few percent faster than the next; the mean of all has to meet the budget
         if best["measured_ratio"] > goal or "confirmed_ratio" in best:
             break
         note(f"latency budget on {target.runtime}: measuring the widths measured at "
@@ -334,7 +338,7 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
         best["measured_ratio"] = (best["measured_ratio"] + sum(again)) / (1 + len(again))
         best = _best(rounds, goal)
     widths, pred, measured = best["widths"], best["predicted_ratio"], best["measured_ratio"]
-    r = best["knob"] if "knob" in best else _allocate(table, fn, best["aim"], round_to, iters)[0]
+    r = knob_of(best)
     for rec in rounds:
         rec.pop("widths")
     base = count_macs_params(info.model, info.example_inputs)[0]

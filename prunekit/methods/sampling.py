@@ -195,6 +195,15 @@ def _check_consumer(name: str, m: nn.Module) -> None:
                                 "only Conv2d (groups=1) and Linear consumers are supported")
 
 
+def _draw_places(n: int, places: int, wanted: int, gen: torch.Generator
+                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``p = min(wanted, places)`` distinct places per image, drawn at random: the image index
+    and the flat place of each (image-major), and ``p``."""
+    p = min(wanted, places)
+    pos = torch.rand(n, places, generator=gen).argsort(1)[:, :p].reshape(-1)
+    return torch.arange(n).repeat_interleave(p), pos, p
+
+
 def _forward_until(model: nn.Module, x: torch.Tensor) -> None:
     try:
         model(x)
@@ -279,10 +288,7 @@ class OriginalTargets:
                 y = y.detach()
                 if y.dim() == 4 and not isinstance(mods[name], nn.Linear):
                     N, _, Ho, Wo = y.shape
-                    L = Ho * Wo
-                    p = min(self.wanted[name], L)
-                    pos = torch.rand(N, L, generator=gens[name]).argsort(1)[:, :p].reshape(-1)
-                    n_idx = torch.arange(N).repeat_interleave(p)
+                    n_idx, pos, p = _draw_places(N, Ho * Wo, self.wanted[name], gens[name])
                     oh, ow = pos // Wo, pos % Wo
                     dev = y.device
                     self.places[name].append((n_idx, oh, ow))
@@ -296,9 +302,7 @@ class OriginalTargets:
                     # channel-last [N, ..., features] (ConvNeXt's MLP, tokens): each position
                     # of the leading axes is one place, drawn as an output pixel is
                     N, L = y.shape[0], math.prod(y.shape[1:-1])
-                    p = min(self.wanted[name], L)
-                    pos = torch.rand(N, L, generator=gens[name]).argsort(1)[:, :p].reshape(-1)
-                    n_idx = torch.arange(N).repeat_interleave(p)
+                    n_idx, pos, p = _draw_places(N, L, self.wanted[name], gens[name])
                     self.places[name].append((n_idx, pos))
                     rows = y.reshape(N, L, y.shape[-1])
                     self.outputs[name].append(rows[n_idx.to(y.device), pos.to(y.device)].clone())
