@@ -157,6 +157,55 @@ def test_a_candidate_slower_when_measured_again_is_not_accepted(monkeypatch) -> 
     assert lb["measured_ratio"] < min(r["measured_ratio"] for r in rejected)
 
 
+def test_search_goes_on_when_its_candidate_fails_confirmation(monkeypatch) -> None:
+    """The first model measured inside the window is 0.1 slower every time it is measured
+    again, so its confirmation fails: the search must go on to another candidate inside the
+    window, not settle for the narrower ones measured before it (a ResNet-18 search on
+    OpenVINO once accepted its narrowest widths, 0.06 of the latency, that way)."""
+    from prunekit.engine.budget import count_macs_params
+    from prunekit.measure import latency_table
+
+    net, x = _net(), torch.randn(1, 1, 20, 20)
+    base = count_macs_params(net, x)[0]
+    slow: list[int] = []
+
+    def fake(model, original, example_input, runtime, batch_size, threads, **_kw):
+        macs = count_macs_params(model, example_input)[0]
+        ratio = 0.4 + 0.6 * macs / base
+        if macs in slow:
+            return ratio + 0.1, ratio + 0.1, 1.0
+        if not slow and 0.55 <= ratio <= 0.6:
+            slow.append(macs)  # the first candidate in the window: slower from now on
+        return ratio, ratio, 1.0
+
+    monkeypatch.setattr(latency_table, "measure_ratio", fake)
+    target = LatencyTarget(0.6, RUNTIME, table_seconds=0.02, use_cache=False)
+    budget_widths(analyse(net, x), None, target, round_to=8)
+    lb = target.result
+    assert slow and any(r["measured_ratio"] > 0.6 and "confirmed_ratio" in r for r in lb["rounds"])
+    assert lb["reached"] and 0.55 <= lb["measured_ratio"] <= 0.6, lb["rounds"]
+    assert lb["confirmed_ratio"] is not None
+
+
+def test_narrowest_widths_inside_the_window_are_accepted_without_a_refinement_start(
+        fixed_cost_runtime) -> None:
+    """With the narrowest widths measured inside the window and no other round, nothing lies
+    under the window to widen from: the refinement is skipped (it used to fail on an empty
+    max()) and the narrowest widths are the answer."""
+    from prunekit.engine.budget import count_macs_params, macs_of_widths, round_widths, widths_at_ratio
+
+    net, x = fixed_cost_runtime
+    info = analyse(net, x)
+    narrow = round_widths(info, widths_at_ratio(info, 0.999), 8)
+    floor = 0.4 + 0.6 * macs_of_widths(info, narrow) / count_macs_params(net, x)[0]
+    target = LatencyTarget(floor + 0.02, RUNTIME, table_seconds=0.02, use_cache=False,
+                           table_rounds=0, max_rounds=0)
+    budget_widths(info, None, target, round_to=8)
+    lb = target.result
+    assert [r["phase"] for r in lb["rounds"]] == ["narrowest"]
+    assert lb["measured_ratio"] == pytest.approx(floor) and lb["reached"]
+
+
 def test_search_falls_back_to_the_methods_widths_when_the_table_cannot_see(monkeypatch) -> None:
     """A runtime whose latency is set by the widest layer (0.2 + 0.8 x the largest kept
     fraction of any conv): cutting one group alone changes nothing, so the table predicts no

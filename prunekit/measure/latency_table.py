@@ -31,9 +31,11 @@ per layer) and HALP [2]_ (a latency lookup table constraining the widths):
    says it costs least (:func:`fill_back`), the aim corrected by measurement (NetAdapt's
    layer-by-layer steps). The widest allocation measured within ``f`` is measured again in
    ``confirm_sessions`` fresh sessions and wins if the mean of all its measurements stays
-   within ``f`` (else the next one is confirmed): two sessions of the same model differ by
-   more than one session's timing noise (MobileNetV2 at batch 64: a standard deviation of
-   0.02-0.04 of the ratio between sessions, however long each is timed).
+   in the window: two sessions of the same model differ by more than one session's timing
+   noise (MobileNetV2 at batch 64: a standard deviation of 0.02-0.04 of the ratio between
+   sessions, however long each is timed). A candidate whose mean leaves the window sends the
+   search on from what it has measured (its mean now stands for it), up to ``confirmations``
+   times; then the widest candidates within ``f`` are confirmed in turn.
 
 References
 ----------
@@ -296,47 +298,70 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
         raise ConfigError(f"target latency {goal:.3f} is below what pruning can reach on "
                           f"{target.runtime} for this model (measured {m_floor:.3f} at "
                           "the narrowest widths)")
-    # (a) the table's allocation; its predicted budget (log scale) corrected by measurement
     log_floor = math.log(max(floor, 1e-6))
-    found = _regula_falsi(
-        lambda v: _allocate(table, fn, math.exp(v), round_to, iters)[1],
-        math.log(min(max(goal, floor), 0.999)), [(log_floor, m_floor), (0.0, 1.0)], t, inside,
-        target.table_rounds, lambda w, v: measure(w, "table", aim=math.exp(v)))
-    # (b) where the table errs beyond that (runtimes that fuse or pad some layers), the
-    # method's own widths, their knob searched by measurement alone (latency falls about
-    # as the MACs, with the square of the widths kept: the first guess). The narrowest
-    # widths inside the window do not end the search: wider ones may be too.
-    if not found:
-        found = _regula_falsi(lambda v: fn(min(1.0 - v, 0.999)), math.sqrt(t),
-                              [(0.001, m_floor), (1.0, 1.0)], t, inside, target.max_rounds,
-                              lambda w, v: measure(w, "knob", knob=1.0 - v))
-    # (c) the method's widths move all groups at once, in round_to steps: on a small model no
-    # knob value may fall in the window. From the widest widths measured under it, single
-    # groups are widened step by step where the table says it costs least (fill_back), the
-    # aim set from that candidate's measurement and corrected by each new one (NetAdapt's
-    # one-layer-at-a-time steps, measured).
-    if not found and target.refine_rounds > 0:
-        lo = max((rec for rec in rounds if rec["measured_ratio"] < goal - target.slack),
-                 key=lambda rec: rec["measured_ratio"])
-        start, p_lo, m_lo = dict(lo["widths"]), table.predict(lo["widths"]), lo["measured_ratio"]
-        knob = knob_of(lo)
-        log_p = math.log(max(p_lo, 1e-6))
-        _regula_falsi(lambda v: fill_back(table, start, math.exp(v), round_to),
-                      min(log_p + math.log(t / max(m_lo, 1e-6)), -1e-3),
-                      [(log_p, m_lo), (0.0, 1.0)], t, inside, target.refine_rounds,
-                      lambda w, v: measure(w, "refine", aim=math.exp(v), knob=knob))
-    best = _best(rounds, goal)
-    for _ in range(target.confirmations):
-        # more measurements in fresh sessions: one compiled instance of a model can run a
-        # few percent faster than the next; the mean of all has to meet the budget
-        if best["measured_ratio"] > goal or "confirmed_ratio" in best:
-            break
+
+    def search() -> None:
+        """Phases (a)-(c) until a measurement lands in the window. Widths measured before
+        (a search resumed after a failed confirmation) return their latest value, so the
+        resumed search moves on from what has been learnt."""
+        # (a) the table's allocation; its predicted budget (log scale) corrected by measurement
+        found = _regula_falsi(
+            lambda v: _allocate(table, fn, math.exp(v), round_to, iters)[1],
+            math.log(min(max(goal, floor), 0.999)), [(log_floor, m_floor), (0.0, 1.0)], t,
+            inside, target.table_rounds, lambda w, v: measure(w, "table", aim=math.exp(v)))
+        # (b) where the table errs beyond that (runtimes that fuse or pad some layers), the
+        # method's own widths, their knob searched by measurement alone (latency falls about
+        # as the MACs, with the square of the widths kept: the first guess). The narrowest
+        # widths inside the window do not end the search: wider ones may be too.
+        if not found:
+            found = _regula_falsi(lambda v: fn(min(1.0 - v, 0.999)), math.sqrt(t),
+                                  [(0.001, m_floor), (1.0, 1.0)], t, inside, target.max_rounds,
+                                  lambda w, v: measure(w, "knob", knob=1.0 - v))
+        # (c) the method's widths move all groups at once, in round_to steps: on a small model
+        # no knob value may fall in the window. From the widest widths measured under it,
+        # single groups are widened step by step where the table says it costs least
+        # (fill_back), the aim set from that candidate's measurement and corrected by each new
+        # one (NetAdapt's one-layer-at-a-time steps, measured).
+        under = [rec for rec in rounds if rec["measured_ratio"] < goal - target.slack]
+        if not found and target.refine_rounds > 0 and under:
+            lo = max(under, key=lambda rec: rec["measured_ratio"])
+            start, p_lo, m_lo = dict(lo["widths"]), table.predict(lo["widths"]), lo["measured_ratio"]
+            knob = knob_of(lo)
+            log_p = math.log(max(p_lo, 1e-6))
+            _regula_falsi(lambda v: fill_back(table, start, math.exp(v), round_to),
+                          min(log_p + math.log(t / max(m_lo, 1e-6)), -1e-3),
+                          [(log_p, m_lo), (0.0, 1.0)], t, inside, target.refine_rounds,
+                          lambda w, v: measure(w, "refine", aim=math.exp(v), knob=knob))
+
+    # The widest allocation measured within the goal is measured again in fresh sessions: one
+    # compiled instance of a model can run a few percent faster than the next, so the mean of
+    # all its measurements decides. A candidate that fails (over the goal) or falls under the
+    # window sends the search on from there; one under the window stays the fallback.
+    def confirm(best: dict[str, Any]) -> None:
         note(f"latency budget on {target.runtime}: measuring the widths measured at "
              f"{best['measured_ratio']:.3f} again ({target.confirm_sessions} x fresh sessions)")
         again = [timed(best["widths"]) for _ in range(max(1, target.confirm_sessions))]
         best["confirmed_ratio"] = sum(again) / len(again)
         best["measured_ratio"] = (best["measured_ratio"] + sum(again)) / (1 + len(again))
+        tried[tuple(sorted(best["widths"].items()))] = best["measured_ratio"]
+
+    for attempt in range(max(1, target.confirmations)):
+        if attempt == 0 or not any(inside(rec["measured_ratio"]) and "confirmed_ratio" not in rec
+                                   for rec in rounds):
+            search()
         best = _best(rounds, goal)
+        if best["measured_ratio"] > goal or "confirmed_ratio" in best or target.confirmations < 1:
+            break
+        confirm(best)
+        if inside(best["measured_ratio"]):
+            break
+    # the search spent: the widest candidates measured within the goal, each confirmed in turn
+    for _ in range(target.confirmations):
+        best = _best(rounds, goal)
+        if best["measured_ratio"] > goal or "confirmed_ratio" in best:
+            break
+        confirm(best)
+    best = _best(rounds, goal)
     widths, pred, measured = best["widths"], best["predicted_ratio"], best["measured_ratio"]
     r = knob_of(best)
     for rec in rounds:
