@@ -108,7 +108,7 @@ PRUNE_KEYWORDS = ("model", "example_inputs", "method", "ratio", "target_macs", "
                   "finetune_epochs", "distill", "train_config", "ignored_layers", "seed",
                   "evaluate", "round_to", "expand", "refine_labels", "skip_unsupported",
                   "target_latency", "runtime", "latency_batch_size", "latency_threads", "progress",
-                  "latency_fractions")
+                  "latency_fractions", "latency_predictor")
 
 
 def finetune(model: nn.Module, train_set: Any, epochs: int, *, teacher: nn.Module | None = None,
@@ -209,7 +209,7 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None,
           refine_labels: bool = False, skip_unsupported: bool = False,
           target_latency: float | None = None, runtime: str | None = None,
           latency_batch_size: int = 1, latency_threads: int | None = None, progress: Any = None,
-          latency_fractions: tuple[float, ...] | None = None,
+          latency_fractions: tuple[float, ...] | None = None, latency_predictor: str = "auto",
           **method_options: Any) -> PruneResult:
     """Prune ``model`` with ``method`` to a ``ratio`` of removed filters or a ``target_macs``
     fraction of the original MACs.
@@ -247,6 +247,11 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None,
     latency_fractions : tuple of float, optional
         Candidate widths per group in the latency table (default a quarter, half and three
         quarters; fewer make the table cheaper on large models).
+    latency_predictor : {"auto", "table", "model"}
+        What allocates the widths of a latency budget: the per-group table, or a model of the
+        widths' MACs and memory traffic fitted to end-to-end measurements
+        (:mod:`prunekit.measure.latency_model`); ``auto`` (the command line's): the model from
+        a latency batch of 16 on.
     data : dataset, DataLoader or (train, test), optional
         Calibration / training data; the test set, when given, is used for the accuracies.
         Each may be a prunekit ImageDataset (in memory), a streamed image folder, any
@@ -294,6 +299,10 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None,
                                 round_to, progress)
         if latency_fractions is not None:
             budget.fractions = tuple(float(q) for q in latency_fractions)
+        if latency_predictor not in ("auto", "table", "model"):
+            raise ConfigError("latency_predictor must be 'auto', 'table' or 'model', "
+                              f"got {latency_predictor!r}")
+        budget.predictor = latency_predictor
     elif runtime is not None:
         from .measure.runtimes import check_runtimes
         check_runtimes([runtime])

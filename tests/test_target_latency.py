@@ -61,7 +61,7 @@ def test_prune_meets_its_latency_budget_by_its_own_remeasurement() -> None:
     net, x = _net(), torch.randn(2, 1, 28, 28)
     target, batch = 0.75, 16  # a batch of 16: compute, not Python overhead, sets the latency
     res = prunekit.prune(net, x, method="l1", target_latency=target, runtime=RUNTIME,
-                         latency_batch_size=batch)
+                         latency_batch_size=batch, latency_predictor="table")
     lb = res.report["latency_budget"]
     assert lb["runtime"] == RUNTIME and lb["batch_size"] == batch and lb["threads"] >= 1
     assert lb["reached"] and lb["measured_ratio"] <= target
@@ -81,7 +81,7 @@ def test_prune_meets_its_latency_budget_by_its_own_remeasurement() -> None:
     # the table was cached: a second budget on the same model reads it instead of measuring
     assert lb["table"]["cached"] is False and lb["table"]["measurements"] > 0
     again = prunekit.prune(net, x, method="l1", target_latency=0.9, runtime=RUNTIME,
-                           latency_batch_size=batch)
+                           latency_batch_size=batch, latency_predictor="table")
     assert again.report["latency_budget"]["table"]["cached"] is True
 
 

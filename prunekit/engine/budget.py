@@ -150,6 +150,11 @@ class LatencyTarget:
     fractions : tuple of float
         Candidate widths of each group in the table, as fractions of the group (fewer: a
         cheaper table, a coarser prediction; the end-to-end measurement corrects it).
+    predictor : {"auto", "table", "model"}
+        What allocates the widths: the per-group latency table, or a latency model of the
+        widths' MACs and memory traffic fitted to end-to-end measurements
+        (:mod:`prunekit.measure.latency_model`); ``auto``: the model from batch 16 on, where
+        one group's saving is under the timing noise of a table entry.
     progress : callable, optional
         Receives progress lines.
     """
@@ -168,6 +173,7 @@ class LatencyTarget:
     measure_seconds: float = 1.0
     use_cache: bool = True
     fractions: tuple[float, ...] = (0.25, 0.5, 0.75)
+    predictor: str = "auto"
     progress: Callable[[str], None] | None = None
     result: dict[str, Any] = field(default_factory=dict)
 
@@ -177,6 +183,8 @@ class LatencyTarget:
                 or self.batch_size < 1:
             raise ConfigError(f"latency batch size must be a positive integer, got {self.batch_size!r}")
         self.batch_size = int(self.batch_size)
+        if self.predictor not in ("auto", "table", "model"):
+            raise ConfigError(f"latency predictor must be 'auto', 'table' or 'model', got {self.predictor!r}")
 
 
 def solve_budget(info: DependencyInfo, target_macs: float,

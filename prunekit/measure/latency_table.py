@@ -63,6 +63,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..utils import atomic_path
+from .latency_model import CostModel, cut_down
 from .runtimes import Session, check_runtimes, time_pair
 from .timing import _num_threads, batched_input
 
@@ -70,6 +71,9 @@ __all__ = ["LatencyTable", "build_table", "cache_dir", "measure_ratio", "solve_l
 
 #: candidate widths of each group in the table, as fractions of the group
 FRACTIONS = (0.25, 0.5, 0.75)
+#: from this batch size on, ``predictor="auto"`` fits a latency model instead of a per-group
+#: table: one group's saving is then under the between-session noise (latency_model.py)
+MODEL_FROM_BATCH = 16
 #: bump when the table's meaning changes (old cache files are then ignored)
 TABLE_VERSION = 1
 
@@ -118,6 +122,11 @@ class LatencyTable:
         for g, w in widths.items():
             out *= max(self.group_ratio(g, w), 1e-3)
         return out
+
+    def step_ratio(self, widths: dict[str, int], current: float, group: str, width: int) -> float:
+        """Predicted ratio after setting ``group`` to ``width`` (``current``: at ``widths``)."""
+        w = widths.get(group, self.sizes.get(group, width))
+        return current * max(self.group_ratio(group, width), 1e-3) / max(self.group_ratio(group, w), 1e-3)
 
     def to_json(self) -> dict[str, Any]:
         return {"version": TABLE_VERSION, "runtime": self.runtime, "batch_size": self.batch_size,
@@ -245,6 +254,7 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
         count_macs_params,
         macs_of_widths,
         round_widths,
+        unit_round_to,
         width_plan,
         widths_at_ratio,
     )
@@ -255,11 +265,21 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
         return round_widths(info, raw(r), round_to)
 
     note = target.progress or (lambda _m: None)
-    table, about = build_table(info, target.runtime, target.batch_size, target.threads,
-                               round_to=round_to, max_seconds=target.table_seconds,
-                               use_cache=target.use_cache, progress=note,
-                               fractions=tuple(target.fractions))
-    threads = table.threads
+    use_model = target.predictor == "model" or (target.predictor == "auto"
+                                                and target.batch_size >= MODEL_FROM_BATCH)
+    model: CostModel | None = None
+    if use_model:  # a large batch: a latency model fitted by measurement (latency_model.py)
+        (target.runtime,) = check_runtimes([target.runtime])
+        table = model = CostModel(info)
+        about: dict[str, Any] = {"cached": False, "path": None, "measurements": 0}
+        threads = int(target.threads) if target.threads is not None else torch.get_num_threads()
+        unit_rt = {g.name: unit_round_to(g, round_to) for g in info.groups}
+    else:
+        table, about = build_table(info, target.runtime, target.batch_size, target.threads,
+                                   round_to=round_to, max_seconds=target.table_seconds,
+                                   use_cache=target.use_cache, progress=note,
+                                   fractions=tuple(target.fractions))
+        threads = table.threads
     goal = target.fraction
     t = goal - target.slack / 2  # the middle of the window [goal - slack, goal]
     narrow = fn(0.999)
@@ -283,6 +303,8 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
         rounds.append({"phase": phase, **about, "predicted_ratio": pred,
                        "measured_ratio": measured, "widths": widths})
         tried[key] = measured
+        if model is not None:  # every measurement refits the model
+            model.fit([(rec["widths"], rec["measured_ratio"]) for rec in rounds])
         return measured
 
     def inside(m: float) -> bool:
@@ -298,17 +320,29 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
         raise ConfigError(f"target latency {goal:.3f} is below what pruning can reach on "
                           f"{target.runtime} for this model (measured {m_floor:.3f} at "
                           "the narrowest widths)")
+    if model is not None:  # a second point to fit the model: the method's widths at knob 0.5
+        measure(fn(0.5), "calibrate", knob=0.5)
+        floor = model.predict(narrow)
     log_floor = math.log(max(floor, 1e-6))
 
     def search() -> None:
         """Phases (a)-(c) until a measurement lands in the window. Widths measured before
         (a search resumed after a failed confirmation) return their latest value, so the
         resumed search moves on from what has been learnt."""
-        # (a) the table's allocation; its predicted budget (log scale) corrected by measurement
-        found = _regula_falsi(
-            lambda v: _allocate(table, fn, math.exp(v), round_to, iters)[1],
-            math.log(min(max(goal, floor), 0.999)), [(log_floor, m_floor), (0.0, 1.0)], t,
-            inside, target.table_rounds, lambda w, v: measure(w, "table", aim=math.exp(v)))
+        # (a) the table's allocation; its predicted budget (log scale) corrected by measurement.
+        # With the latency model: widths cut where the model says they save the most time
+        # per (log) fraction of a group, the model refitted after every measurement
+        if model is not None:
+            found = _regula_falsi(
+                lambda v: fill_back(model, cut_down(model, narrow, math.exp(v), unit_rt),
+                                    math.exp(v), round_to),
+                math.log(t), [(log_floor, m_floor), (0.0, 1.0)], t, inside, target.table_rounds,
+                lambda w, v: measure(w, "model", aim=math.exp(v), knob=_channels_cut(w, model.sizes)))
+        else:
+            found = _regula_falsi(
+                lambda v: _allocate(table, fn, math.exp(v), round_to, iters)[1],
+                math.log(min(max(goal, floor), 0.999)), [(log_floor, m_floor), (0.0, 1.0)], t,
+                inside, target.table_rounds, lambda w, v: measure(w, "table", aim=math.exp(v)))
         # (b) where the table errs beyond that (runtimes that fuse or pad some layers), the
         # method's own widths, their knob searched by measurement alone (latency falls about
         # as the MACs, with the square of the widths kept: the first guess). The narrowest
@@ -372,10 +406,19 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
         "target_latency": goal, "runtime": target.runtime, "batch_size": target.batch_size,
         "threads": threads, "predicted_ratio": pred, "measured_ratio": measured,
         "confirmed_ratio": best.get("confirmed_ratio"),
-        "reached": measured <= goal, "rounds": rounds, "table": {**about, "seconds": table.seconds,
-                                                                 "base_ms": table.base_ms},
+        "reached": measured <= goal, "rounds": rounds,
+        "predictor": "model" if model is not None else "table",
+        "table": {**about, "seconds": getattr(table, "seconds", 0.0),
+                  "base_ms": getattr(table, "base_ms", None),
+                  **({"fit": model.to_json()} if model is not None else {})},
         "macs_fraction": frac})
     return r, widths, frac
+
+
+def _channels_cut(widths: dict[str, int], sizes: dict[str, int]) -> float:
+    """The fraction of all groups' channels removed (the knob reported for a model round)."""
+    total = sum(sizes.values())
+    return 1.0 - sum(min(widths.get(g, s), s) for g, s in sizes.items()) / max(total, 1)
 
 
 def _regula_falsi(widths_of: Callable[[float], dict[str, int]], first: float,
@@ -432,11 +475,12 @@ def _allocate(table: LatencyTable, fn: Callable[[float], dict[str, int]], aim: f
     return r, fill_back(table, widths, aim, round_to)
 
 
-def fill_back(table: LatencyTable, widths: dict[str, int], aim: float,
+def fill_back(table: Any, widths: dict[str, int], aim: float,
               round_to: int | None) -> dict[str, int]:
     """Give channels back while the predicted ratio stays within ``aim``: each step widens the
     group whose next step (``round_to`` channels, or one) costs the least predicted latency per
-    fraction of the group regained (a greedy knapsack over the table, as in HALP), so the
+    fraction of the group regained (a greedy knapsack over the table, as in HALP; ``table``: a
+    :class:`LatencyTable` or a :class:`~prunekit.measure.latency_model.CostModel`), so the
     budget is used, not overshot by the coarse steps of a uniform ratio."""
     step = round_to or 1
     widths = dict(widths)
@@ -448,7 +492,7 @@ def fill_back(table: LatencyTable, widths: dict[str, int], aim: float,
             if w >= size:
                 continue
             nw = min(size, w + step)
-            pred = current * max(table.group_ratio(g, nw), 1e-3) / max(table.group_ratio(g, w), 1e-3)
+            pred = table.step_ratio(widths, current, g, nw)
             if pred > aim:
                 continue
             cost = (pred - current) / ((nw - w) / size)

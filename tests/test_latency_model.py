@@ -1,0 +1,113 @@
+"""The latency model of a large batch (``prunekit.measure.latency_model``): exact counts at any
+widths, a fit that recovers known weights, and a search that lands in its window and keeps
+more of the MACs than the method's uniform widths on a memory-bound runtime."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from prunekit.engine import analyse
+from prunekit.engine.budget import (
+    LatencyTarget,
+    apply_plan,
+    budget_widths,
+    round_widths,
+    width_plan,
+    widths_at_ratio,
+)
+from prunekit.measure.latency_model import CostModel, cut_down
+from prunekit.models import create
+
+RUNTIME = "deploy"
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("name,kw,shape", [("mobilenetv2", {"width": 0.5}, (3, 32, 32)),
+                                           ("resnet20", {}, (1, 28, 28)),
+                                           ("densenet40", {"width": 0.5}, (3, 32, 32))])
+def test_counts_at_any_widths_equal_the_pruned_models_own(name, kw, shape) -> None:
+    """MACs and memory traffic predicted from the groups' shares of every layer equal the
+    counts of the model actually cut to those widths (depthwise, residual, concat)."""
+    torch.manual_seed(0)
+    net = create(name, num_classes=10, in_channels=shape[0], **kw).eval()
+    x = torch.randn(1, *shape)
+    info = analyse(net, x)
+    model = CostModel(info)
+    rng = random.Random(0)
+    for _ in range(3):
+        widths = {g.name: rng.randint(1, g.size) for g in info.groups}
+        cut = apply_plan(net, x, width_plan(info, widths))
+        own = CostModel(analyse(cut, x))
+        m, b = model.features(widths)
+        assert m * model.macs0 == pytest.approx(own.macs0, rel=1e-9)
+        assert b * model.bytes0 == pytest.approx(own.bytes0, rel=1e-9)
+    assert model.features({}) == pytest.approx((1.0, 1.0))
+
+
+def test_fit_recovers_the_weights_of_a_memory_bound_runtime() -> None:
+    torch.manual_seed(0)
+    net, x = create("mobilenetv2", num_classes=10, width=0.5).eval(), torch.randn(1, 3, 32, 32)
+    info = analyse(net, x)
+    model = CostModel(info)
+    points = []
+    for r in (0.2, 0.5, 0.8):
+        w = widths_at_ratio(info, r)
+        m, b = model.features(w)
+        points.append((w, 1 + 0.2 * (m - 1) + 0.7 * (b - 1)))
+    model.fit(points)
+    assert (model.alpha, model.beta) == pytest.approx((0.2, 0.7), abs=1e-6)
+    # negative weights are not fitted: a runtime whose time falls with the MACs alone
+    model.fit([(w, model.features(w)[0]) for w, _ in points])
+    assert model.alpha == pytest.approx(1.0, abs=1e-6) and model.beta == 0.0
+
+
+def test_cut_down_meets_its_aim_and_respects_the_floor() -> None:
+    torch.manual_seed(0)
+    net, x = create("mobilenetv2", num_classes=10, width=0.5).eval(), torch.randn(1, 3, 32, 32)
+    info = analyse(net, x)
+    model = CostModel(info)
+    model.alpha, model.beta = 0.3, 0.6
+    floor = round_widths(info, widths_at_ratio(info, 0.999), 8)
+    widths = cut_down(model, floor, 0.5, {g.name: 8 for g in info.groups})
+    assert model.predict(widths) <= 0.5
+    assert all(floor[g] <= w <= model.sizes[g] for g, w in widths.items())
+    assert all(w % 8 == 0 or w == model.sizes[g] or model.sizes[g] <= 8 for g, w in widths.items())
+
+
+def test_model_search_lands_in_the_window_and_keeps_more_macs(monkeypatch) -> None:
+    """A memory-bound fake runtime (latency 0.1 + 0.2 x MACs + 0.7 x memory traffic, as
+    fractions): the model's allocation lands in [f - slack, f] and keeps more of the MACs than
+    the method's uniform widths at the same measured latency (efficiency, MACs / latency)."""
+    from prunekit.measure import latency_table
+
+    torch.manual_seed(0)
+    net, x = create("mobilenetv2", num_classes=10, width=0.5).eval(), torch.randn(1, 3, 32, 32)
+    info = analyse(net, x)
+    counter = CostModel(info)
+
+    def fake(model, original, example_input, runtime, batch_size, threads, **_kw):
+        own = CostModel(analyse(model, example_input))
+        ratio = 0.1 + 0.2 * own.macs0 / counter.macs0 + 0.7 * own.bytes0 / counter.bytes0
+        return ratio, ratio, 1.0
+
+    monkeypatch.setattr(latency_table, "measure_ratio", fake)
+    target = LatencyTarget(0.6, RUNTIME, batch_size=64, use_cache=False)
+    budget_widths(info, None, target, round_to=8)
+    lb = target.result
+    assert lb["predictor"] == "model" and lb["rounds"][1]["phase"] == "calibrate"
+    assert lb["reached"] and 0.55 <= lb["measured_ratio"] <= 0.6, lb["rounds"]
+    assert lb["table"]["fit"]["beta"] == pytest.approx(0.7, abs=0.05)
+    model_eff = lb["macs_fraction"] / lb["measured_ratio"]
+    uniform = LatencyTarget(0.6, RUNTIME, batch_size=64, use_cache=False, predictor="table",
+                            table_seconds=0.01)
+    budget_widths(info, None, uniform, round_to=8)
+    ub = uniform.result
+    assert 0.55 <= ub["measured_ratio"] <= 0.6, ub["rounds"]
+    assert model_eff > ub["macs_fraction"] / ub["measured_ratio"] + 0.05
