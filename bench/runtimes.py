@@ -136,6 +136,8 @@ def main(argv=None) -> None:
                              "confirmed": lb.get("confirmed_ratio"),
                              "search_measured": lb["measured_ratio"], "rounds": len(lb["rounds"]),
                              "table_s": lb["table"]["seconds"], "table_cached": lb["table"]["cached"],
+                             "predictor": lb.get("predictor"),
+                             "fit": {k: round(v, 3) for k, v in lb["table"].get("fit", {}).items()},
                              "search_rounds": [(round(r["predicted_ratio"], 3), round(r["measured_ratio"], 3))
                                                for r in lb["rounds"]],
                              "prune_s": time.perf_counter() - t0}

@@ -13,8 +13,9 @@ measurements, each with a large signal:
     \\frac{T(w)}{T(\\text{original})} \\approx 1 + \\alpha\\,(m(w) - 1) + \\beta\\,(b(w) - 1),
 
 where ``m(w)`` is the fraction of the original's multiply-accumulates kept and ``b(w)`` the
-fraction of its memory traffic kept (every layer's input and output activations and its
-weights), and ``alpha, beta >= 0`` are least-squares fits over the measured models
+fraction of its memory traffic kept (every conv, linear and norm layer's input and output
+activations and its parameters; batch norms are left out, as deployment runtimes fold them
+into the conv before them), and ``alpha, beta >= 0`` are least-squares fits over the measured models
 (``1 - alpha - beta``: the part of the time that pruning does not change). Memory traffic is
 why an inverted-residual network is memory-bound at a large batch: its depthwise convs and
 expanded activations scale with the widths, its MACs with their product, so cutting the
@@ -112,9 +113,9 @@ class CostModel:
                 counted[name] = (_macs(m, out), float(inp[0].numel()), float(out.numel()), weight, rest)
             return fn
 
+        # batch norms are not counted: a deployment runtime folds them into the conv before
         wanted = {n for n, m in mods.items()
-                  if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm,
-                                    nn.LayerNorm, nn.GroupNorm))}
+                  if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear, nn.LayerNorm, nn.GroupNorm))}
         handles = [mods[n].register_forward_hook(hook(n)) for n in wanted]
         try:
             x = info.example_inputs
@@ -145,6 +146,9 @@ class CostModel:
                 self.by_group.setdefault(g, []).append(lay)
         full = self._sums(self.layers.values(), {})
         self.macs0, self.bytes0 = max(full[0], 1.0), max(full[1], 1.0)
+        #: the fraction of the model's MACs each group's channels take part in
+        self.macs_share = {g: 1.0 - self._sums(self.layers.values(), {g: 0})[0] / self.macs0
+                           for g in self.sizes}
 
     def _frac(self, parts: Sequence[tuple[str, float]], widths: dict[str, int]) -> float:
         return 1.0 - sum(share * (1.0 - min(widths.get(g, self.sizes[g]), self.sizes[g]) / self.sizes[g])
@@ -208,8 +212,15 @@ class CostModel:
 def cut_down(model: CostModel, floor: dict[str, int], aim: float,
              round_to: dict[str, int | None]) -> dict[str, int]:
     """Widths predicted within ``aim`` by ``model``: from the whole model, one ``round_to``
-    step at a time, cut the group whose step saves the most predicted latency per fraction of
-    the group removed (never below ``floor``); stops at the first widths within ``aim``."""
+    step at a time, cut the group whose step saves the most predicted latency per unit of
+    value lost (never below ``floor``); stops at the first widths within ``aim``.
+
+    The value of a group's widths is ``s_g log(w_g / size_g)``, ``s_g`` the fraction of the
+    model's MACs its channels take part in (:attr:`CostModel.macs_share`): the greedy
+    maximises the MACs-weighted geometric mean of the kept fractions under the predicted
+    latency, so a group that carries much of the computation stays wide, every cut costs
+    more the narrower the group already is, and no group is cut to nothing where a little
+    from many others saves the same time."""
     from ..engine.budget import round_width
 
     widths = dict(model.sizes)
@@ -222,7 +233,7 @@ def cut_down(model: CostModel, floor: dict[str, int], aim: float,
             if nw >= w or nw < floor.get(g, 1):
                 continue
             pred = model.step_ratio(widths, current, g, nw)
-            gain = (current - pred) / math.log(w / nw)
+            gain = (current - pred) / (max(model.macs_share[g], 1e-6) * math.log(w / nw))
             if best is None or gain > best[0]:
                 best = (gain, g, nw, pred)
         if best is None:

@@ -320,8 +320,14 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
         raise ConfigError(f"target latency {goal:.3f} is below what pruning can reach on "
                           f"{target.runtime} for this model (measured {m_floor:.3f} at "
                           "the narrowest widths)")
-    if model is not None:  # a second point to fit the model: the method's widths at knob 0.5
+    if model is not None:
+        # two more points to fit the model, of different shapes: the method's widths at knob
+        # 0.5 (MACs fall about as the square of the memory traffic), and widths cut where the
+        # memory traffic falls most (the MACs much less)
         measure(fn(0.5), "calibrate", knob=0.5)
+        model.alpha, model.beta = 0.0, 1.0
+        memory_cut = cut_down(model, narrow, 0.5, unit_rt)
+        measure(memory_cut, "calibrate", knob=_channels_cut(memory_cut, model.sizes))
         floor = model.predict(narrow)
     log_floor = math.log(max(floor, 1e-6))
 
