@@ -231,7 +231,9 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None,
         of the original's latency kept on ``runtime`` (a method that chooses its widths itself,
         such as ``mrts``, also runs with none). The latency budget is measured on this machine
         (:mod:`prunekit.measure.latency_table`: a cached per-group latency table, the method's
-        widths searched against it, then measured end to end and corrected); the report's
+        widths searched against it, or from a batch of 16 on a latency model fitted to
+        end-to-end measurements (``latency_predictor``); then measured end to end and
+        corrected); the report's
         ``latency_budget`` holds the predicted and measured ratios, and ``speed`` the final
         model timed against the original.
     runtime : str, optional

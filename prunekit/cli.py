@@ -479,8 +479,9 @@ def profile_summary(name: str, report: dict[str, Any]) -> list[str]:
 
 TargetLatencyOpt = Annotated[float | None, typer.Option(
     "--target-latency", help="Keep at most this fraction of the original's latency measured on "
-                             "--runtime, in (0, 1) (a per-group latency table, cached, then "
-                             "measured end to end and corrected).")]
+                             "--runtime, in (0, 1) (a per-group latency table, cached; from "
+                             "--latency-batch 16 on a latency model fitted to end-to-end "
+                             "measurements; then measured end to end and corrected).")]
 LatencyRuntimeOpt = Annotated[str | None, typer.Option(
     "--runtime", help="Runtime of --target-latency, and where the result is timed against the "
                       "original: nchw, channels_last, deploy, compile, onnxruntime, openvino.")]

@@ -111,3 +111,39 @@ def test_model_search_lands_in_the_window_and_keeps_more_macs(monkeypatch) -> No
     ub = uniform.result
     assert 0.55 <= ub["measured_ratio"] <= 0.6, ub["rounds"]
     assert model_eff > ub["macs_fraction"] / ub["measured_ratio"] + 0.05
+
+
+def test_a_methods_own_allocation_keeps_its_shape_under_the_model(monkeypatch) -> None:
+    """A method with an allocation of its own (``keeps_shape``: a global ranking, the
+    damage-optimal widths) has only its knob moved by the model: groups it never cuts stay
+    whole, where the model's own allocation would cut them."""
+    from prunekit.engine.budget import keeps_shape
+    from prunekit.measure import latency_table
+
+    torch.manual_seed(0)
+    net, x = create("mobilenetv2", num_classes=10, width=0.5).eval(), torch.randn(1, 3, 32, 32)
+    info = analyse(net, x)
+    counter = CostModel(info)
+
+    def fake(model, original, example_input, runtime, batch_size, threads, **_kw):
+        own = CostModel(analyse(model, example_input))
+        ratio = 0.1 + 0.2 * own.macs0 / counter.macs0 + 0.7 * own.bytes0 / counter.bytes0
+        return ratio, ratio, 1.0
+
+    monkeypatch.setattr(latency_table, "measure_ratio", fake)
+    hidden = {g.name for g in info.groups if g.name.endswith("conv.0.0")}  # expansion widths
+    # a method that cuts everything but the expansion widths, which the model would cut first
+
+    def no_hidden(r: float) -> dict[str, int]:
+        return {g.name: g.size if g.name in hidden else max(1, g.size - int(round(r * g.size)))
+                for g in info.groups}
+
+    results = {}
+    for name, fn in (("own", keeps_shape(no_hidden)), ("plain", lambda r: no_hidden(r))):
+        target = LatencyTarget(0.7, RUNTIME, batch_size=64, use_cache=False)
+        _, widths, _ = budget_widths(info, None, target, fn, round_to=8)
+        results[name] = widths
+        assert target.result["reached"]
+    sizes = {g.name: g.size for g in info.groups}
+    assert all(results["own"][g] == sizes[g] for g in hidden)
+    assert any(results["plain"][g] < sizes[g] for g in hidden)

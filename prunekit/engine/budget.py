@@ -72,8 +72,8 @@ def check_round_to(round_to: int | None) -> int | None:
 
 def round_width(width: int, size: int, round_to: int | None) -> int:
     """``width`` rounded down to a multiple of ``round_to`` (at least ``round_to``); a group of
-    at most ``round_to`` channels keeps ``width``."""
-    if not round_to or size <= round_to:
+    at most ``round_to`` channels, or one left whole, keeps ``width``."""
+    if not round_to or size <= round_to or width >= size:
         return width
     return max(round_to, width - width % round_to)
 
@@ -97,6 +97,14 @@ def round_widths(info: DependencyInfo, widths: Widths, round_to: int | None) -> 
     groups = {g.name: g for g in info.groups}
     return {n: (round_width(w, groups[n].size, unit_round_to(groups[n], round_to)) if n in groups else w)
             for n, w in widths.items()}
+
+
+def keeps_shape(widths_fn: Callable[[float], Widths]) -> Callable[[float], Widths]:
+    """Mark a method's ``r -> widths`` function as an allocation of its own (a global
+    importance ranking, a damage-optimal allocation): a latency budget then moves only its
+    knob, never re-shapes the widths (:mod:`prunekit.measure.latency_model`). Returns it."""
+    widths_fn.keeps_shape = True  # type: ignore[attr-defined]
+    return widths_fn
 
 
 def widths_at_ratio(info: DependencyInfo, ratio: float) -> Widths:

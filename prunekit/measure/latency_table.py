@@ -29,13 +29,19 @@ per layer) and HALP [2]_ (a latency lookup table constraining the widths):
    group at once in ``round_to`` steps, which on a small model can jump over the window; then
    the widest widths measured under it are widened one group step at a time where the table
    says it costs least (:func:`fill_back`), the aim corrected by measurement (NetAdapt's
-   layer-by-layer steps). The widest allocation measured within ``f`` is measured again in
+   layer-by-layer steps). Of the allocations measured in the window, the one that keeps the
+   most MACs (else the slowest measured within ``f``) is measured again in
    ``confirm_sessions`` fresh sessions and wins if the mean of all its measurements stays
    in the window: two sessions of the same model differ by more than one session's timing
    noise (MobileNetV2 at batch 64: a standard deviation of 0.02-0.04 of the ratio between
    sessions, however long each is timed). A candidate whose mean leaves the window sends the
    search on from what it has measured (its mean now stands for it), up to ``confirmations``
    times; then the widest candidates within ``f`` are confirmed in turn.
+
+From a latency batch of 16 on (``LatencyTarget.predictor``, ``"auto"``) one group's saving is
+under the timing noise of a table entry; there steps 1-2 use a latency model of the widths'
+MACs and memory traffic fitted to the end-to-end measurements instead
+(:mod:`prunekit.measure.latency_model`), and step 3 is the same.
 
 References
 ----------
@@ -253,6 +259,7 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
         apply_plan,
         count_macs_params,
         macs_of_widths,
+        round_width,
         round_widths,
         unit_round_to,
         width_plan,
@@ -274,6 +281,7 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
         about: dict[str, Any] = {"cached": False, "path": None, "measurements": 0}
         threads = int(target.threads) if target.threads is not None else torch.get_num_threads()
         unit_rt = {g.name: unit_round_to(g, round_to) for g in info.groups}
+        least = {g.name: round_width(1, g.size, unit_rt[g.name]) for g in info.groups}
     else:
         table, about = build_table(info, target.runtime, target.batch_size, target.threads,
                                    round_to=round_to, max_seconds=target.table_seconds,
@@ -286,6 +294,7 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
     floor = table.predict(narrow)
     rounds: list[dict[str, Any]] = []
     tried: dict[tuple, float] = {}
+    base_macs = count_macs_params(info.model, info.example_inputs)[0]
 
     def timed(widths: dict[str, int]) -> float:
         """The latency ratio of the model cut to ``widths``, measured end to end."""
@@ -307,6 +316,11 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
             model.fit([(rec["widths"], rec["measured_ratio"]) for rec in rounds])
         return measured
 
+    def macs_kept(widths: dict[str, int]) -> float:
+        if model is not None:
+            return model.features(widths)[0]
+        return macs_of_widths(info, widths) / base_macs
+
     def inside(m: float) -> bool:
         return goal - target.slack <= m <= goal
 
@@ -324,10 +338,14 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
         # two more points to fit the model, of different shapes: the method's widths at knob
         # 0.5 (MACs fall about as the square of the memory traffic), and widths cut where the
         # memory traffic falls most (the MACs much less)
+        # (a method with an allocation of its own: its widths at knobs 0.5 and 0.25)
         measure(fn(0.5), "calibrate", knob=0.5)
-        model.alpha, model.beta = 0.0, 1.0
-        memory_cut = cut_down(model, narrow, 0.5, unit_rt)
-        measure(memory_cut, "calibrate", knob=_channels_cut(memory_cut, model.sizes))
+        if getattr(widths_fn, "keeps_shape", False):
+            measure(fn(0.25), "calibrate", knob=0.25)
+        else:
+            model.alpha, model.beta = 0.0, 1.0
+            memory_cut = cut_down(model, least, 0.5, unit_rt)
+            measure(memory_cut, "calibrate", knob=_channels_cut(memory_cut, model.sizes))
         floor = model.predict(narrow)
     log_floor = math.log(max(floor, 1e-6))
 
@@ -338,9 +356,16 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
         # (a) the table's allocation; its predicted budget (log scale) corrected by measurement.
         # With the latency model: widths cut where the model says they save the most time
         # per (log) fraction of a group, the model refitted after every measurement
-        if model is not None:
+        if model is not None and getattr(widths_fn, "keeps_shape", False):
+            # a method's own allocation (global ranking, damage-optimal): the model moves its
+            # knob only, as the table does
             found = _regula_falsi(
-                lambda v: fill_back(model, cut_down(model, narrow, math.exp(v), unit_rt),
+                lambda v: _allocate(model, fn, math.exp(v), round_to, iters)[1],
+                math.log(t), [(log_floor, m_floor), (0.0, 1.0)], t, inside, target.table_rounds,
+                lambda w, v: measure(w, "model", aim=math.exp(v)))
+        elif model is not None:
+            found = _regula_falsi(
+                lambda v: fill_back(model, cut_down(model, least, math.exp(v), unit_rt),
                                     math.exp(v), round_to),
                 math.log(t), [(log_floor, m_floor), (0.0, 1.0)], t, inside, target.table_rounds,
                 lambda w, v: measure(w, "model", aim=math.exp(v), knob=_channels_cut(w, model.sizes)))
@@ -373,7 +398,7 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
                           [(log_p, m_lo), (0.0, 1.0)], t, inside, target.refine_rounds,
                           lambda w, v: measure(w, "refine", aim=math.exp(v), knob=knob))
 
-    # The widest allocation measured within the goal is measured again in fresh sessions: one
+    # The best candidate (_best) is measured again in fresh sessions: one
     # compiled instance of a model can run a few percent faster than the next, so the mean of
     # all its measurements decides. A candidate that fails (over the goal) or falls under the
     # window sends the search on from there; one under the window stays the fallback.
@@ -389,7 +414,7 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
         if attempt == 0 or not any(inside(rec["measured_ratio"]) and "confirmed_ratio" not in rec
                                    for rec in rounds):
             search()
-        best = _best(rounds, goal)
+        best = _best(rounds, goal, target.slack, macs_kept)
         if best["measured_ratio"] > goal or "confirmed_ratio" in best or target.confirmations < 1:
             break
         confirm(best)
@@ -397,17 +422,16 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
             break
     # the search spent: the widest candidates measured within the goal, each confirmed in turn
     for _ in range(target.confirmations):
-        best = _best(rounds, goal)
+        best = _best(rounds, goal, target.slack, macs_kept)
         if best["measured_ratio"] > goal or "confirmed_ratio" in best:
             break
         confirm(best)
-    best = _best(rounds, goal)
+    best = _best(rounds, goal, target.slack, macs_kept)
     widths, pred, measured = best["widths"], best["predicted_ratio"], best["measured_ratio"]
     r = knob_of(best)
     for rec in rounds:
         rec.pop("widths")
-    base = count_macs_params(info.model, info.example_inputs)[0]
-    frac = macs_of_widths(info, widths) / base
+    frac = macs_of_widths(info, widths) / base_macs
     target.result.update({
         "target_latency": goal, "runtime": target.runtime, "batch_size": target.batch_size,
         "threads": threads, "predicted_ratio": pred, "measured_ratio": measured,
@@ -457,15 +481,24 @@ def _bracket(points: list[tuple[float, float]], t: float) -> tuple[tuple[float, 
     return lo, hi
 
 
-def _best(rounds: list[dict[str, Any]], goal: float) -> dict[str, Any]:
-    """The widest measured within the goal, or the fastest measured when none is."""
+def _best(rounds: list[dict[str, Any]], goal: float, slack: float,
+          macs_kept: Callable[[dict[str, int]], float]) -> dict[str, Any]:
+    """Of the candidates measured in the window ``[goal - slack, goal]``, the one that keeps the
+    most MACs (their latencies differ by the noise; their shapes may not); else the slowest
+    measured within the goal; else the fastest measured."""
+    window = [rec for rec in rounds if goal - slack <= rec["measured_ratio"] <= goal]
+    if window:
+        for rec in window:
+            if "macs_fraction" not in rec:
+                rec["macs_fraction"] = macs_kept(rec["widths"])
+        return max(window, key=lambda rec: (rec["macs_fraction"], rec["measured_ratio"]))
     within = [rec for rec in rounds if rec["measured_ratio"] <= goal]
     if within:
         return max(within, key=lambda rec: rec["measured_ratio"])
     return min(rounds, key=lambda rec: rec["measured_ratio"])
 
 
-def _allocate(table: LatencyTable, fn: Callable[[float], dict[str, int]], aim: float,
+def _allocate(table: Any, fn: Callable[[float], dict[str, int]], aim: float,
               round_to: int | None, iters: int) -> tuple[float, dict[str, int]]:
     """Least knob ``r`` whose widths ``fn(r)`` the table predicts within ``aim`` (bisection),
     then :func:`fill_back`."""

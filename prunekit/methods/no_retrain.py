@@ -51,7 +51,7 @@ from ..data.batches import is_empty
 from ..data.batches import select as select_inputs
 from ..engine import analyse
 from ..engine.allocate import allocate_widths
-from ..engine.budget import budget_widths, check_fraction, macs_of_widths, widths_at_ratio
+from ..engine.budget import budget_widths, check_fraction, keeps_shape, macs_of_widths, widths_at_ratio
 from ..errors import ConfigError, DataError, UnsupportedLayerError
 from ..utils import progress
 from . import MethodOutput, PruneContext
@@ -281,7 +281,7 @@ def _adaptive_knob(info, curves: dict[str, torch.Tensor], round_to: int | None):
             cache[key] = {**full, **widths}
         return cache[key]
 
-    return fn
+    return keeps_shape(fn)
 
 
 def _target_fraction(ctx: PruneContext, info, names: list[str]) -> float:

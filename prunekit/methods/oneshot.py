@@ -12,7 +12,7 @@ from functools import partial
 
 from ..criteria import CRITERIA, Scores, needs_data, score
 from ..engine import DependencyInfo, PruningPlan, analyse, apply_plan
-from ..engine.budget import Widths, budget_widths, widths_at_ratio
+from ..engine.budget import Widths, budget_widths, keeps_shape, widths_at_ratio
 from ..engine.ranking import NORMALIZE, global_widths, keep_top  # noqa: F401 (re-exported)
 from . import MethodOutput, PruneContext
 from .options import MethodOptions, option
@@ -24,6 +24,8 @@ def plan_for_budget(ctx: PruneContext, info: DependencyInfo, scores: Scores,
     """Turn scores and the context's budget (ratio or target MACs) into a plan."""
     def widths_fn(r: float) -> Widths:
         return global_widths(scores, r) if global_ranking else widths_at_ratio(info, r)
+    if global_ranking:
+        keeps_shape(widths_fn)
 
     ratio, widths, frac = budget_widths(info, ctx.ratio, ctx.target_macs, widths_fn, round_to=ctx.round_to)
     return keep_top(info, scores, widths), {"ratio": ratio, "searched_macs_fraction": frac}
