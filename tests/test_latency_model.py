@@ -81,10 +81,10 @@ def test_cut_down_meets_its_aim_and_respects_the_floor() -> None:
     assert all(w % 8 == 0 or w == model.sizes[g] or model.sizes[g] <= 8 for g, w in widths.items())
 
 
-def test_model_search_lands_in_the_window_and_keeps_more_macs(monkeypatch) -> None:
-    """A memory-bound fake runtime (latency 0.1 + 0.2 x MACs + 0.7 x memory traffic, as
-    fractions): the model's allocation lands in [f - slack, f] and keeps more of the MACs than
-    the method's uniform widths at the same measured latency (efficiency, MACs / latency)."""
+@pytest.fixture()
+def memory_bound_runtime(monkeypatch):
+    """MobileNetV2's dependency info, timed by a fake memory-bound runtime: latency 0.1 + 0.2 x
+    MACs + 0.7 x memory traffic, as fractions of the original's, counted on the model cut."""
     from prunekit.measure import latency_table
 
     torch.manual_seed(0)
@@ -98,6 +98,14 @@ def test_model_search_lands_in_the_window_and_keeps_more_macs(monkeypatch) -> No
         return ratio, ratio, 1.0
 
     monkeypatch.setattr(latency_table, "measure_ratio", fake)
+    return info
+
+
+def test_model_search_lands_in_the_window_and_keeps_more_macs(memory_bound_runtime) -> None:
+    """A memory-bound fake runtime (latency 0.1 + 0.2 x MACs + 0.7 x memory traffic, as
+    fractions): the model's allocation lands in [f - slack, f] and keeps more of the MACs than
+    the method's uniform widths at the same measured latency (efficiency, MACs / latency)."""
+    info = memory_bound_runtime
     target = LatencyTarget(0.6, RUNTIME, batch_size=64, use_cache=False)
     budget_widths(info, None, target, round_to=8)
     lb = target.result
@@ -113,24 +121,13 @@ def test_model_search_lands_in_the_window_and_keeps_more_macs(monkeypatch) -> No
     assert model_eff > ub["macs_fraction"] / ub["measured_ratio"] + 0.05
 
 
-def test_a_methods_own_allocation_keeps_its_shape_under_the_model(monkeypatch) -> None:
+def test_a_methods_own_allocation_keeps_its_shape_under_the_model(memory_bound_runtime) -> None:
     """A method with an allocation of its own (``keeps_shape``: a global ranking, the
     damage-optimal widths) has only its knob moved by the model: groups it never cuts stay
     whole, where the model's own allocation would cut them."""
     from prunekit.engine.budget import keeps_shape
-    from prunekit.measure import latency_table
 
-    torch.manual_seed(0)
-    net, x = create("mobilenetv2", num_classes=10, width=0.5).eval(), torch.randn(1, 3, 32, 32)
-    info = analyse(net, x)
-    counter = CostModel(info)
-
-    def fake(model, original, example_input, runtime, batch_size, threads, **_kw):
-        own = CostModel(analyse(model, example_input))
-        ratio = 0.1 + 0.2 * own.macs0 / counter.macs0 + 0.7 * own.bytes0 / counter.bytes0
-        return ratio, ratio, 1.0
-
-    monkeypatch.setattr(latency_table, "measure_ratio", fake)
+    info = memory_bound_runtime
     hidden = {g.name for g in info.groups if g.name.endswith("conv.0.0")}  # expansion widths
     # a method that cuts everything but the expansion widths, which the model would cut first
 
