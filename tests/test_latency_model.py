@@ -144,3 +144,36 @@ def test_a_methods_own_allocation_keeps_its_shape_under_the_model(memory_bound_r
     sizes = {g.name: g.size for g in info.groups}
     assert all(results["own"][g] == sizes[g] for g in hidden)
     assert any(results["plain"][g] < sizes[g] for g in hidden)
+
+
+def test_the_shape_measured_more_efficient_is_searched_on(monkeypatch) -> None:
+    """A runtime that runs uneven widths slowly (latency = MACs fraction + 0.5 x the spread of
+    the groups' kept fractions), which the model cannot see: of the two shapes measured at the
+    model's first aim, the method's uniform widths keep more MACs per measured millisecond, so
+    the search goes on with them and accepts them."""
+    from prunekit.measure import latency_table
+
+    torch.manual_seed(0)
+    net, x = create("mobilenetv2", num_classes=10, width=0.5).eval(), torch.randn(1, 3, 32, 32)
+    info = analyse(net, x)
+    counter = CostModel(info)
+    sizes = {g.name: g.size for g in info.groups}
+
+    def fake(model, original, example_input, runtime, batch_size, threads, **_kw):
+        cut = analyse(model, example_input)
+        kept = [g.size / sizes[g.name] for g in cut.groups if g.name in sizes]
+        spread = max(kept) - min(kept) if kept else 0.0
+        ratio = CostModel(cut).macs0 / counter.macs0 + 0.5 * spread
+        return ratio, ratio, 1.0
+
+    monkeypatch.setattr(latency_table, "measure_ratio", fake)
+    target = LatencyTarget(0.6, RUNTIME, batch_size=64, use_cache=False)
+    budget_widths(info, None, target, round_to=8)
+    lb = target.result
+    phases = [r["phase"] for r in lb["rounds"]]
+    assert "model" in phases and "model-knob" in phases, phases
+    own = next(r for r in lb["rounds"] if r["phase"] == "model")
+    knob = next(r for r in lb["rounds"] if r["phase"] == "model-knob")
+    assert own["measured_ratio"] > knob["measured_ratio"]  # same aim, the uneven one slower
+    later = phases[phases.index("model-knob") + 1:]
+    assert "model" not in later, phases
