@@ -187,23 +187,30 @@ def test_search_goes_on_when_its_candidate_fails_confirmation(monkeypatch) -> No
     assert lb["confirmed_ratio"] is not None
 
 
-def test_narrowest_widths_inside_the_window_are_accepted_without_a_refinement_start(
-        fixed_cost_runtime) -> None:
-    """With the narrowest widths measured inside the window and no other round, nothing lies
-    under the window to widen from: the refinement is skipped (it used to fail on an empty
-    max()) and the narrowest widths are the answer."""
+def test_narrowest_widths_inside_the_window_are_widened_before_accepted(fixed_cost_runtime) -> None:
+    """The narrowest widths measured inside the window, nothing wider measured there: single
+    groups are widened from them (refine), and a wider candidate inside the window wins; with
+    no refinement the narrowest widths are the answer (this used to fail on an empty max())."""
     from prunekit.engine.budget import count_macs_params, macs_of_widths, round_widths, widths_at_ratio
 
     net, x = fixed_cost_runtime
     info = analyse(net, x)
     narrow = round_widths(info, widths_at_ratio(info, 0.999), 8)
-    floor = 0.4 + 0.6 * macs_of_widths(info, narrow) / count_macs_params(net, x)[0]
-    target = LatencyTarget(floor + 0.02, RUNTIME, table_seconds=0.02, use_cache=False,
-                           table_rounds=0, max_rounds=0)
+    base = count_macs_params(net, x)[0]
+    floor = 0.4 + 0.6 * macs_of_widths(info, narrow) / base
+    # a window wider than one group's step (ResNet-8's groups are one or two steps of 8)
+    target = LatencyTarget(floor + 0.08, RUNTIME, table_seconds=0.02, use_cache=False,
+                           table_rounds=0, max_rounds=0, slack=0.1)
     budget_widths(info, None, target, round_to=8)
     lb = target.result
-    assert [r["phase"] for r in lb["rounds"]] == ["narrowest"]
-    assert lb["measured_ratio"] == pytest.approx(floor) and lb["reached"]
+    assert [r["phase"] for r in lb["rounds"]][:2] == ["narrowest", "refine"], lb["rounds"]
+    assert lb["reached"] and floor < lb["measured_ratio"] <= floor + 0.08, lb["rounds"]
+    assert lb["macs_fraction"] > macs_of_widths(info, narrow) / base
+    bare = LatencyTarget(floor + 0.08, RUNTIME, table_seconds=0.02, use_cache=False,
+                         table_rounds=0, max_rounds=0, refine_rounds=0, slack=0.1)
+    budget_widths(info, None, bare, round_to=8)
+    assert [r["phase"] for r in bare.result["rounds"]] == ["narrowest"]
+    assert bare.result["measured_ratio"] == pytest.approx(floor) and bare.result["reached"]
 
 
 def test_search_falls_back_to_the_methods_widths_when_the_table_cannot_see(monkeypatch) -> None:

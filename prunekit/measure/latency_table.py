@@ -401,8 +401,14 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
         # single groups are widened step by step where the table says it costs least
         # (fill_back), the aim set from that candidate's measurement and corrected by each new
         # one (NetAdapt's one-layer-at-a-time steps, measured).
-        under = [rec for rec in rounds if rec["measured_ratio"] < goal - target.slack]
-        if not found and target.refine_rounds > 0 and under:
+        # The narrowest widths are the last resort: measured inside the window with nothing
+        # wider there, they are widened too (near a small model's floor one model's
+        # measurements spread as wide as the window)
+        wider_inside = any(inside(rec["measured_ratio"]) and rec["phase"] != "narrowest"
+                           for rec in rounds)
+        under = [rec for rec in rounds if rec["measured_ratio"] < goal - target.slack
+                 or (rec["phase"] == "narrowest" and inside(rec["measured_ratio"]))]
+        if not (found or wider_inside) and target.refine_rounds > 0 and under:
             lo = max(under, key=lambda rec: rec["measured_ratio"])
             start, p_lo, m_lo = dict(lo["widths"]), table.predict(lo["widths"]), lo["measured_ratio"]
             knob = knob_of(lo)
