@@ -301,10 +301,8 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None,
                                 round_to, progress)
         if latency_fractions is not None:
             budget.fractions = tuple(float(q) for q in latency_fractions)
-        if latency_predictor not in ("auto", "table", "model"):
-            raise ConfigError("latency_predictor must be 'auto', 'table' or 'model', "
-                              f"got {latency_predictor!r}")
-        budget.predictor = latency_predictor
+        from .engine.budget import check_predictor
+        budget.predictor = check_predictor(latency_predictor)
     elif runtime is not None:
         from .measure.runtimes import check_runtimes
         check_runtimes([runtime])

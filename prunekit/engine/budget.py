@@ -99,6 +99,18 @@ def round_widths(info: DependencyInfo, widths: Widths, round_to: int | None) -> 
             for n, w in widths.items()}
 
 
+#: what allocates the widths of a latency budget (:attr:`LatencyTarget.predictor`)
+LATENCY_PREDICTORS = ("auto", "table", "model")
+
+
+def check_predictor(predictor: str) -> str:
+    """``predictor`` if it is one of :data:`LATENCY_PREDICTORS`, else a ConfigError."""
+    if predictor not in LATENCY_PREDICTORS:
+        raise ConfigError(f"latency predictor must be one of {', '.join(LATENCY_PREDICTORS)}, "
+                          f"got {predictor!r}")
+    return predictor
+
+
 def keeps_shape(widths_fn: Callable[[float], Widths]) -> Callable[[float], Widths]:
     """Mark a method's ``r -> widths`` function as an allocation of its own (a global
     importance ranking, a damage-optimal allocation): a latency budget then moves only its
@@ -191,8 +203,7 @@ class LatencyTarget:
                 or self.batch_size < 1:
             raise ConfigError(f"latency batch size must be a positive integer, got {self.batch_size!r}")
         self.batch_size = int(self.batch_size)
-        if self.predictor not in ("auto", "table", "model"):
-            raise ConfigError(f"latency predictor must be 'auto', 'table' or 'model', got {self.predictor!r}")
+        check_predictor(self.predictor)
 
 
 def solve_budget(info: DependencyInfo, target_macs: float,

@@ -20,9 +20,10 @@ into the conv before them), and ``alpha, beta >= 0`` are least-squares fits over
 why an inverted-residual network is memory-bound at a large batch: its depthwise convs and
 expanded activations scale with the widths, its MACs with their product, so cutting the
 expanded (hidden) widths saves more time per channel than cutting the narrow residual stream,
-and the allocation (:func:`cut_down`) follows the saving per fraction of a group removed, as
-a knapsack over a latency model does in HALP [1]_; the fit follows the roofline view of
-time as the larger of compute and memory traffic, here their fitted sum [2]_.
+and the allocation (:func:`cut_down`) follows the predicted saving per unit of value removed
+(MACs-weighted log widths), as a knapsack over a latency model does in HALP [1]_; the fit
+follows the roofline view of time as the larger of compute and memory traffic, here their
+fitted sum [2]_.
 
 References
 ----------
@@ -55,7 +56,7 @@ class _Layer:
     per_out: float  # other parameters, one per output channel (bias, a norm's shift)
     ins: list[tuple[str, float]] = field(default_factory=list)   # (group, share of its inputs)
     outs: list[tuple[str, float]] = field(default_factory=list)  # (group, share of its outputs)
-    channelwise: bool = False  # BN, depthwise conv: one channel in, the same channel out
+    channelwise: bool = False  # depthwise conv, a norm: one channel in, the same channel out
 
 
 def _channels(m: nn.Module) -> tuple[int, int]:
@@ -183,8 +184,7 @@ class CostModel:
 
     def fit(self, points: Sequence[tuple[dict[str, int], float]]) -> None:
         """Least-squares ``alpha, beta >= 0`` over measured ``(widths, ratio)`` points."""
-        rows = [(*self.features(w), r) for w, r in points]
-        xs = [(m - 1.0, b - 1.0, r - 1.0) for m, b, r in rows]
+        xs = [(m - 1.0, b - 1.0, r - 1.0) for (m, b), r in ((self.features(w), r) for w, r in points)]
         smm = sum(a * a for a, _, _ in xs)
         sbb = sum(b * b for _, b, _ in xs)
         smb = sum(a * b for a, b, _ in xs)
