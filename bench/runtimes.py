@@ -62,6 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--retime-sessions", type=int, default=3,
                    help="fresh sessions the result of a --target-latency search is re-timed in "
                         "(the median is reported)")
+    p.add_argument("--predictor", default="auto", choices=("auto", "table", "model"),
+                   help="latency predictor of the --target-latency search (auto: the table below "
+                        "batch 16, the fitted model from it)")
     p.add_argument("--round-tos", default="none,8",
                    help="round_to of the uniform 50%% MACs rows ('none': exact widths)")
     return p.parse_args(argv)
@@ -126,7 +129,8 @@ def main(argv=None) -> None:
                     try:
                         res = prunekit.prune(net, x, method="l1", target_latency=f, runtime=rt,
                                              latency_batch_size=b, latency_threads=1,
-                                             latency_fractions=fractions)
+                                             latency_fractions=fractions,
+                                             latency_predictor=args.predictor)
                     except ConfigError as e:  # a target the widths cannot reach
                         rows.append({"model": name, "setting": f"target latency {f}", "runtime": rt,
                                      "batch": b, "target": f, "error": str(e)})
@@ -156,7 +160,8 @@ def main(argv=None) -> None:
         write_results(args.name, payload, rows,
                       ["model", "setting", "runtime", "batch", "macs_ratio", "original_ms", "pruned_ms",
                        "latency_ratio", "efficiency", "target", "in_window", "retimed", "predicted",
-                       "search_measured", "confirmed", "rounds", "table_s", "table_cached", "ok"],
+                       "search_measured", "confirmed", "rounds", "predictor", "table_s", "table_cached",
+                       "ok"],
                       "Speed on the deployment runtime: uniform MACs budget vs --target-latency",
                       notes="latency_ratio: pruned / original median latency, timed interleaved "
                             "on the runtime (one thread); efficiency = macs_ratio / latency_ratio; "
