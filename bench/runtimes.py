@@ -3,8 +3,9 @@
 For each model the original is pruned by ``l1`` (a) to 50% of the MACs with exact widths
 (``round_to=None``, the library's old default), (b) to 50% of the MACs with the command line's
 default ``round_to=8``, and (c) with ``target_latency`` 0.7 / 0.5 / 0.35 on ONNX Runtime and on
-OpenVINO (a per-group latency table measured here, widths searched against it, measured end to
-end and tightened). Every pruned model is then verified and timed against the original on each
+OpenVINO (a per-group latency table measured here below batch 16, a latency model fitted to
+end-to-end measurements from it; widths searched against it, measured end to end and
+tightened). Every pruned model is then verified and timed against the original on each
 runtime, interleaved (A B B A ...), one thread, median of the calls:
 
 * ``latency ratio`` = pruned median / original median on that runtime and batch size;
@@ -19,6 +20,7 @@ initialisation: latency depends on the shapes only. Results: bench/results/runti
 Example
 -------
     OMP_NUM_THREADS=1 .venv/bin/python bench/runtimes.py            # ~15 min on 2 cores
+    OMP_NUM_THREADS=1 .venv/bin/python bench/runtimes.py --budget-batches 1,64  # 40 min, tables cached
     OMP_NUM_THREADS=1 .venv/bin/python bench/runtimes.py --models resnet20 --name runtimes_quick
 """
 
@@ -36,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
 
 import prunekit  # noqa: E402
+from prunekit.engine.budget import LATENCY_PREDICTORS  # noqa: E402
 from prunekit.errors import ConfigError  # noqa: E402
 from prunekit.measure.runtimes import profile_runtimes  # noqa: E402
 from prunekit.models import create  # noqa: E402
@@ -62,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--retime-sessions", type=int, default=3,
                    help="fresh sessions the result of a --target-latency search is re-timed in "
                         "(the median is reported)")
-    p.add_argument("--predictor", default="auto", choices=("auto", "table", "model"),
+    p.add_argument("--predictor", default="auto", choices=LATENCY_PREDICTORS,
                    help="latency predictor of the --target-latency search (auto: the table below "
                         "batch 16, the fitted model from it)")
     p.add_argument("--round-tos", default="none,8",
