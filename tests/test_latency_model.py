@@ -146,11 +146,12 @@ def test_a_methods_own_allocation_keeps_its_shape_under_the_model(memory_bound_r
     assert any(results["plain"][g] < sizes[g] for g in hidden)
 
 
-def test_the_shape_measured_more_efficient_is_searched_on(monkeypatch) -> None:
+def test_both_shapes_are_searched_and_the_one_keeping_more_macs_wins(monkeypatch) -> None:
     """A runtime that runs uneven widths slowly (latency = MACs fraction + 0.5 x the spread of
-    the groups' kept fractions), which the model cannot see: of the two shapes measured at the
-    model's first aim, the method's uniform widths keep more MACs per measured millisecond, so
-    the search goes on with them and accepts them."""
+    the groups' kept fractions), which the model cannot see: at the model's first aim the
+    method's uniform widths keep more MACs per measured millisecond, so they are searched
+    first; the model's own allocation is searched to the window too, and the accepted widths
+    are the uniform ones, which keep more MACs there."""
     from prunekit.measure import latency_table
 
     torch.manual_seed(0)
@@ -170,10 +171,16 @@ def test_the_shape_measured_more_efficient_is_searched_on(monkeypatch) -> None:
     target = LatencyTarget(0.6, RUNTIME, batch_size=64, use_cache=False)
     budget_widths(info, None, target, round_to=8)
     lb = target.result
-    phases = [r["phase"] for r in lb["rounds"]]
-    assert "model" in phases and "model-knob" in phases, phases
-    own = next(r for r in lb["rounds"] if r["phase"] == "model")
-    knob = next(r for r in lb["rounds"] if r["phase"] == "model-knob")
-    assert own["measured_ratio"] > knob["measured_ratio"]  # same aim, the uneven one slower
-    later = phases[phases.index("model-knob") + 1:]
-    assert "model" not in later, phases
+    rounds = lb["rounds"]
+    phases = [r["phase"] for r in rounds]
+    own = next(r for r in rounds if r["phase"] == "model")
+    knob = next(r for r in rounds if r["phase"] == "model-knob")
+    assert own["aim"] == knob["aim"] and own["measured_ratio"] > knob["measured_ratio"]
+    first_search = phases.index("model-knob") + 1
+    assert phases[first_search] == "model-knob", phases  # the more efficient one first
+    assert "model" in phases[first_search:], phases  # the other searched too
+    accepted = [r for r in rounds if r.get("confirmed_ratio") == lb["measured_ratio"]]
+    assert len(accepted) == 1 and accepted[0]["phase"] == "model-knob", rounds
+    assert lb["reached"] and 0.55 <= lb["measured_ratio"] <= 0.6
+    own_inside = [r for r in rounds if r["phase"] == "model" and "macs_fraction" in r]
+    assert own_inside and all(r["macs_fraction"] < accepted[0]["macs_fraction"] for r in own_inside)

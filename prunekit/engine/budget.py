@@ -162,7 +162,7 @@ class LatencyTarget:
         at the middle of that window.
     confirmations, confirm_sessions : int
         Candidates measured again at most before one is accepted, and the fresh sessions each
-        is measured in (the mean of all its measurements has to stay within ``fraction``).
+        is measured in (the median of those sessions has to stay in the window).
     table_seconds, measure_seconds : float
         Timed seconds per table entry / per end-to-end check.
     use_cache : bool
@@ -187,7 +187,7 @@ class LatencyTarget:
     max_rounds: int = 6
     refine_rounds: int = 4
     confirmations: int = 3
-    confirm_sessions: int = 2
+    confirm_sessions: int = 3
     slack: float = 0.05
     table_seconds: float = 0.3
     measure_seconds: float = 1.0
