@@ -171,9 +171,10 @@ def main(argv=None) -> None:
                             "for target-latency rows, latency_ratio is the final model re-timed "
                             "after the search, the median of `retimed` (fresh sessions; in_window: "
                             "within [target - 0.05, target] at three decimals); search_measured: "
-                            "the search's accepted value (the mean of its measurement and its "
-                            "confirmation), confirmed: the confirmation's mean, predicted: the "
-                            "table's prediction. Command: `OMP_NUM_THREADS=1 "
+                            "the search's accepted value (the median of its confirmation "
+                            "sessions; the measurement that made it a candidate does not vote), "
+                            "confirmed: the same, predicted: the table's or the model's "
+                            "prediction. Command: `OMP_NUM_THREADS=1 "
                             f".venv/bin/python bench/runtimes.py {' '.join(sys.argv[1:])}`.")
     print(f"done in {time.perf_counter() - t_start:.0f} s", flush=True)
 
