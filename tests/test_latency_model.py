@@ -151,7 +151,7 @@ def test_both_shapes_are_searched_and_the_one_keeping_more_macs_wins(monkeypatch
     the groups' kept fractions), which the model cannot see: at the model's first aim the
     method's uniform widths keep more MACs per measured millisecond, so they are searched
     first; the model's own allocation is searched to the window too, and the accepted widths
-    are the uniform ones, which keep more MACs there."""
+    are uniform ones, which keep more MACs there."""
     from prunekit.measure import latency_table
 
     torch.manual_seed(0)
@@ -180,7 +180,11 @@ def test_both_shapes_are_searched_and_the_one_keeping_more_macs_wins(monkeypatch
     assert phases[first_search] == "model-knob", phases  # the more efficient one first
     assert "model" in phases[first_search:], phases  # the other searched too
     accepted = [r for r in rounds if r.get("confirmed_ratio") == lb["measured_ratio"]]
-    assert len(accepted) == 1 and accepted[0]["phase"] == "model-knob", rounds
+    # the method's uniform widths: moved by the model's aim, or by the knob alone (phase b)
+    assert len(accepted) == 1 and accepted[0]["phase"] in ("model-knob", "knob"), rounds
     assert lb["reached"] and 0.55 <= lb["measured_ratio"] <= 0.6
-    own_inside = [r for r in rounds if r["phase"] == "model" and "macs_fraction" in r]
-    assert own_inside and all(r["macs_fraction"] < accepted[0]["macs_fraction"] for r in own_inside)
+    # the model's own allocation, uneven, measured slower than the accepted widths at a
+    # prediction the same or lower: it keeps fewer MACs per millisecond
+    own = [r for r in rounds if r["phase"] == "model"]
+    assert any(r["predicted_ratio"] <= accepted[0]["predicted_ratio"]
+               and r["measured_ratio"] > accepted[0]["measured_ratio"] for r in own), rounds

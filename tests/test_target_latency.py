@@ -230,8 +230,8 @@ def test_search_goes_on_when_its_candidate_fails_confirmation(monkeypatch) -> No
         ratio = 0.4 + 0.6 * macs / base
         if macs in slow:
             return ratio + 0.1, ratio + 0.1, 1.0
-        if not slow and 0.55 <= ratio <= 0.6:
-            slow.append(macs)  # the first candidate in the window: slower from now on
+        if not slow and 0.56 <= ratio <= 0.59:
+            slow.append(macs)  # the first candidate (the window less its margins): slower now
         return ratio, ratio, 1.0
 
     monkeypatch.setattr(latency_table, "measure_ratio", fake)
@@ -361,3 +361,25 @@ def test_compare_refuses_conflicting_budgets(checkpoint, tmp_path, capsys) -> No
                                "--target-latency", "0.5", "--runtime", "deploy", "--report", report),
                           match="budget search")
     assert not report.exists()
+
+
+def test_a_candidate_near_an_edge_of_the_window_is_not_preferred() -> None:
+    """Of two candidates measured in [f - slack, f], the one within ``margin`` of the edge
+    keeps more MACs but is not chosen while one inside the margins exists (it re-times
+    outside the window about half the time); with nothing inside the margins it is the
+    slowest within the goal, and is chosen."""
+    from prunekit.measure.latency_table import _best
+
+    edge = {"measured_ratio": 0.595, "macs_fraction": 0.50}
+    inner = {"measured_ratio": 0.575, "macs_fraction": 0.45}
+    target = LatencyTarget(0.6, RUNTIME)
+    lo, hi = 0.6 - target.slack + target.margin, 0.6 - target.margin
+    assert _best([edge, inner], lo, hi, 0.6, lambda w: 0.0) is inner
+    assert _best([edge, inner], 0.55, 0.6, 0.6, lambda w: 0.0) is edge  # no margin
+    assert _best([edge], lo, hi, 0.6, lambda w: 0.0) is edge
+
+
+@pytest.mark.parametrize("margin", [-0.01, 0.025, 0.1])
+def test_a_margin_outside_the_window_is_refused(margin) -> None:
+    with pytest.raises(ConfigError, match="margin"):
+        LatencyTarget(0.6, RUNTIME, margin=margin)

@@ -292,6 +292,8 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
         threads = table.threads
     goal = target.fraction
     t = goal - target.slack / 2  # the middle of the window [goal - slack, goal]
+    # what is accepted: the window less a margin at each edge (see LatencyTarget.margin)
+    accept_lo, accept_hi = goal - target.slack + target.margin, goal - target.margin
     narrow = fn(0.999)
     floor = table.predict(narrow)
     rounds: list[dict[str, Any]] = []
@@ -324,7 +326,7 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
         return macs_of_widths(info, widths) / base_macs
 
     def inside(m: float) -> bool:
-        return goal - target.slack <= m <= goal
+        return accept_lo <= m <= accept_hi
 
     def knob_of(rec: dict[str, Any]) -> float:
         """The method's knob of a measured round (a table round: the one its aim allocated)."""
@@ -417,7 +419,7 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
         # measurements spread as wide as the window)
         wider_inside = any(inside(rec["measured_ratio"]) and rec["phase"] != "narrowest"
                            for rec in rounds)
-        under = [rec for rec in rounds if rec["measured_ratio"] < goal - target.slack
+        under = [rec for rec in rounds if rec["measured_ratio"] < accept_lo
                  or (rec["phase"] == "narrowest" and inside(rec["measured_ratio"]))]
         if not (found or wider_inside) and target.refine_rounds > 0 and under:
             lo = max(under, key=lambda rec: rec["measured_ratio"])
@@ -452,7 +454,7 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
         if attempt == 0 or not any(inside(rec["measured_ratio"]) and "confirmed_ratio" not in rec
                                    for rec in rounds):
             search()
-        best = _best(rounds, goal, target.slack, macs_kept)
+        best = _best(rounds, accept_lo, accept_hi, goal, macs_kept)
         if best["measured_ratio"] > goal or "confirmed_ratio" in best or target.confirmations < 1:
             break
         confirm(best)
@@ -460,11 +462,11 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
             break
     # the search spent: the widest candidates measured within the goal, each confirmed in turn
     for _ in range(target.confirmations):
-        best = _best(rounds, goal, target.slack, macs_kept)
+        best = _best(rounds, accept_lo, accept_hi, goal, macs_kept)
         if best["measured_ratio"] > goal or "confirmed_ratio" in best:
             break
         confirm(best)
-    best = _best(rounds, goal, target.slack, macs_kept)
+    best = _best(rounds, accept_lo, accept_hi, goal, macs_kept)
     widths, pred, measured = best["widths"], best["predicted_ratio"], best["measured_ratio"]
     r = knob_of(best)
     for rec in rounds:
@@ -519,12 +521,12 @@ def _bracket(points: list[tuple[float, float]], t: float) -> tuple[tuple[float, 
     return lo, hi
 
 
-def _best(rounds: list[dict[str, Any]], goal: float, slack: float,
+def _best(rounds: list[dict[str, Any]], lo: float, hi: float, goal: float,
           macs_kept: Callable[[dict[str, int]], float]) -> dict[str, Any]:
-    """Of the candidates measured in the window ``[goal - slack, goal]``, the one that keeps the
-    most MACs (their latencies differ by the noise; their shapes may not); else the slowest
-    measured within the goal; else the fastest measured."""
-    window = [rec for rec in rounds if goal - slack <= rec["measured_ratio"] <= goal]
+    """Of the candidates measured in ``[lo, hi]`` (the window less its margins), the one that
+    keeps the most MACs (their latencies differ by the noise; their shapes may not); else the
+    slowest measured within the goal; else the fastest measured."""
+    window = [rec for rec in rounds if lo <= rec["measured_ratio"] <= hi]
     if window:
         for rec in window:
             if "macs_fraction" not in rec:
