@@ -23,6 +23,9 @@ per layer) and HALP [2]_ (a latency lookup table constraining the widths):
    allocation for ``f``. While the measured ratio lies outside ``[f - slack, f]`` the next
    predicted budget is interpolated (on a log scale) between the measured allocations that
    bracket the middle of that window (regula falsi: each measurement corrects the table).
+   The window less a ``margin`` at each edge is what ends the search and is accepted: a
+   result accepted near an edge re-times outside the window about half the time (see
+   :class:`~prunekit.engine.budget.LatencyTarget`).
    Where the table errs beyond what that fixes in ``table_rounds`` rounds (a runtime that
    fuses or pads some layers, so that one group's cost depends on its neighbours' widths),
    the method's own widths are searched the same way by measurement alone. Those move every
@@ -31,11 +34,11 @@ per layer) and HALP [2]_ (a latency lookup table constraining the widths):
    says it costs least (:func:`fill_back`), the aim corrected by measurement (NetAdapt's
    layer-by-layer steps). Of the allocations measured in the window, the one that keeps the
    most MACs (else the slowest measured within ``f``) is measured again in
-   ``confirm_sessions`` fresh sessions and wins if their median stays in the window: two
-   sessions of the same model differ by more than one session's timing noise (MobileNetV2 at
-   batch 64: a standard deviation of 0.02-0.04 of the ratio between sessions, however long
-   each is timed), and the measurement that made it a candidate is biased towards the window
-   (it was picked for landing there), so it does not vote. A candidate whose median leaves
+   ``confirm_sessions`` fresh sessions and wins if their median stays in the window (less
+   its margins): two sessions of the same model differ by more than one session's timing
+   noise (MobileNetV2 at batch 64: a standard deviation of 0.02-0.04 of the ratio between
+   sessions, however long each is timed), and the measurement that made it a candidate is
+   biased towards the window (it was picked for landing there), so it does not vote. A candidate whose median leaves
    the window sends the search on from what it has measured (the median now stands for it),
    up to ``confirmations`` times; then the widest candidates within ``f`` are confirmed in
    turn.
