@@ -38,10 +38,10 @@ per layer) and HALP [2]_ (a latency lookup table constraining the widths):
    its margins): two sessions of the same model differ by more than one session's timing
    noise (MobileNetV2 at batch 64: a standard deviation of 0.02-0.04 of the ratio between
    sessions, however long each is timed), and the measurement that made it a candidate is
-   biased towards the window (it was picked for landing there), so it does not vote. A candidate whose median leaves
-   the window sends the search on from what it has measured (the median now stands for it),
-   up to ``confirmations`` times; then the widest candidates within ``f`` are confirmed in
-   turn.
+   biased towards the window (it was picked for landing there), so it does not vote. A
+   candidate whose median leaves the window sends the search on from what it has measured
+   (the median now stands for it), up to ``confirmations`` times; then the widest candidates
+   within ``f`` are confirmed in turn.
 
 From a latency batch of 16 on (``LatencyTarget.predictor``, ``"auto"``) one group's saving is
 under the timing noise of a table entry; there steps 1-2 use a latency model of the widths'
