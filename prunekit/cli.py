@@ -693,7 +693,7 @@ def prune_(
     json_: JsonOpt = False,
 ) -> None:
     """Prune a checkpoint (or your own model: --model SPEC [--weights FILE]) with one method to
-    a --ratio or a --target-macs budget."""
+    a --ratio, --target-macs or --target-latency (with --runtime) budget."""
     import time
 
     from . import methods as _methods
