@@ -62,6 +62,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -446,8 +447,7 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
         note(f"latency budget on {target.runtime}: measuring the widths measured at "
              f"{best['measured_ratio']:.3f} again ({target.confirm_sessions} x fresh sessions)")
         again = sorted(timed(best["widths"]) for _ in range(max(1, target.confirm_sessions)))
-        mid = len(again) // 2
-        median = again[mid] if len(again) % 2 else (again[mid - 1] + again[mid]) / 2
+        median = statistics.median(again)
         best["search_ratio"] = best["measured_ratio"]
         best["sessions"] = again
         best["confirmed_ratio"] = best["measured_ratio"] = median
