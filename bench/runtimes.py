@@ -6,9 +6,10 @@ default ``round_to=8``, and (c) with ``target_latency`` 0.7 / 0.5 / 0.35 on ONNX
 OpenVINO (a per-group latency table measured here below batch 16, a latency model fitted to
 end-to-end measurements from it; widths searched against it, measured end to end and
 tightened). Every pruned model is then verified and timed against the original on each
-runtime, interleaved (A B B A ...), one thread, median of the calls:
+runtime, interleaved (A B B A ...), one thread:
 
-* ``latency ratio`` = pruned median / original median on that runtime and batch size;
+* ``latency ratio`` = the median over rounds of pruned / original call time on that runtime
+  and batch size (``prunekit.measure.runtimes.pair_ratio``);
 * ``efficiency`` = MACs ratio / latency ratio (1: latency falls as fast as the MACs);
 * for (c): ``measured`` = that re-measurement of the final model, beside the target and the
   search's own prediction and measurement.
@@ -65,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--retime-sessions", type=int, default=3,
                    help="fresh sessions the result of a --target-latency search is re-timed in "
                         "(the median is reported)")
+    p.add_argument("--retime-precision", type=float, default=0.01,
+                   help="standard error of the ratio each re-timing session times on until "
+                        "(30 s at most), as the search's confirmation does")
     p.add_argument("--predictor", default="auto", choices=LATENCY_PREDICTORS,
                    help="latency predictor of the --target-latency search (auto: the table below "
                         "batch 16, the fitted model from it)")
@@ -74,12 +78,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def timed_rows(model: str, setting: str, net, pruned, x, batches, runtimes, seconds, macs_ratio,
-               extra=None, sessions: int = 1) -> list[dict]:
+               extra=None, sessions: int = 1, precision: float | None = None) -> list[dict]:
     """One row per runtime and batch: pruned vs original timed interleaved; with ``sessions``
     > 1, in that many fresh sessions each, the row holding the session of the median ratio
-    (``retimed``: every session's ratio)."""
+    (``retimed``: every session's ratio); ``precision``: each session times on until the
+    ratio's standard error is at most this (30 s at most)."""
     reps = [profile_runtimes(pruned, x, batches, runtimes, original=net, max_seconds=seconds,
-                             threads=1) for _ in range(sessions)]
+                             threads=1, precision=precision) for _ in range(sessions)]
     rows = []
     for rt in reps[0]["runtimes"]:
         for b in map(str, batches):
@@ -150,7 +155,8 @@ def main(argv=None) -> None:
                              "prune_s": time.perf_counter() - t0}
                     got = timed_rows(name, f"target latency {f}", net, res.model, x, [b], [rt],
                                      args.seconds, res.report["macs_fraction"], extra,
-                                     sessions=args.retime_sessions)
+                                     sessions=args.retime_sessions,
+                                     precision=args.retime_precision)
                     for r in got:
                         r["measured"] = r.get("latency_ratio")
                         if r.get("latency_ratio") is not None:
@@ -166,10 +172,13 @@ def main(argv=None) -> None:
                        "search_measured", "confirmed", "rounds", "predictor", "table_s", "table_cached",
                        "ok"],
                       "Speed on the deployment runtime: uniform MACs budget vs --target-latency",
-                      notes="latency_ratio: pruned / original median latency, timed interleaved "
-                            "on the runtime (one thread); efficiency = macs_ratio / latency_ratio; "
+                      notes="latency_ratio: the median per-round ratio of pruned to original "
+                            "latency, timed interleaved on the runtime (one thread); "
+                            "efficiency = macs_ratio / latency_ratio; "
                             "for target-latency rows, latency_ratio is the final model re-timed "
-                            "after the search, the median of `retimed` (fresh sessions; in_window: "
+                            "after the search, the median of `retimed` (fresh sessions, each "
+                            "timed until the ratio's standard error is at most --retime-precision "
+                            "or 30 s; a session's ratio is its median per-round ratio; in_window: "
                             "within [target - 0.05, target] at three decimals); search_measured: "
                             "the search's accepted value (the median of its confirmation "
                             "sessions; the measurement that made it a candidate does not vote), "

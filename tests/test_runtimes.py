@@ -19,6 +19,7 @@ from prunekit.measure.runtimes import (
     Session,
     check_runtimes,
     installed,
+    pair_ratio,
     profile_runtimes,
     slower_warning,
     time_pair,
@@ -81,7 +82,7 @@ def test_unknown_runtime_exit_2(capsys, tmp_path) -> None:
     assert_one_line_error(*run(capsys, "profile", path, "--runtime", "nchw,tensorrt"), match="tensorrt")
 
 
-def test_profile_json_shape_and_ratio_of_interleaved_medians(capsys, tmp_path) -> None:
+def test_profile_json_shape(capsys, tmp_path) -> None:
     from prunekit.io import save
 
     pruned, original = _net(1), _net(0)
@@ -99,7 +100,7 @@ def test_profile_json_shape_and_ratio_of_interleaved_medians(capsys, tmp_path) -
         for b in ("1", "3"):
             lat, ref = rec["latency_ms"][b], rec["original_latency_ms"][b]
             assert 0 < lat["median"] <= lat["p90"]
-            assert rec["ratio"][b] == pytest.approx(lat["median"] / ref["median"])
+            assert rec["ratio"][b] > 0 and rec["ratio_se"][b] >= 0
             assert lat["repeats"] == ref["repeats"]  # interleaved: one call of each per round
     assert isinstance(rep["slower"], list)
 
@@ -109,6 +110,70 @@ def test_time_pair_alternates_the_order() -> None:
     ta, tb = time_pair(lambda: calls.append("a"), lambda: calls.append("b"), warmup=0,
                        min_repeats=4, max_seconds=1e-9)
     assert calls == list("abbaabba") and len(ta) == len(tb) == 4
+
+
+def test_pair_ratio_of_rounds_slowed_alike_is_exact() -> None:
+    # the machine runs 1x to 3x slow, alike for both calls of a round: every round's ratio is 0.6
+    speed = [1.0, 3.0, 1.2, 2.5, 1.0, 1.1, 2.9, 1.0]
+    ta = [0.010 * s for s in speed]
+    tb = [0.006 * s for s in speed]
+    assert pair_ratio(ta, tb) == (pytest.approx(0.6), pytest.approx(0.0))
+    assert pair_ratio(ta, tb[1:] + tb[:1])[0] != pytest.approx(0.6)  # rounds paired wrongly: not
+    assert pair_ratio(ta[:3], tb[:3])[1] == float("inf")
+    with pytest.raises(ValueError):
+        pair_ratio(ta, tb[:-1])
+
+
+def _spread_and_mean_se(ratios: torch.Tensor) -> tuple[float, float]:
+    ests = [pair_ratio([1.0] * ratios.shape[1], row.tolist()) for row in ratios]
+    return torch.tensor([e for e, _ in ests]).std().item(), sum(se for _, se in ests) / len(ests)
+
+
+def test_pair_ratio_standard_error_matches_the_spread_of_its_estimates() -> None:
+    gen = torch.Generator().manual_seed(0)
+    # independent rounds, few of them: the median's large-sample error
+    n = 24
+    spread, se = _spread_and_mean_se(0.6 + 0.05 * torch.randn(400, n, generator=gen, dtype=torch.float64))
+    assert se == pytest.approx(spread, rel=0.2)
+    assert se == pytest.approx(1.2533 * 0.05 / n ** 0.5, rel=0.2)
+    # rounds that drift together (an AR(1) series, correlation 0.9 from round to round):
+    # batch means see the drift, an error computed as if the rounds were independent does not
+    n, phi = 400, 0.9
+    noise = 0.05 * torch.randn(400, n, generator=gen, dtype=torch.float64)
+    drift = torch.zeros_like(noise)
+    for i in range(1, n):
+        drift[:, i] = phi * drift[:, i - 1] + noise[:, i]
+    spread, se = _spread_and_mean_se(0.6 + drift)
+    independent = 1.2533 * drift.std().item() / n ** 0.5
+    assert se == pytest.approx(spread, rel=0.35) and independent < spread / 2
+
+
+class _Clock:
+    """A fake clock: the timed calls advance it; per-round ratios 0.6 +- 0.05 (seeded)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.gen = torch.Generator().manual_seed(1)
+
+    def a(self) -> None:
+        self.now += 1.0
+
+    def b(self) -> None:
+        self.now += 0.6 + 0.05 * torch.randn(1, generator=self.gen).item()
+
+
+def test_time_pair_times_on_until_the_ratio_is_precise(monkeypatch) -> None:
+    clock = _Clock()
+    monkeypatch.setattr("prunekit.measure.runtimes.time.perf_counter", lambda: clock.now)
+    ta, tb = time_pair(clock.a, clock.b, warmup=0, min_repeats=7, max_seconds=1.0)
+    assert len(ta) == 7  # without a precision: the time budget and the fewest rounds
+    ta, tb = time_pair(clock.a, clock.b, warmup=0, min_repeats=7, max_seconds=1.0,
+                       precision=0.01, precision_seconds=1e6)
+    assert len(ta) > 7 and pair_ratio(ta, tb)[1] <= 0.01 < pair_ratio(ta[:-1], tb[:-1])[1]
+    ta, tb = time_pair(clock.a, clock.b, warmup=0, min_repeats=7, max_seconds=1.0,
+                       precision=0.001, precision_seconds=20.0)
+    spent = sum(ta) + sum(tb)  # stopped by the time cap, not the precision
+    assert spent >= 20.0 > spent - ta[-1] - tb[-1] and pair_ratio(ta, tb)[1] > 0.001
 
 
 def test_slower_warning_is_one_line_naming_runtime_and_batch() -> None:

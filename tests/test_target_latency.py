@@ -159,6 +159,10 @@ def test_a_candidate_slower_when_measured_again_is_not_accepted(monkeypatch) -> 
     assert lb["measured_ratio"] < min(r["measured_ratio"] for r in rejected)
 
 
+#: the ``precision`` each fake measurement was asked for, in order
+precisions: list[float | None] = []
+
+
 def _counting_runtime(monkeypatch, offset):
     """A ResNet-8 timed by a fake runtime: 0.4 + 0.6 x the MACs fraction, plus
     ``offset(k)`` on the k-th measurement of the same model (k = 0: the first)."""
@@ -168,8 +172,10 @@ def _counting_runtime(monkeypatch, offset):
     net, x = _net(), torch.randn(1, 1, 20, 20)
     base = count_macs_params(net, x)[0]
     count: dict[float, int] = {}
+    precisions.clear()
 
-    def fake(model, original, example_input, runtime, batch_size, threads, **_kw):
+    def fake(model, original, example_input, runtime, batch_size, threads, **kw):
+        precisions.append(kw.get("precision"))
         macs = count_macs_params(model, example_input)[0]
         k = count[macs] = count.get(macs, -1) + 1
         ratio = 0.4 + 0.6 * macs / base + offset(k)
@@ -377,6 +383,20 @@ def test_a_candidate_near_an_edge_of_the_window_is_not_preferred() -> None:
     assert _best([edge, inner], lo, hi, 0.6, lambda w: 0.0) is inner
     assert _best([edge, inner], 0.55, 0.6, 0.6, lambda w: 0.0) is edge  # no margin
     assert _best([edge], lo, hi, 0.6, lambda w: 0.0) is edge
+
+
+def test_confirmation_sessions_are_timed_to_a_finer_precision(monkeypatch) -> None:
+    """Search steps are timed to ``measure_precision``, each confirmation session to
+    ``confirm_precision``: the fresh sessions that decide are the precise ones."""
+    info = _counting_runtime(monkeypatch, lambda k: -0.045 if k == 0 else 0.0)
+    target = LatencyTarget(0.6, RUNTIME, table_seconds=0.02, use_cache=False,
+                           measure_precision=0.03, confirm_precision=0.007)
+    budget_widths(info, None, target, round_to=8)
+    confirmed = [r for r in target.result["rounds"] if "sessions" in r]
+    assert confirmed and precisions.count(0.007) == 3 * len(confirmed)
+    assert precisions.count(0.03) == len(target.result["rounds"])
+    with pytest.raises(ConfigError, match="confirm precision"):
+        LatencyTarget(0.6, RUNTIME, confirm_precision=0)
 
 
 @pytest.mark.parametrize("margin", [-0.01, 0.025, 0.1])

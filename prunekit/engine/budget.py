@@ -171,6 +171,12 @@ class LatencyTarget:
         is measured in (the median of those sessions has to stay in the window).
     table_seconds, measure_seconds : float
         Timed seconds per table entry / per end-to-end check.
+    measure_precision, confirm_precision : float or None
+        Standard error of the ratio (:func:`prunekit.measure.runtimes.pair_ratio`) an
+        end-to-end check / a confirmation session times on until it reaches (30 s at most;
+        ``None``: ``measure_seconds`` only). At batch 64 and 224x224 one call takes about half
+        a second and the seven rounds of a second measure the ratio to about +-0.03
+        (``bench/results/ratio_noise.md``), more than half the window.
     use_cache : bool
         Read and write the on-disk table cache.
     fractions : tuple of float
@@ -198,6 +204,8 @@ class LatencyTarget:
     margin: float = 0.01
     table_seconds: float = 0.3
     measure_seconds: float = 1.0
+    measure_precision: float | None = 0.02
+    confirm_precision: float | None = 0.01
     use_cache: bool = True
     fractions: tuple[float, ...] = (0.25, 0.5, 0.75)
     predictor: str = "auto"
@@ -211,6 +219,11 @@ class LatencyTarget:
             raise ConfigError(f"latency batch size must be a positive integer, got {self.batch_size!r}")
         self.batch_size = int(self.batch_size)
         check_predictor(self.predictor)
+        for name in ("measure_precision", "confirm_precision"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not value > 0):
+                raise ConfigError(f"latency {name.replace('_', ' ')} must be positive or None, "
+                                  f"got {value!r}")
         if not 0 <= self.margin < self.slack / 2:
             raise ConfigError(f"latency margin must be at least 0 and under half the slack "
                               f"({self.slack}), got {self.margin!r}")

@@ -76,7 +76,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..utils import atomic_path
 from .latency_model import CostModel, cut_down
-from .runtimes import Session, check_runtimes, time_pair
+from .runtimes import Session, check_runtimes, pair_ratio, time_pair
 from .timing import _num_threads, batched_input
 
 __all__ = ["LatencyTable", "build_table", "cache_dir", "measure_ratio", "solve_latency_budget"]
@@ -156,19 +156,22 @@ class LatencyTable:
 
 def measure_ratio(model: nn.Module, original: nn.Module, example_input: torch.Tensor, runtime: str,
                   batch_size: int, threads: int, *, max_seconds: float = 0.5,
-                  workdir: Path | None = None, original_session: Session | None = None
-                  ) -> tuple[float, float, float]:
-    """``model``'s latency over ``original``'s on ``runtime``, timed interleaved (medians);
-    returns ``(ratio, model_ms, original_ms)``."""
+                  workdir: Path | None = None, original_session: Session | None = None,
+                  precision: float | None = None) -> tuple[float, float, float]:
+    """``model``'s latency over ``original``'s on ``runtime``, timed interleaved; returns
+    ``(ratio, model_ms, original_ms)``: the median per-round ratio
+    (:func:`~prunekit.measure.runtimes.pair_ratio`) and the two medians. ``precision``: time
+    on until the ratio's standard error is at most this (up to 30 s,
+    :func:`~prunekit.measure.runtimes.time_pair`)."""
     with tempfile.TemporaryDirectory(prefix="prunekit-lat-") as tmp:
         wd = workdir or Path(tmp)
         x = batched_input(example_input, batch_size)
         ref = original_session or Session(original, runtime, x, threads, wd)
         sess = Session(model, runtime, x, threads, wd)
         with _num_threads(threads):
-            ta, tb = time_pair(ref.caller(x), sess.caller(x), max_seconds=max_seconds, min_repeats=7)
-    ma, mb = float(torch.tensor(ta).median()), float(torch.tensor(tb).median())
-    return mb / ma, mb * 1e3, ma * 1e3
+            ta, tb = time_pair(ref.caller(x), sess.caller(x), max_seconds=max_seconds, min_repeats=7,
+                               precision=precision)
+    return pair_ratio(ta, tb)[0], statistics.median(tb) * 1e3, statistics.median(ta) * 1e3
 
 
 def _candidates(size: int, round_to: int | None, fractions: Sequence[float] = FRACTIONS) -> list[int]:
@@ -304,11 +307,12 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
     tried: dict[tuple, float] = {}
     base_macs = count_macs_params(info.model, info.example_inputs)[0]
 
-    def timed(widths: dict[str, int]) -> float:
+    def timed(widths: dict[str, int], precision: float | None) -> float:
         """The latency ratio of the model cut to ``widths``, measured end to end."""
         cut = apply_plan(info.model, info.example_inputs, width_plan(info, widths))
         return measure_ratio(cut, info.model, info.example_inputs, target.runtime,
-                             target.batch_size, threads, max_seconds=target.measure_seconds)[0]
+                             target.batch_size, threads, max_seconds=target.measure_seconds,
+                             precision=precision)[0]
 
     def measure(widths: dict[str, int], phase: str, **about: float) -> float:
         key = tuple(sorted(widths.items()))
@@ -316,7 +320,7 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
             return tried[key]
         pred = table.predict(widths)
         note(f"latency budget on {target.runtime}: measuring widths predicted at {pred:.3f}")
-        measured = timed(widths)
+        measured = timed(widths, target.measure_precision)
         rounds.append({"phase": phase, **about, "predicted_ratio": pred,
                        "measured_ratio": measured, "widths": widths})
         tried[key] = measured
@@ -446,7 +450,8 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
     def confirm(best: dict[str, Any]) -> None:
         note(f"latency budget on {target.runtime}: measuring the widths measured at "
              f"{best['measured_ratio']:.3f} again ({target.confirm_sessions} x fresh sessions)")
-        again = sorted(timed(best["widths"]) for _ in range(max(1, target.confirm_sessions)))
+        again = sorted(timed(best["widths"], target.confirm_precision)
+                       for _ in range(max(1, target.confirm_sessions)))
         median = statistics.median(again)
         best["search_ratio"] = best["measured_ratio"]
         best["sessions"] = again

@@ -14,8 +14,9 @@ Every runtime is first checked against eager PyTorch (float32, NCHW) on a batch:
 difference relative to the output scale (``max |y - y_ref| / max |y_ref|``) must be at most
 :data:`TOLERANCE` and the arg-max of every sample must agree. Then each batch size is timed
 (median and p90 of the per-call wall time) with a fixed number of threads; a pruned model and
-its original are timed interleaved (A B B A ...), so slow drifts of a shared machine hit both
-and their ratio survives the noise.
+its original are timed interleaved (A B B A ...), so slow drifts of a shared machine hit both,
+and their ratio is the median of the per-round ratios (:func:`pair_ratio`), which cancels
+such drifts.
 
 References
 ----------
@@ -43,9 +44,9 @@ from ..errors import ConfigError, PrunekitError
 from ..utils import module_device
 from .timing import LAYOUTS, _check_budget, _num_threads, _prepare, batched_input, time_calls
 
-__all__ = ["RUNTIMES", "TOLERANCE", "RuntimeUnavailable", "Session", "check_runtimes",
-           "default_runtimes", "installed", "profile_runtimes", "slower_cases", "slower_warning", "time_pair",
-           "verify"]
+__all__ = ["RUNTIMES", "SE_BLOCKS", "TOLERANCE", "RuntimeUnavailable", "Session", "check_runtimes",
+           "default_runtimes", "installed", "pair_ratio", "profile_runtimes", "slower_cases",
+           "slower_warning", "time_pair", "verify"]
 
 #: every runtime prunekit can verify and time
 RUNTIMES = (*LAYOUTS, "compile", "onnxruntime", "openvino")
@@ -237,12 +238,74 @@ def verify(session: Session, model: nn.Module, x: torch.Tensor) -> dict[str, Any
             "argmax_agree": agree}
 
 
+#: contiguous blocks of rounds the standard error of a ratio is estimated from (batch means)
+SE_BLOCKS = 8
+
+
+def pair_ratio(ta: Sequence[float], tb: Sequence[float]) -> tuple[float, float]:
+    """The ratio of ``tb``'s latency to ``ta``'s from interleaved calls, and its standard error.
+
+    Each round's two calls ran next to each other, so a stretch of the machine running slow
+    (another process, a frequency change) slows both; the estimate is the median of the
+    per-round ratios ``tb[i] / ta[i]``. Over the windows of one second in
+    ``bench/results/ratio_noise.md`` it varied less than the ratio of the two medians in 8 of
+    12 settings (down to 0.70 of its spread), more in 4 (up to 1.17 of it).
+
+    The standard error comes from batch means [1]_: the rounds are cut into
+    :data:`SE_BLOCKS` contiguous blocks and the spread of the blocks' medians, over the square
+    root of their number, is the error. Rounds are not independent on a shared machine: the
+    ratio of a ResNet-20 wanders by 0.02-0.05 from one second to the next while a thousand rounds
+    per second would make an independent error 0.003; blocks of consecutive rounds see that
+    wander, an error computed as if rounds were independent does not. With fewer than
+    ``4 * SE_BLOCKS`` rounds it falls back to the independent-rounds error of a median,
+    ``1.2533 * s / sqrt(n)`` with ``s`` from the interquartile range (``IQR / 1.349``) [2]_.
+
+    Parameters
+    ----------
+    ta, tb : sequence of float
+        Per-call seconds of the reference and of the timed model, round by round (equal length).
+
+    Returns
+    -------
+    (ratio, standard_error)
+        ``standard_error`` is ``inf`` below four rounds.
+
+    References
+    ----------
+    .. [1] G. S. Fishman, "Grouping observations in digital simulation", Management Science
+       24(5), 1978 (the method of batch means for correlated series).
+    .. [2] D. C. Hoaglin, F. Mosteller, J. W. Tukey, "Understanding Robust and Exploratory Data
+       Analysis", Wiley 1983 (the median's standard error; the IQR as a robust scale).
+    """
+    if len(ta) != len(tb) or not ta:
+        raise ValueError(f"need equal, non-empty call times, got {len(ta)} and {len(tb)}")
+    r = np.asarray(tb, dtype=np.float64) / np.asarray(ta, dtype=np.float64)
+    if r.size < 4:
+        return float(np.median(r)), float("inf")
+    if r.size >= 4 * SE_BLOCKS:
+        blocks = [float(np.median(b)) for b in np.array_split(r, SE_BLOCKS)]
+        return float(np.median(r)), float(np.std(blocks, ddof=1) / np.sqrt(SE_BLOCKS))
+    q1, q3 = np.percentile(r, [25, 75])
+    return float(np.median(r)), float(1.2533 * (q3 - q1) / 1.349 / np.sqrt(r.size))
+
+
 def time_pair(fn_a: Callable[[], Any] | None, fn_b: Callable[[], Any], *, warmup: int = 3,
-              min_repeats: int = 7, max_seconds: float = 1.0, max_repeats: int = 1000
+              min_repeats: int = 7, max_seconds: float = 1.0, max_repeats: int = 1000,
+              precision: float | None = None, precision_seconds: float = 30.0,
               ) -> tuple[list[float], list[float]]:
     """Per-call seconds of ``fn_b`` and, when given, ``fn_a`` timed interleaved (rounds alternate
-    A B / B A). Without ``fn_a`` this is :func:`prunekit.measure.timing.time_calls`."""
+    A B / B A). Without ``fn_a`` this is :func:`prunekit.measure.timing.time_calls`.
+
+    Rounds run until there are ``min_repeats`` of them and ``max_seconds`` have been timed (or
+    ``max_repeats`` rounds). With ``precision``, rounds go on while the standard error of the
+    ratio (:func:`pair_ratio`) is above ``precision`` and fewer than ``precision_seconds`` have
+    been timed in all: a batch of 64 images at 224x224 takes about half a second per call, and
+    seven rounds measure its ratio to about +-0.03, more than half the window a latency budget
+    accepts.
+    """
     _check_budget(warmup, None, min_repeats, max_seconds)
+    if precision is not None and not precision > 0:
+        raise ConfigError(f"precision must be positive, got {precision!r}")
     if fn_a is None:
         return [], time_calls(fn_b, warmup=warmup, min_repeats=min_repeats, max_seconds=max_seconds,
                               max_repeats=max_repeats)
@@ -266,7 +329,13 @@ def time_pair(fn_a: Callable[[], Any] | None, fn_b: Callable[[], Any], *, warmup
         for fn, into in order:
             timed(fn, into)
         rounds += 1
-        if rounds >= min_repeats and (sum(ta) + sum(tb) >= max_seconds or rounds >= max_repeats):
+        if rounds < min_repeats:
+            continue
+        spent = sum(ta) + sum(tb)
+        if rounds >= max_repeats:
+            break
+        if spent >= max_seconds and (precision is None or spent >= precision_seconds
+                                     or pair_ratio(ta, tb)[1] <= precision):
             break
     return ta, tb
 
@@ -290,7 +359,8 @@ def profile_runtimes(model: nn.Module, example_input: torch.Tensor, batch_sizes:
                      runtimes: str | Sequence[str] | None = None, *, original: nn.Module | None = None,
                      threads: int | None = None, max_seconds: float = 1.0, min_repeats: int = 7,
                      check_input: torch.Tensor | None = None, workdir: str | Path | None = None,
-                     on_runtime: Callable[[str], None] | None = None) -> dict[str, Any]:
+                     on_runtime: Callable[[str], None] | None = None,
+                     precision: float | None = None) -> dict[str, Any]:
     """Verify and time ``model`` (and ``original``, interleaved) on each runtime.
 
     Parameters
@@ -319,13 +389,17 @@ def profile_runtimes(model: nn.Module, example_input: torch.Tensor, batch_sizes:
         Where ONNX exports go (default: a temporary directory).
     on_runtime : callable, optional
         Called with each runtime's name before it is measured (progress).
+    precision : float, optional
+        With ``original``: keep timing (up to 30 s per runtime and batch size) until the
+        ratio's standard error is at most this (:func:`time_pair`).
 
     Returns
     -------
     dict
         ``threads``, ``batch_sizes`` and ``runtimes``: per runtime ``ok``, ``max_rel_diff``,
         ``argmax_agree``, ``latency_ms.<batch>.{median, p90, repeats}``; with ``original`` also
-        ``original_ok``, ``original_latency_ms`` and ``ratio.<batch>``. A runtime that fails to
+        ``original_ok``, ``original_latency_ms``, ``ratio.<batch>`` (the median of the per-round
+        ratios, :func:`pair_ratio`) and ``ratio_se.<batch>`` (its standard error). A runtime that fails to
         export or compile the model has ``ok: false`` and ``error``. ``slower`` lists the
         runtime and batch sizes where ``model`` measured slower than ``original``
         (:func:`slower_cases`; :func:`slower_warning` makes the one-line warning).
@@ -361,17 +435,17 @@ def profile_runtimes(model: nn.Module, example_input: torch.Tensor, batch_sizes:
                 continue
             rec["latency_ms"] = {}
             if ref is not None:
-                rec["original_latency_ms"], rec["ratio"] = {}, {}
+                rec["original_latency_ms"], rec["ratio"], rec["ratio_se"] = {}, {}, {}
             for b in sizes:
                 xb = batched_input(example_input, b)
                 with _num_threads(used):
                     fa = ref.caller(xb) if ref is not None else None
                     ta, tb = time_pair(fa, sess.caller(xb), max_seconds=max_seconds,
-                                       min_repeats=min_repeats)
+                                       min_repeats=min_repeats, precision=precision)
                 rec["latency_ms"][str(b)] = _stats(tb)
                 if ref is not None:
                     rec["original_latency_ms"][str(b)] = _stats(ta)
-                    rec["ratio"][str(b)] = _stats(tb)["median"] / _stats(ta)["median"]
+                    rec["ratio"][str(b)], rec["ratio_se"][str(b)] = pair_ratio(ta, tb)
             result["runtimes"][name] = rec
     result["slower"] = slower_cases(result)
     return result
