@@ -1,6 +1,7 @@
 """The tables of docs/runtimes.md "Measured" from a bench/runtimes.py result (issue #18).
 
-Usage: ``python bench/runtimes_summary.py [bench/results/runtimes.json]``; prints Markdown:
+Usage: ``python bench/runtimes_summary.py [bench/results/runtimes.json ...]`` (the rows of
+every file given, e.g. one run's models split over two files); prints Markdown:
 the default prune against exact widths, the ``--target-latency`` matrix (the bench's re-timed
 median, in brackets the search's accepted value, * outside [f - 0.05, f]) and the counts the
 issue's goals ask for.
@@ -73,8 +74,8 @@ def target_table(rows: list[dict]) -> tuple[list[str], dict[str, list[bool]]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    path = Path((argv or sys.argv[1:] or ["bench/results/runtimes.json"])[0])
-    rows = json.loads(path.read_text())["rows"]
+    paths = [Path(p) for p in (argv or sys.argv[1:] or ["bench/results/runtimes.json"])]
+    rows = [row for path in paths for row in json.loads(path.read_text())["rows"]]
     print("\n".join(default_table(rows)), "\n")
     table, landed = target_table(rows)
     print("\n".join(table), "\n")

@@ -506,7 +506,7 @@ def runtimes_summary(report: dict[str, Any]) -> list[str]:
         for b, lat in rec["latency_ms"].items():
             part = f"batch {b} {lat['median']:.3f} ms (p90 {lat['p90']:.3f})"
             if "ratio" in rec:
-                part += f", {rec['ratio'][b]:.2f}x the original"
+                part += f", {rec['ratio'][b]:.2f}x the original (+-{rec['ratio_se'][b]:.3f})"
             parts.append(part)
         lines.append(f"  {name} [{check}, rel. diff {rec['max_rel_diff']:.1e}]: {'; '.join(parts)}")
     return lines
@@ -525,6 +525,10 @@ def profile_(
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads.")] = None,
     max_seconds: Annotated[float, typer.Option(
         "--max-seconds", help="Timed seconds per setting.")] = 1.0,
+    precision: Annotated[float | None, typer.Option(
+        "--precision", min=1e-6, help="With --original: time on until the standard error of each "
+                                      "ratio is at most this (30 s per runtime and batch size at "
+                                      "most), e.g. 0.01.")] = None,
     model_spec: ModelOpt = None,
     weights: WeightsOpt = None,
     num_classes: NumClassesOpt = None,
@@ -552,9 +556,11 @@ def profile_(
             ref, _ = load_checkpoint(original, trust_code)
             if runtimes is None:
                 raise ConfigError("--original needs at least one --runtime")
+        if precision is not None and ref is None:
+            raise ConfigError("--precision needs --original (it is the precision of the ratio)")
         report = profile(model, example_input(shape), sizes, onnx=onnx, checkpoint_path=checkpoint,
                          threads=threads, max_seconds=max_seconds, runtimes=runtimes, original=ref,
-                         check_input=example_input(shape, batch=8))
+                         check_input=example_input(shape, batch=8), precision=precision)
         warning = slower_warning(report)
         if warning:
             o.warn(warning)

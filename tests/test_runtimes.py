@@ -90,7 +90,7 @@ def test_profile_json_shape(capsys, tmp_path) -> None:
     save(original, tmp_path / "o.pt", meta={"input_shape": [1, 28, 28]})
     code, out, _ = run(capsys, "profile", tmp_path / "p.pt", "--original", tmp_path / "o.pt",
                        "--runtime", "deploy,onnxruntime", "--batch-sizes", "1,3",
-                       "--max-seconds", "0.02", "--threads", "1", "--json")
+                       "--max-seconds", "0.02", "--threads", "1", "--precision", "0.5", "--json")
     assert code == 0
     rep = json.loads(out)
     assert rep["threads"] == 1 and list(rep["runtimes"]) == ["deploy", "onnxruntime"]
@@ -100,9 +100,17 @@ def test_profile_json_shape(capsys, tmp_path) -> None:
         for b in ("1", "3"):
             lat, ref = rec["latency_ms"][b], rec["original_latency_ms"][b]
             assert 0 < lat["median"] <= lat["p90"]
-            assert rec["ratio"][b] > 0 and rec["ratio_se"][b] >= 0
+            assert rec["ratio"][b] > 0 and 0 <= rec["ratio_se"][b] <= 0.5  # --precision 0.5
             assert lat["repeats"] == ref["repeats"]  # interleaved: one call of each per round
     assert isinstance(rep["slower"], list)
+
+
+def test_profile_precision_without_an_original_is_one_line(capsys, tmp_path) -> None:
+    from prunekit.io import save
+
+    save(_net(), tmp_path / "p.pt", meta={"input_shape": [1, 28, 28]})
+    assert_one_line_error(*run(capsys, "profile", tmp_path / "p.pt", "--runtime", "deploy",
+                               "--precision", "0.01"), match="--precision needs --original")
 
 
 def test_time_pair_alternates_the_order() -> None:

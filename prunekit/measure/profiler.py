@@ -70,7 +70,7 @@ def profile(model: nn.Module, example_inputs: Any, batch_sizes: Sequence[int] = 
             layouts: Sequence[str] = LAYOUTS, warmup: int = 3, min_repeats: int = 5,
             max_seconds: float = 1.0, threads: int | None = None,
             runtimes: str | Sequence[str] | None = None, original: nn.Module | None = None,
-            check_input: torch.Tensor | None = None) -> dict[str, Any]:
+            check_input: torch.Tensor | None = None, precision: float | None = None) -> dict[str, Any]:
     """MACs, parameters, measured latency and file size of ``model``.
 
     Parameters
@@ -99,6 +99,9 @@ def profile(model: nn.Module, example_inputs: Any, batch_sizes: Sequence[int] = 
         The unpruned network, timed interleaved with ``model`` on each runtime.
     check_input : Tensor, optional
         A batch (of real images, ideally) on which each runtime's outputs are checked.
+    precision : float, optional
+        With ``original``: time each runtime and batch size until the ratio's standard error
+        is at most this (30 s at most; :func:`prunekit.measure.runtimes.time_pair`).
 
     Returns
     -------
@@ -113,7 +116,7 @@ def profile(model: nn.Module, example_inputs: Any, batch_sizes: Sequence[int] = 
         ``"runtimes"``, ``"threads"`` and ``"slower"`` from
         :func:`prunekit.measure.runtimes.profile_runtimes`: per runtime ``ok``,
         ``max_rel_diff``, ``latency_ms.<batch>.{median, p90}`` and, with ``original``,
-        ``ratio.<batch>``.
+        ``ratio.<batch>`` (the median per-round ratio) and ``ratio_se.<batch>``.
 
     Examples
     --------
@@ -188,6 +191,6 @@ def profile(model: nn.Module, example_inputs: Any, batch_sizes: Sequence[int] = 
         from .runtimes import profile_runtimes
 
         rt = profile_runtimes(model, x, sizes, runtimes, original=original, threads=threads,
-                              max_seconds=max_seconds, check_input=check_input)
+                              max_seconds=max_seconds, check_input=check_input, precision=precision)
         report.update(threads=rt["threads"], runtimes=rt["runtimes"], slower=rt["slower"])
     return report
