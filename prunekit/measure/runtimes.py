@@ -15,8 +15,8 @@ difference relative to the output scale (``max |y - y_ref| / max |y_ref|``) must
 :data:`TOLERANCE` and the arg-max of every sample must agree. Then each batch size is timed
 (median and p90 of the per-call wall time) with a fixed number of threads; a pruned model and
 its original are timed interleaved (A B B A ...), so slow drifts of a shared machine hit both,
-and their ratio is the median of the per-round ratios (:func:`pair_ratio`), which cancels
-such drifts.
+and their ratio is the median of the per-round ratios (:func:`pair_ratio`), with a standard
+error that also sees drifts lasting many rounds.
 
 References
 ----------
@@ -324,14 +324,15 @@ def time_pair(fn_a: Callable[[], Any] | None, fn_b: Callable[[], Any], *, warmup
         into.append(time.perf_counter() - t0)
 
     rounds = 0
+    spent = 0.0
     while True:
         order = ((fn_a, ta), (fn_b, tb)) if rounds % 2 == 0 else ((fn_b, tb), (fn_a, ta))
         for fn, into in order:
             timed(fn, into)
         rounds += 1
+        spent += ta[-1] + tb[-1]
         if rounds < min_repeats:
             continue
-        spent = sum(ta) + sum(tb)
         if rounds >= max_repeats:
             break
         if spent >= max_seconds and (precision is None or spent >= precision_seconds
