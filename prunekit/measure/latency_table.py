@@ -286,7 +286,7 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
     model: CostModel | None = None
     if use_model:  # a large batch: a latency model fitted by measurement (latency_model.py)
         (target.runtime,) = check_runtimes([target.runtime])
-        table = model = CostModel(info)
+        table = model = CostModel(info, batch_size=target.batch_size)
         about: dict[str, Any] = {"cached": False, "path": None, "measurements": 0}
         threads = int(target.threads) if target.threads is not None else torch.get_num_threads()
         unit_rt = {g.name: unit_round_to(g, round_to) for g in info.groups}
