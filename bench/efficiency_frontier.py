@@ -5,13 +5,12 @@ latency ratio, against a goal of 0.9 at batch 64. This script asks how high that
 machine for width pruning at all, by measuring allocation shapes end to end at several
 latency levels:
 
-* ``prunekit``: the allocation ``--target-latency`` searches at a large batch
-  (:func:`prunekit.measure.latency_model.cut_down`: the most predicted time saved per unit of
-  MACs-weighted log width, so no group is cut to nothing where many can give a little);
-* ``prunekit, per-image traffic``: the same with the memory traffic counted as up to session
-  15, one image's activations beside the parameters, as for batch 1 (the parameters then
-  outweigh the activations of the low-resolution layers, and cutting those looks like the
-  largest saving);
+* ``prunekit``: the allocation of the latency model (``cut_down``: the most predicted time
+  saved per unit of MACs-weighted log width, so no group is cut to nothing where many can give
+  a little), the memory traffic counted for the whole batch (``CostModel(batch_size=64)``);
+* ``prunekit, per-image traffic``: the same with one image's activations counted beside the
+  parameters, as ``--target-latency`` counts them at every batch size (the whole batch's count
+  was tried in session 16 and measured no better);
 * ``max-macs``: a greedy that keeps the most MACs under the same predicted latency: each
   ``round_to`` step cuts the group that saves the most predicted time per MAC removed, with no
   regard for how narrow any group gets (on a memory-bound network it empties the

@@ -109,10 +109,10 @@ def memory_bound_runtime(monkeypatch):
     torch.manual_seed(0)
     net, x = create("mobilenetv2", num_classes=10, width=0.5).eval(), torch.randn(1, 3, 32, 32)
     info = analyse(net, x)
+    counter = CostModel(info)
 
     def fake(model, original, example_input, runtime, batch_size, threads, **_kw):
-        own = CostModel(analyse(model, example_input), batch_size=batch_size)
-        counter = CostModel(analyse(original, example_input), batch_size=batch_size)
+        own = CostModel(analyse(model, example_input))
         ratio = 0.1 + 0.2 * own.macs0 / counter.macs0 + 0.7 * own.bytes0 / counter.bytes0
         return ratio, ratio, 1.0
 
@@ -155,9 +155,8 @@ def test_a_methods_own_allocation_keeps_its_shape_under_the_model(memory_bound_r
                 for g in info.groups}
 
     results = {}
-    # (the expansion widths whole, this runtime's latency cannot go under 0.81)
     for name, fn in (("own", keeps_shape(no_hidden)), ("plain", lambda r: no_hidden(r))):
-        target = LatencyTarget(0.9, RUNTIME, batch_size=64, use_cache=False)
+        target = LatencyTarget(0.7, RUNTIME, batch_size=64, use_cache=False)
         _, widths, _ = budget_widths(info, None, target, fn, round_to=8)
         results[name] = widths
         assert target.result["reached"]
@@ -188,11 +187,9 @@ def test_both_shapes_are_searched_and_the_one_keeping_more_macs_wins(monkeypatch
         return ratio, ratio, 1.0
 
     monkeypatch.setattr(latency_table, "measure_ratio", fake)
-    # (batch 1: the fake runtime's latency does not depend on it; the model's counts do)
-    target = LatencyTarget(0.6, RUNTIME, batch_size=1, predictor="model", use_cache=False)
+    target = LatencyTarget(0.6, RUNTIME, batch_size=64, use_cache=False)
     budget_widths(info, None, target, round_to=8)
     lb = target.result
-    assert lb["predictor"] == "model"
     rounds = lb["rounds"]
     phases = [r["phase"] for r in rounds]
     own = next(r for r in rounds if r["phase"] == "model")

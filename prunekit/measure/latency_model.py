@@ -14,8 +14,8 @@ measurements, each with a large signal:
 
 where ``m(w)`` is the fraction of the original's multiply-accumulates kept and ``b(w)`` the
 fraction of its memory traffic kept (every conv, linear and norm layer's input and output
-activations, once per image of the batch, and its parameters, once per call; batch norms are
-left out, as deployment runtimes fold them into the conv before them), and
+activations, of one image unless ``batch_size`` says otherwise, and its parameters; batch
+norms are left out, as deployment runtimes fold them into the conv before them), and
 ``alpha, beta >= 0`` are least-squares fits over the measured models (``1 - alpha - beta``:
 the part of the time that pruning does not change). Memory traffic is
 why an inverted-residual network is memory-bound at a large batch: its depthwise convs and
@@ -90,10 +90,11 @@ class CostModel:
     info : DependencyInfo
         The model's dependency groups (:func:`prunekit.engine.analyse`).
     batch_size : int
-        Images per call the latency is for: the activations are moved once per image, the
-        parameters once per call (at batch 64 and 224x224 the activations of MobileNetV2's
-        last, 7x7 stage weigh more than its weights; counted per image, the weights would
-        dominate and the model would see cutting that stage as the largest saving).
+        Images whose activations are counted beside the parameters, which are counted once
+        (the traffic of a call at that batch size). The ``--target-latency`` search counts one
+        image's (the default) at every batch size: counting the whole batch's, though closer
+        to what a runtime moves, measured no better (``bench/results/efficiency_frontier.md``,
+        ``runtimes_session16_b64.md``); the fitted weights absorb the difference.
 
     Attributes
     ----------
