@@ -90,13 +90,18 @@ def max_macs_cut(model: CostModel, floor: dict[str, int], aim: float,
     return widths
 
 
+def steps(info) -> tuple[dict[str, int | None], dict[str, int]]:
+    """Each group's ``round_to`` step in units and its narrowest width."""
+    unit_rt = {g.name: unit_round_to(g, ROUND_TO) for g in info.groups}
+    return unit_rt, {g.name: round_width(1, g.size, unit_rt[g.name]) for g in info.groups}
+
+
 def calibrate(info, model: CostModel, measure: Callable[[dict[str, int]], float]) -> None:
     """Fit ``model`` as the ``--target-latency`` search does
     (:func:`prunekit.measure.latency_table.solve_latency_budget`): to the measured latency
     ratios (``measure(widths)``) of the narrowest widths, the uniform widths at knob 0.5 and
     the widths that cut the memory traffic most."""
-    unit_rt = {g.name: unit_round_to(g, ROUND_TO) for g in info.groups}
-    least = {g.name: round_width(1, g.size, unit_rt[g.name]) for g in info.groups}
+    unit_rt, least = steps(info)
     calib = [round_widths(info, widths_at_ratio(info, k), ROUND_TO) for k in (0.999, 0.5)]
     model.alpha, model.beta = 0.0, 1.0
     calib.append(cut_down(model, least, 0.5, unit_rt))
@@ -144,8 +149,7 @@ def shapes_measured(name: str, rt: str, args: argparse.Namespace, t_start: float
     x = torch.randn(1, *shape)
     info = analyse(net, x)
     base_macs = count_macs_params(net, x)[0]
-    unit_rt = {g.name: unit_round_to(g, ROUND_TO) for g in info.groups}
-    least = {g.name: round_width(1, g.size, unit_rt[g.name]) for g in info.groups}
+    unit_rt, least = steps(info)
     models = {"batch": CostModel(info, batch_size=args.batch), "per-image": CostModel(info)}
     rows: list[dict] = []
     seen: dict[tuple, dict] = {}
@@ -224,8 +228,8 @@ def main(argv=None) -> None:
     command = f"`OMP_NUM_THREADS=1 .venv/bin/python bench/efficiency_frontier.py {measured_with}`"
     points = RESULTS / f"{args.name}_points.json"
     if args.report_only:
-        rows = json.loads(points.read_text())["rows"]
-        write_summary(args, rows, levels, json.loads(points.read_text()), command)
+        measured = json.loads(points.read_text())
+        write_summary(args, measured["rows"], levels, measured, command)
         return
     rows: list[dict] = []
     for name in args.models.split(","):

@@ -286,12 +286,7 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
     model: CostModel | None = None
     if use_model:  # a large batch: a latency model fitted by measurement (latency_model.py)
         (target.runtime,) = check_runtimes([target.runtime])
-        # one image's traffic beside the parameters (batch_size=1), whatever the latency
-        # batch: counting the whole batch's activations (CostModel(batch_size=...)) measured
-        # no better in bench/efficiency_frontier.py and worse in a full search run
-        # (bench/results/runtimes_session16_b64.md: MobileNetV2 efficiency 0.56-0.66 at 0.5 /
-        # 0.35 against 0.70-0.86 in session 15)
-        table = model = CostModel(info)
+        table = model = CostModel(info)  # one image's traffic at any batch (CostModel's batch_size)
         about: dict[str, Any] = {"cached": False, "path": None, "measurements": 0}
         threads = int(target.threads) if target.threads is not None else torch.get_num_threads()
         unit_rt = {g.name: unit_round_to(g, round_to) for g in info.groups}
