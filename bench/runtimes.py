@@ -151,7 +151,8 @@ def main(argv=None) -> None:
                              "predictor": lb.get("predictor"),
                              "fit": {k: round(v, 3) for k, v in lb["table"].get("fit", {}).items()},
                              "search_rounds": [(r["phase"], round(r["predicted_ratio"], 3),
-                                                round(r["measured_ratio"], 3)) for r in lb["rounds"]],
+                                                round(r["measured_ratio"], 3),
+                                                round(r["macs_fraction"], 3)) for r in lb["rounds"]],
                              "prune_s": time.perf_counter() - t0}
                     got = timed_rows(name, f"target latency {f}", net, res.model, x, [b], [rt],
                                      args.seconds, res.report["macs_fraction"], extra,

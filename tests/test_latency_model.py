@@ -207,3 +207,45 @@ def test_both_shapes_are_searched_and_the_one_keeping_more_macs_wins(monkeypatch
     own = [r for r in rounds if r["phase"] == "model"]
     assert any(r["predicted_ratio"] <= accepted[0]["predicted_ratio"]
                and r["measured_ratio"] > accepted[0]["measured_ratio"] for r in own), rounds
+
+
+def test_a_shape_that_missed_the_window_is_searched_on_when_it_keeps_more_macs(
+        memory_bound_runtime, monkeypatch) -> None:
+    """The memory-bound fake runtime, but its first three timings of uneven widths (the
+    model's own allocation; the method's uniform widths stay even) run 0.04 fast, as one
+    session can: the model's allocation misses the window in its first rounds and the uniform
+    widths land in it, keeping fewer MACs. The model's allocation, which kept more MACs per
+    measured millisecond near the window, is searched on ("model again") and its widths,
+    measured in the window, are accepted."""
+    from prunekit.measure import latency_table
+
+    info = memory_bound_runtime
+    true_ratio = latency_table.measure_ratio
+    sizes = {g.name: g.size for g in info.groups}
+    uneven = []
+
+    def fast_at_first(model, original, example_input, *args, **kw):
+        ratio = true_ratio(model, original, example_input, *args, **kw)[0]
+        kept = [g.size / sizes[g.name] for g in analyse(model, example_input).groups
+                if g.name in sizes]
+        if max(kept) - min(kept) > 0.5:  # uneven: the memory cut, then the model's allocation
+            uneven.append(ratio)
+            if len(uneven) <= 3:
+                ratio -= 0.04
+        return ratio, ratio, 1.0
+
+    monkeypatch.setattr(latency_table, "measure_ratio", fast_at_first)
+    target = LatencyTarget(0.5, RUNTIME, batch_size=64, use_cache=False)
+    budget_widths(info, None, target)
+    lb = target.result
+    rounds, phases = lb["rounds"], [r["phase"] for r in lb["rounds"]]
+    lo, hi = 0.5 - target.slack + target.margin, 0.5 - target.margin
+    knob_inside = [r for r in rounds if r["phase"] == "model-knob" and lo <= r["measured_ratio"] <= hi]
+    assert knob_inside, rounds  # the uniform widths landed in the window first
+    first_pass = phases[:phases.index("model again")] if "model again" in phases else phases
+    assert not any(r["phase"] == "model" and lo <= r["measured_ratio"] <= hi
+                   for r in rounds[:len(first_pass)]), rounds
+    accepted = [r for r in rounds if r.get("confirmed_ratio") == lb["measured_ratio"]]
+    assert len(accepted) == 1 and accepted[0]["phase"] == "model again", rounds
+    assert lb["reached"] and 0.45 <= lb["measured_ratio"] <= 0.5
+    assert accepted[0]["macs_fraction"] > max(r["macs_fraction"] for r in knob_inside) + 0.05

@@ -380,9 +380,9 @@ def test_a_candidate_near_an_edge_of_the_window_is_not_preferred() -> None:
     inner = {"measured_ratio": 0.575, "macs_fraction": 0.45}
     target = LatencyTarget(0.6, RUNTIME)
     lo, hi = 0.6 - target.slack + target.margin, 0.6 - target.margin
-    assert _best([edge, inner], lo, hi, 0.6, lambda w: 0.0) is inner
-    assert _best([edge, inner], 0.55, 0.6, 0.6, lambda w: 0.0) is edge  # no margin
-    assert _best([edge], lo, hi, 0.6, lambda w: 0.0) is edge
+    assert _best([edge, inner], lo, hi, 0.6) is inner
+    assert _best([edge, inner], 0.55, 0.6, 0.6) is edge  # no margin
+    assert _best([edge], lo, hi, 0.6) is edge
 
 
 def test_confirmation_sessions_are_timed_to_a_finer_precision(monkeypatch) -> None:
