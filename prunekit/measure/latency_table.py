@@ -423,12 +423,11 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
             best = _best(rounds, accept_lo, accept_hi, goal)
             if found and inside(best["measured_ratio"]):
                 near = accept_lo - target.slack
-                for shape in shapes:
+                bar = SHAPE_GAIN * best["macs_fraction"] / best["measured_ratio"]
+                for shape in (sh for sh in shapes if phase_of(sh) != best["phase"]):
                     phase = phase_of(shape)
-                    effs = [rec["macs_fraction"] / rec["measured_ratio"] for rec in rounds
-                            if rec["phase"] == phase and near <= rec["measured_ratio"] <= goal]
-                    if (phase != best["phase"] and effs and max(effs) > SHAPE_GAIN
-                            * best["macs_fraction"] / best["measured_ratio"]):
+                    if any(rec["macs_fraction"] / rec["measured_ratio"] > bar for rec in rounds
+                           if rec["phase"] == phase and near <= rec["measured_ratio"] <= goal):
                         search_shape(shape, None, f"{phase} again")
         else:
             found = _regula_falsi(
