@@ -76,6 +76,8 @@ def test_missing_runtime_is_a_typed_error_naming_the_package(monkeypatch, capsys
 def test_unknown_runtime_exit_2(capsys, tmp_path) -> None:
     with pytest.raises(RuntimeUnavailable.__mro__[1], match="unknown runtime 'tensorrt'"):
         check_runtimes(["tensorrt"])
+    with pytest.raises(RuntimeUnavailable.__mro__[1], match="did you mean 'onnxruntime'"):
+        check_runtimes(["onnxruntim"])
     path = tmp_path / "m.pt"
     from prunekit.io import save
     save(_net(), path, meta={"input_shape": [1, 28, 28]})

@@ -99,7 +99,11 @@ def check_runtimes(runtimes: str | Sequence[str] | None) -> list[str]:
         raise ConfigError("no runtime given; choose from " + ", ".join(RUNTIMES))
     for n in names:
         if n not in RUNTIMES:
-            raise ConfigError(f"unknown runtime {n!r}; choose from {', '.join(RUNTIMES)}")
+            from ..methods.options import closest  # the one spelling check of the CLI
+
+            near = closest(n, RUNTIMES)
+            hint = f"did you mean {near!r}? " if near else ""
+            raise ConfigError(f"unknown runtime {n!r}; {hint}choose from {', '.join(RUNTIMES)}")
         if not installed(n):
             if n == "compile":
                 raise RuntimeUnavailable("runtime 'compile' (torch.compile, inductor) needs a C++ "
