@@ -249,3 +249,41 @@ def test_a_shape_that_missed_the_window_is_searched_on_when_it_keeps_more_macs(
     assert len(accepted) == 1 and accepted[0]["phase"] == "model again", rounds
     assert lb["reached"] and 0.45 <= lb["measured_ratio"] <= 0.5
     assert accepted[0]["macs_fraction"] > max(r["macs_fraction"] for r in knob_inside) + 0.05
+
+
+def test_a_shape_that_steps_over_the_window_is_widened_group_by_group(
+        memory_bound_runtime, monkeypatch) -> None:
+    """The memory-bound fake runtime with a latency cliff the model cannot see: the last 1x1
+    conv runs 0.06 slower once it is wider than 262 channels (a runtime switching kernels at a
+    width). The model's own allocation widens that conv with every other group, so it measures
+    under the window or over it, in its rounds and searched on ("model again"); the method's
+    uniform widths land in the window keeping far fewer MACs. The widest widths of the model's
+    allocation measured under the window are widened group by group ("model widened"): those
+    land in the window, keep the conv under the cliff and are accepted."""
+    from prunekit.measure import latency_table
+
+    info = memory_bound_runtime
+    true_ratio = latency_table.measure_ratio
+    cliff_group, cliff = "features.18.0", 262
+
+    def with_cliff(model, original, example_input, *args, **kw):
+        ratio = true_ratio(model, original, example_input, *args, **kw)[0]
+        widths = {g.name: g.size for g in analyse(model, example_input).groups}
+        ratio += 0.06 if widths[cliff_group] > cliff else 0.0
+        return ratio, ratio, 1.0
+
+    monkeypatch.setattr(latency_table, "measure_ratio", with_cliff)
+    target = LatencyTarget(0.5, RUNTIME, batch_size=64, use_cache=False)
+    _, widths, _ = budget_widths(info, None, target)
+    lb = target.result
+    rounds, phases = lb["rounds"], [r["phase"] for r in lb["rounds"]]
+    lo, hi = 0.5 - target.slack + target.margin, 0.5 - target.margin
+    again = [r for r in rounds if r["phase"] == "model again"]
+    assert again and not any(lo <= r["measured_ratio"] <= hi for r in again), rounds
+    knob_inside = [r for r in rounds if r["phase"] == "model-knob" and lo <= r["measured_ratio"] <= hi]
+    assert knob_inside, rounds
+    accepted = [r for r in rounds if r.get("confirmed_ratio") == lb["measured_ratio"]]
+    assert len(accepted) == 1 and accepted[0]["phase"] == "model widened", phases
+    assert lb["reached"] and 0.45 <= lb["measured_ratio"] <= 0.5
+    assert accepted[0]["macs_fraction"] > max(r["macs_fraction"] for r in knob_inside) + 0.1
+    assert widths[cliff_group] <= cliff
