@@ -16,6 +16,11 @@ latency levels:
   regard for how narrow any group gets (on a memory-bound network it empties the
   high-resolution layers first). Not an allocation to deploy: a measured estimate of the
   efficiency the latency model allows at all.
+* ``random`` (``--random N``, none by default): N allocations drawn at random around uniform
+  widths (a base fraction from 0.1 to 1, each group's fraction that times 0.5-1.5), free of any
+  latency model. Their frontier at a latency is the most MACs any of them kept measured at or
+  under it (an envelope, not an interpolation), as is the row ``any`` over every allocation
+  measured: what the model-free sample says a width allocation can keep at that latency.
 
 Each latency model (:class:`~prunekit.measure.latency_model.CostModel`) is fitted as the
 search fits it: to the narrowest widths, the uniform widths at knob 0.5 and the widths that
@@ -39,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import sys
 import time
 from collections.abc import Callable
@@ -127,16 +133,36 @@ def frontier(rows: list[dict], levels: list[float]) -> list[dict]:
     out = []
     keys = dict.fromkeys((r["model"], r["runtime"], r["batch"], r["shape"]) for r in rows
                          if not r["shape"].startswith("calibrate"))
+    if any(r["shape"] == "random" for r in rows):
+        keys.update(dict.fromkeys((m, rt, b, "any") for m, rt, b, _ in keys))
     for model, rt, batch, shape in keys:
-        mine = [r for r in rows if (r["model"], r["runtime"], r["batch"], r["shape"])
-                == (model, rt, batch, shape)]
+        mine = [r for r in rows if (r["model"], r["runtime"], r["batch"]) == (model, rt, batch)
+                and shape in (r["shape"], "any")]
         pts = [(1.0, 1.0)] + [(r["latency_ratio"], r["macs_ratio"]) for r in mine]
         for lv in levels:
-            m = frontier_at(pts, lv)
+            m = envelope_at(pts, lv) if shape in ("random", "any") else frontier_at(pts, lv)
             out.append({"model": model, "runtime": rt, "batch": batch, "shape": shape,
                         "latency": lv, "macs_kept": m, "efficiency": None if m is None else m / lv,
-                        **mine[0].get("fit", {})})
+                        **(mine[0].get("fit", {}) if shape not in ("random", "any") else {})})
     return out
+
+
+def envelope_at(points: list[tuple[float, float]], r: float) -> float | None:
+    """The most MACs kept by any of the measured ``(latency, macs)`` points at or under latency
+    ``r``; None where none was measured there."""
+    kept = [m for lat, m in points if lat <= r]
+    return max(kept) if kept else None
+
+
+def random_widths(info, rng: random.Random, unit_rt: dict[str, int | None],
+                  least: dict[str, int]) -> dict[str, int]:
+    """Widths drawn around uniform ones: a base kept fraction from 0.1 to 1, each group's that
+    times 0.5-1.5 (at most 1), rounded like the budget and at least the group's narrowest."""
+    base = rng.uniform(0.1, 1.0)
+    return {g.name: max(least[g.name], round_width(
+                max(1, round(g.size * min(1.0, base * rng.uniform(0.5, 1.5)))), g.size,
+                unit_rt[g.name]))
+            for g in info.groups}
 
 
 def shapes_measured(name: str, rt: str, args: argparse.Namespace, t_start: float
@@ -186,6 +212,9 @@ def shapes_measured(name: str, rt: str, args: argparse.Namespace, t_start: float
     for aim in map(float, args.aims.split(",")):
         for shape_name, (cm, cut) in shapes.items():
             measure(cut(aim), shape_name, aim, cm)
+    rng = random.Random(0)
+    for _ in range(args.random):
+        measure(random_widths(info, rng, unit_rt, least), "random", None, batch)
     for row in rows:
         cm = per_image if "per-image" in row["shape"] else batch
         row["fit"] = {"alpha": cm.alpha, "beta": cm.beta}
@@ -217,6 +246,8 @@ def main(argv=None) -> None:
                    help="predicted latency ratios each shape is cut to")
     p.add_argument("--levels", default="0.7,0.5,0.35", help="latencies the frontier is read at")
     p.add_argument("--precision", type=float, default=0.01)
+    p.add_argument("--random", type=int, default=0,
+                   help="allocations drawn at random around uniform widths, also measured")
     p.add_argument("--name", default="efficiency_frontier")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite the frontier from <name>_points.json, measuring nothing")
