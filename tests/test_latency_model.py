@@ -87,6 +87,21 @@ def test_fit_recovers_the_weights_of_a_memory_bound_runtime() -> None:
     assert model.alpha == pytest.approx(1.0, abs=1e-6) and model.beta == 0.0
 
 
+def test_a_single_point_is_fitted_by_the_macs_alone_whatever_its_last_digits() -> None:
+    """One measured point fits either feature alone exactly; which one is fitted must not
+    depend on the rounding of the two (equal) errors: the MACs alone, for every value."""
+    torch.manual_seed(0)
+    net, x = create("mobilenetv2", num_classes=10, width=0.5).eval(), torch.randn(1, 3, 32, 32)
+    info = analyse(net, x)
+    narrow = round_widths(info, widths_at_ratio(info, 0.999), 8)
+    fits = set()
+    for i in range(60):
+        model = CostModel(info)
+        model.fit([(narrow, 0.08 + i / 2000)])
+        fits.add(model.beta == 0.0 and model.alpha > 0)
+    assert fits == {True}
+
+
 def test_cut_down_meets_its_aim_and_respects_the_floor() -> None:
     torch.manual_seed(0)
     net, x = create("mobilenetv2", num_classes=10, width=0.5).eval(), torch.randn(1, 3, 32, 32)

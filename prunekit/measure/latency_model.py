@@ -205,11 +205,13 @@ class CostModel:
             if a >= 0 and b >= 0:
                 self.alpha, self.beta = a, b
                 return
-        # one feature alone (the other's weight at its bound, 0): the better fit of the two
+        # one feature alone (the other's weight at its bound, 0): the better fit of the two;
+        # where both fit equally (one point: both exactly), the MACs alone, not whichever the
+        # rounding of the two errors favours
         best = None
         for a, b in ((max(smr / smm, 0.0) if smm else 0.0, 0.0), (0.0, max(sbr / sbb, 0.0) if sbb else 0.0)):
             err = sum((r - a * m - b * bb) ** 2 for m, bb, r in xs)
-            if best is None or err < best[0]:
+            if best is None or err < best[0] - 1e-9 * (1.0 + smr * smr + sbr * sbr):
                 best = (err, a, b)
         if best is not None and best[1] + best[2] > 0:
             self.alpha, self.beta = best[1], best[2]
