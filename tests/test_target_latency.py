@@ -57,6 +57,24 @@ def test_fill_back_uses_the_budget_and_keeps_round_to() -> None:
     assert fill_back(t, {"a": 16, "b": 32}, 0.56, round_to=8) == {"a": 16, "b": 32}
 
 
+def test_widths_measured_before_cost_the_search_no_round() -> None:
+    """A search whose first proposal is widths measured before (a coarse step: the knob moved
+    less than one group step) still has its round for new widths: the known value narrows the
+    bracket, and the next proposal, new, lands in the window."""
+    from prunekit.measure.latency_table import _regula_falsi
+
+    measured = {3: 0.3}  # widths {"g": 3} measured before, at 0.3
+
+    def measure(w: dict[str, int], _v: float) -> float:
+        measured.setdefault(w["g"], w["g"] / 10)
+        return measured[w["g"]]
+
+    points = [(0.0, 0.0), (1.0, 1.0)]
+    found = _regula_falsi(lambda v: {"g": int(v * 10)}, 0.35, points, 0.65,
+                          lambda m: 0.6 <= m <= 0.7, 1, measure, lambda w: w["g"] in measured)
+    assert found and set(measured) == {3, 6} and points[-1][1] == 0.6
+
+
 def test_prune_meets_its_latency_budget_by_its_own_remeasurement() -> None:
     net, x = _net(), torch.randn(2, 1, 28, 28)
     target, batch = 0.75, 16  # a batch of 16: compute, not Python overhead, sets the latency

@@ -89,6 +89,8 @@ MODEL_FROM_BATCH = 16
 #: a shape of the latency model's search that missed the window is searched on when, near the
 #: window, it kept this many times the MACs per measured millisecond of the accepted candidate
 SHAPE_GAIN = 1.1
+#: proposals per measured round of a search (widths measured before cost no round)
+REPEATS = 4
 #: bump when the table's meaning changes (old cache files are then ignored)
 TABLE_VERSION = 1
 
@@ -332,6 +334,9 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
             model.fit([(rec["widths"], rec["measured_ratio"]) for rec in rounds])
         return measured
 
+    def known(widths: dict[str, int]) -> bool:
+        return tuple(sorted(widths.items())) in tried
+
     def macs_kept(widths: dict[str, int]) -> float:
         if model is not None:
             return model.features(widths)[0]
@@ -402,7 +407,7 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
                 return _regula_falsi(
                     shape, first, points[shape], t, inside, target.table_rounds,
                     lambda w, v: measure(w, phase, aim=math.exp(v),
-                                         knob=_channels_cut(w, model.sizes)))
+                                         knob=_channels_cut(w, model.sizes)), known)
 
             if len(shapes) > 1 and target.table_rounds > 1:
                 effs = []
@@ -445,7 +450,8 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
             found = _regula_falsi(
                 lambda v: _allocate(table, fn, math.exp(v), round_to, iters)[1],
                 math.log(min(max(goal, floor), 0.999)), [(log_floor, m_floor), (0.0, 1.0)], t,
-                inside, target.table_rounds, lambda w, v: measure(w, "table", aim=math.exp(v)))
+                inside, target.table_rounds, lambda w, v: measure(w, "table", aim=math.exp(v)),
+                known)
         # (b) where the table errs beyond that (runtimes that fuse or pad some layers), the
         # method's own widths, their knob searched by measurement alone (latency falls about
         # as the MACs, with the square of the widths kept: the first guess). The narrowest
@@ -453,7 +459,7 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
         if not found:
             found = _regula_falsi(lambda v: fn(min(1.0 - v, 0.999)), math.sqrt(t),
                                   [(0.001, m_floor), (1.0, 1.0)], t, inside, target.max_rounds,
-                                  lambda w, v: measure(w, "knob", knob=1.0 - v))
+                                  lambda w, v: measure(w, "knob", knob=1.0 - v), known)
         # (c) the method's widths move all groups at once, in round_to steps: on a small model
         # no knob value may fall in the window. From the widest widths measured under it,
         # single groups are widened step by step where the table says it costs least
@@ -479,7 +485,7 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
         return _regula_falsi(
             lambda v: fill_back(table, start, math.exp(v), round_to),
             min(log_p + math.log(t / max(m_lo, 1e-6)), -1e-3), [(log_p, m_lo), (0.0, 1.0)], t,
-            inside, n, lambda w, v: measure(w, phase, aim=math.exp(v), knob=knob))
+            inside, n, lambda w, v: measure(w, phase, aim=math.exp(v), knob=knob), known)
 
     # The best candidate (_best) is measured again in fresh sessions: one compiled instance
     # of a model can run a few percent faster than the next. Only the fresh sessions judge
@@ -543,15 +549,24 @@ def _channels_cut(widths: dict[str, int], sizes: dict[str, int]) -> float:
 
 def _regula_falsi(widths_of: Callable[[float], dict[str, int]], first: float | None,
                   points: list[tuple[float, float]], t: float, inside: Callable[[float], bool],
-                  rounds: int, measure: Callable[[dict[str, int], float], float]) -> bool:
+                  rounds: int, measure: Callable[[dict[str, int], float], float],
+                  known: Callable[[dict[str, int]], bool] = lambda _w: False) -> bool:
     """Search a scalar ``v`` (measured latency rising with it) for widths measured ``inside``
     the window around ``t``: each round interpolates ``v`` between the measured ``(v, ratio)``
     points that bracket ``t`` (regula falsi, kept inside the bracket), starting from ``first``
     (``None``: interpolated from ``points`` too). Each measurement is appended to ``points``.
+
+    ``rounds`` counts new measurements: widths ``known`` to have been measured already (coarse
+    steps: ``v`` moved less than one group step) cost no round, their value narrows the
+    bracket, and the next ``v`` is tried, ``REPEATS`` x ``rounds`` proposals at most.
     Returns whether the window was reached."""
     v = _interpolate(points, t) if first is None else first
-    for _ in range(rounds):
-        m = measure(widths_of(v), v)
+    for _ in range(REPEATS * rounds):
+        if rounds <= 0:
+            break
+        widths = widths_of(v)
+        rounds -= 0 if known(widths) else 1
+        m = measure(widths, v)
         points.append((v, m))
         if inside(m):
             return True
