@@ -153,6 +153,7 @@ def main(argv=None) -> None:
                              "search_rounds": [(r["phase"], round(r["predicted_ratio"], 3),
                                                 round(r["measured_ratio"], 3),
                                                 round(r["macs_fraction"], 3)) for r in lb["rounds"]],
+                             "search_repeats": lb.get("repeats", {}),
                              "prune_s": time.perf_counter() - t0}
                     got = timed_rows(name, f"target latency {f}", net, res.model, x, [b], [rt],
                                      args.seconds, res.report["macs_fraction"], extra,

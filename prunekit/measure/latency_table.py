@@ -310,6 +310,7 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
     floor = table.predict(narrow)
     rounds: list[dict[str, Any]] = []
     tried: dict[tuple, float] = {}
+    repeats: dict[str, int] = {}  # per phase, proposals of widths measured before (no new round)
     base_macs = count_macs_params(info.model, info.example_inputs)[0]
 
     def timed(widths: dict[str, int], precision: float | None) -> float:
@@ -322,6 +323,7 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
     def measure(widths: dict[str, int], phase: str, **about: float) -> float:
         key = tuple(sorted(widths.items()))
         if key in tried:  # the same widths again (coarse steps): their measurement
+            repeats[phase] = repeats.get(phase, 0) + 1
             return tried[key]
         pred = table.predict(widths)
         note(f"latency budget on {target.runtime}: measuring widths predicted at {pred:.3f}")
@@ -532,7 +534,7 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
         "target_latency": goal, "runtime": target.runtime, "batch_size": target.batch_size,
         "threads": threads, "predicted_ratio": pred, "measured_ratio": measured,
         "confirmed_ratio": best.get("confirmed_ratio"),
-        "reached": measured <= goal, "rounds": rounds,
+        "reached": measured <= goal, "rounds": rounds, "repeats": repeats,
         "predictor": "model" if model is not None else "table",
         "table": {**about, "seconds": getattr(table, "seconds", 0.0),
                   "base_ms": getattr(table, "base_ms", None),
