@@ -139,11 +139,13 @@ def frontier(rows: list[dict], levels: list[float]) -> list[dict]:
         mine = [r for r in rows if (r["model"], r["runtime"], r["batch"]) == (model, rt, batch)
                 and shape in (r["shape"], "any")]
         pts = [(1.0, 1.0)] + [(r["latency_ratio"], r["macs_ratio"]) for r in mine]
+        sampled = shape in ("random", "any")  # no latency model: read as an envelope
+        fit = {} if sampled else mine[0].get("fit", {})
         for lv in levels:
-            m = envelope_at(pts, lv) if shape in ("random", "any") else frontier_at(pts, lv)
+            m = envelope_at(pts, lv) if sampled else frontier_at(pts, lv)
             out.append({"model": model, "runtime": rt, "batch": batch, "shape": shape,
                         "latency": lv, "macs_kept": m, "efficiency": None if m is None else m / lv,
-                        **(mine[0].get("fit", {}) if shape not in ("random", "any") else {})})
+                        **fit})
     return out
 
 

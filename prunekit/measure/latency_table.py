@@ -563,9 +563,9 @@ def _regula_falsi(widths_of: Callable[[float], dict[str, int]], first: float | N
     bracket, and the next ``v`` is tried, ``REPEATS`` x ``rounds`` proposals at most.
     Returns whether the window was reached."""
     v = _interpolate(points, t) if first is None else first
-    for _ in range(REPEATS * rounds):
-        if rounds <= 0:
-            break
+    proposals = REPEATS * rounds
+    while rounds > 0 and proposals > 0:
+        proposals -= 1
         widths = widths_of(v)
         rounds -= 0 if known(widths) else 1
         m = measure(widths, v)
