@@ -241,9 +241,12 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None,
         (:data:`prunekit.measure.runtimes.RUNTIMES`); the report's ``speed`` then compares the
         pruned model with the original there, interleaved.
     latency_batch_size, latency_threads : int
-        Batch size and threads of those measurements (default 1 and torch's setting). A
-        latency budget rounds widths to multiples of
-        :data:`~prunekit.engine.budget.DEFAULT_ROUND_TO` unless ``round_to`` says otherwise.
+        Batch size and threads of those measurements (default 1 and torch's setting). Unless
+        ``round_to`` says otherwise, a latency budget tries widths in multiples of the
+        runtime's channel block on this CPU first
+        (:func:`~prunekit.measure.runtimes.channel_block`: 16 with AVX-512; groups of at most
+        that many channels whole), and where those cannot reach the target, multiples of
+        :data:`~prunekit.engine.budget.DEFAULT_ROUND_TO`.
     progress : callable(str), optional
         Receives progress lines of the latency measurements.
     latency_fractions : tuple of float, optional
@@ -294,11 +297,15 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None,
     methods.check_round_to_supported(method, round_to)
     budget: Any = target_macs
     if target_latency is not None:
+        block = None
         if round_to is None and spec.round_to:
             from .engine.budget import DEFAULT_ROUND_TO
+            from .measure.runtimes import channel_block
             round_to = DEFAULT_ROUND_TO
+            block = channel_block()
         budget = latency_target(method, target_latency, runtime, latency_batch_size, latency_threads,
                                 round_to, progress)
+        budget.block = block
         if latency_fractions is not None:
             budget.fractions = tuple(float(q) for q in latency_fractions)
         from .engine.budget import check_predictor

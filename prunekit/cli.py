@@ -608,13 +608,17 @@ def default_round_to(method: str, round_to: int | None, latency_budget: bool = F
     (:data:`prunekit.engine.budget.DEFAULT_ROUND_TO`): widths that are multiples of 8 run
     markedly faster on ONNX Runtime and OpenVINO, so a default prune is not slower than the
     original there (Torch-Pruning's peers too, then given our rounded widths; with its global
-    ranking a peer keeps its own). ``--round-to 1`` keeps exact widths."""
+    ranking a peer keeps its own). ``--round-to 1`` keeps exact widths. With a latency budget
+    prunekit's own methods get ``None``: :func:`prunekit.prune` then tries the runtime's channel
+    block first (:func:`prunekit.measure.runtimes.channel_block`), then 8."""
     from . import methods as _methods
     from .engine.budget import DEFAULT_ROUND_TO
 
     if round_to is not None or not _methods.spec(method).round_to:
         return round_to
     if method.startswith("tp:") and (options or {}).get("global_ranking"):
+        return None
+    if latency_budget and not method.startswith("tp:"):
         return None
     return DEFAULT_ROUND_TO
 
@@ -663,7 +667,8 @@ def prune_(
         "--target-macs", help="Keep at most this fraction of the original MACs, in (0, 1).")] = None,
     round_to: Annotated[int | None, typer.Option(
         "--round-to", min=1, help="Round every pruned layer's kept width down to a multiple of "
-        "this (e.g. 8: faster kernels); `prunekit methods` says which methods take it.")] = None,
+        "this (e.g. 8: faster kernels; default 8, and with --target-latency the CPU's channel "
+        "block first: 16 with AVX-512); `prunekit methods` says which methods take it.")] = None,
     data: DataOptionalOpt = None,
     data_dir: DataDirOpt = None,
     train_samples: TrainSamplesOpt = None,

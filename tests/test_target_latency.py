@@ -424,3 +424,121 @@ def test_confirmation_sessions_are_timed_to_a_finer_precision(monkeypatch) -> No
 def test_a_margin_outside_the_window_is_refused(margin) -> None:
     with pytest.raises(ConfigError, match="margin"):
         LatencyTarget(0.6, RUNTIME, margin=margin)
+
+
+def _padded_macs(model: nn.Module, x: torch.Tensor, narrow: int) -> float:
+    """MACs of ``model`` on one image with every channel count padded up to a multiple of 16,
+    as a runtime that holds activations in blocks of 16 channels runs them; counts of at most
+    ``narrow`` channels run unpadded (a kernel for narrow layers; 0: none)."""
+    def pad(c: int) -> int:
+        return c if c <= narrow else -(-c // 16) * 16
+
+    total: list[float] = []
+
+    def hook(m: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
+        if isinstance(m, nn.Conv2d):
+            total.append(out.shape[-1] * out.shape[-2] * pad(m.out_channels)
+                         * pad(m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1])
+        else:
+            total.append(pad(m.in_features) * m.out_features)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return float(sum(total))
+
+
+@pytest.fixture()
+def blocked_runtime(monkeypatch):
+    """ResNet-8's dependency info, timed by a fake runtime whose latency is the padded MACs
+    (:func:`_padded_macs`) over the original's; call it with ``narrow`` to choose the kernel
+    of narrow layers."""
+    from prunekit.measure import latency_table
+
+    net, x = _net(), torch.randn(1, 1, 20, 20)
+
+    def use(narrow: int = 0):
+        base = _padded_macs(net, x, narrow)
+
+        def fake(model, original, example_input, runtime, batch_size, threads, **_kw):
+            ratio = _padded_macs(model, example_input, narrow) / base
+            return ratio, ratio, 1.0
+
+        monkeypatch.setattr(latency_table, "measure_ratio", fake)
+        return analyse(net, x)
+
+    return use
+
+
+@pytest.mark.parametrize("batch", [1, 64], ids=["table", "model"])
+def test_widths_on_the_channel_block_keep_more_macs_per_latency(blocked_runtime, batch) -> None:
+    """On a runtime that pads every width to a multiple of 16, the search on the block (widths
+    in multiples of 16, the 16-channel groups whole) lands in the window and keeps more of the
+    MACs per unit of measured latency than the search in multiples of 8, whose cuts to 8 or
+    24 channels cost MACs and save no time."""
+    info = blocked_runtime()
+    sizes = {g.name: g.size for g in info.groups}
+    eff = {}
+    for block in (16, None):
+        target = LatencyTarget(0.7, RUNTIME, batch_size=batch, use_cache=False, block=block,
+                               table_seconds=0.01)
+        _, widths, frac = budget_widths(info, None, target, round_to=8)
+        lb = target.result
+        assert lb["reached"] and 0.65 <= lb["measured_ratio"] <= 0.7, lb["rounds"]
+        eff[block] = frac / lb["measured_ratio"]
+        if block:
+            assert lb["block"]["used"] and lb["block"]["round_to"] == 16
+            assert all(w == sizes[g] if sizes[g] <= 16 else w % 16 == 0 for g, w in widths.items())
+            assert any(w < sizes[g] for g, w in widths.items())
+        else:
+            assert lb["block"] is None
+    assert eff[16] > eff[None] + 0.03, eff
+
+
+def test_a_target_below_the_blocks_reach_is_searched_in_multiples_of_round_to(blocked_runtime) -> None:
+    """A runtime with a kernel for narrow layers (8 channels unpadded): widths in multiples of
+    16 cannot go under about 0.53 of the latency, so a target of 0.5 is searched in multiples of 8,
+    cutting the 16-channel groups too, and lands in the window."""
+    info = blocked_runtime(narrow=8)
+    sizes = {g.name: g.size for g in info.groups}
+    target = LatencyTarget(0.5, RUNTIME, batch_size=64, use_cache=False, block=16)
+    _, widths, _ = budget_widths(info, None, target, round_to=8)
+    lb = target.result
+    assert lb["block"]["round_to"] == 16 and not lb["block"]["used"]
+    assert lb["block"]["narrowest"] > 0.5  # the narrowest widths on the block, over the target
+    assert lb["reached"] and 0.45 <= lb["measured_ratio"] <= 0.5, lb["rounds"]
+    assert all(w % 8 == 0 for w in widths.values())
+    assert any(w < sizes[g] <= 16 for g, w in widths.items())
+
+
+def test_prune_tries_the_channel_block_when_round_to_is_left_to_its_default(
+        blocked_runtime, monkeypatch) -> None:
+    """``prunekit.prune`` (and the CLI, which leaves ``round_to`` to it under a latency budget)
+    searches on this CPU's channel block only when no ``round_to`` was given."""
+    from prunekit.cli import default_round_to
+    from prunekit.measure import runtimes
+
+    blocked_runtime()
+    monkeypatch.setattr(runtimes, "channel_block", lambda: 16)
+    net, x = _net(), torch.randn(1, 1, 20, 20)
+    blocks = {}
+    for round_to in (None, 8):
+        res = prunekit.prune(net, x, method="l1", target_latency=0.7, runtime=RUNTIME,
+                             latency_batch_size=64, round_to=round_to, evaluate=False)
+        blocks[round_to] = res.report["latency_budget"]["block"]
+    assert blocks[None] is not None and blocks[None]["round_to"] == 16 and blocks[8] is None
+    assert default_round_to("l1", None, latency_budget=True) is None
+    assert default_round_to("l1", None) == DEFAULT_ROUND_TO == 8
+
+
+@pytest.mark.parametrize("capability, block", [("AVX512", 16), ("AVX2", 8), ("DEFAULT", 8)])
+def test_channel_block_follows_the_cpu(monkeypatch, capability, block) -> None:
+    from prunekit.measure.runtimes import channel_block
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert channel_block() == block

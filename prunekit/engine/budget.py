@@ -187,6 +187,12 @@ class LatencyTarget:
         widths' MACs and memory traffic fitted to end-to-end measurements
         (:mod:`prunekit.measure.latency_model`); ``auto``: the model from batch 16 on, where
         one group's saving is under the timing noise of a table entry.
+    block : int, optional
+        Channels per vector block of the runtime's convolution kernels on this CPU
+        (:func:`prunekit.measure.runtimes.channel_block`), set when the user left ``round_to``
+        to its default: where it is larger than ``round_to``, the search first keeps every
+        width a multiple of ``block`` (groups of at most ``block`` channels whole), and runs
+        with ``round_to`` only when the narrowest such widths measure above the window.
     progress : callable, optional
         Receives progress lines.
     """
@@ -209,6 +215,7 @@ class LatencyTarget:
     use_cache: bool = True
     fractions: tuple[float, ...] = (0.25, 0.5, 0.75)
     predictor: str = "auto"
+    block: int | None = None
     progress: Callable[[str], None] | None = None
     result: dict[str, Any] = field(default_factory=dict)
 

@@ -621,6 +621,14 @@ class DependencyInfo:
             self._groups = sorted(found, key=lambda g: self._order[g.root])
         return self._groups
 
+    def restricted(self, names: Iterable[str]) -> DependencyInfo:
+        """A view of this analysis that offers only the groups named in ``names`` (what reads
+        it leaves the others whole); it shares the traced graph and the model."""
+        keep = set(names)
+        view = copy.copy(self)
+        view._groups = [g for g in self.groups if g.name in keep]
+        return view
+
     def group_of(self, layer: nn.Module | str) -> ChannelGroup:
         """The group in which ``layer`` produces (or channel-wise processes) channels."""
         module = _resolve_modules(self.model, [layer])[0]

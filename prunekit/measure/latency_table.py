@@ -48,6 +48,13 @@ under the timing noise of a table entry; there steps 1-2 use a latency model of 
 MACs and memory traffic fitted to the end-to-end measurements instead
 (:mod:`prunekit.measure.latency_model`), and step 3 is the same.
 
+With ``LatencyTarget.block`` (the runtime's channel block on this CPU,
+:func:`~prunekit.measure.runtimes.channel_block`; set when ``round_to`` is left to its default)
+the three steps run first on the groups wider than the block, every width a multiple of it, the
+others whole: the runtimes pad a width to the next multiple of the block, which neither the
+table nor the model sees. Where the narrowest of those widths measure above the window, they
+run again in multiples of ``round_to`` (:func:`solve_latency_budget`).
+
 References
 ----------
 .. [1] T.-J. Yang et al., "NetAdapt: Platform-Aware Neural Network Adaptation for Mobile
@@ -264,11 +271,66 @@ def build_table(info: Any, runtime: str, batch_size: int = 1, threads: int | Non
     return table, {"cached": False, "path": str(path), "measurements": n}
 
 
+class _OffBlock(Exception):
+    """The narrowest widths on the channel block measured above the window (``measured``)."""
+
+    def __init__(self, measured: float) -> None:
+        super().__init__(measured)
+        self.measured = measured
+
+
 def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], dict[str, int]] | None,
                          *, round_to: int | None = None, iters: int = 14
                          ) -> tuple[float, dict[str, int], float]:
     """The widths of a :class:`~prunekit.engine.budget.LatencyTarget` (steps 2 and 3 of the
-    module docstring); fills ``target.result``. Returns ``(r, widths, macs_fraction)``."""
+    module docstring); fills ``target.result``. Returns ``(r, widths, macs_fraction)``.
+
+    With ``target.block`` larger than ``round_to`` the widths are searched on the runtime's
+    channel block first: every group wider than ``block`` cut in multiples of it, narrower ones
+    whole. Where the narrowest of those widths measure above the window (under its accepted
+    low edge), the whole search runs again with ``round_to`` (``result["block"]`` tells)."""
+    block = target.block if target.block and target.block > (round_to or 1) else None
+    wide = [g.name for g in info.groups if block and g.size > block]
+    off: float | None = None
+    if wide:
+        assert block is not None
+        sub = info.restricted(wide)
+        only = None if widths_fn is None else _keep_only(widths_fn, set(wide))
+        try:
+            r, widths, frac = _solve(sub, target, only, round_to=block, iters=iters,
+                                     reach=target.fraction - target.slack + target.margin)
+        except _OffBlock as e:
+            off = e.measured
+            if target.progress:
+                target.progress(f"latency budget on {target.runtime}: widths in multiples of "
+                                f"{block} reach {off:.3f} at the narrowest; searching with "
+                                f"round_to {round_to}")
+        else:
+            target.result["block"] = {"round_to": block, "used": True,
+                                      "narrowest": target.result["rounds"][0]["measured_ratio"]}
+            return r, {**{g.name: g.size for g in info.groups}, **widths}, frac
+    r, widths, frac = _solve(info, target, widths_fn, round_to=round_to, iters=iters)
+    target.result["block"] = None if off is None else {"round_to": block, "used": False,
+                                                       "narrowest": off}
+    return r, widths, frac
+
+
+def _keep_only(widths_fn: Callable[[float], dict[str, int]], names: set[str]
+               ) -> Callable[[float], dict[str, int]]:
+    """``widths_fn`` restricted to the groups in ``names`` (its ``keeps_shape`` kept)."""
+    from ..engine.budget import keeps_shape
+
+    def fn(r: float) -> dict[str, int]:
+        return {g: w for g, w in widths_fn(r).items() if g in names}
+
+    return keeps_shape(fn) if getattr(widths_fn, "keeps_shape", False) else fn
+
+
+def _solve(info: Any, target: Any, widths_fn: Callable[[float], dict[str, int]] | None,
+           *, round_to: int | None, iters: int, reach: float | None = None
+           ) -> tuple[float, dict[str, int], float]:
+    """:func:`solve_latency_budget` at one rounding; raises :class:`_OffBlock` where the
+    narrowest widths measure above ``reach``."""
     from ..engine.budget import (
         apply_plan,
         count_macs_params,
@@ -353,6 +415,8 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
 
     # the narrowest widths, measured: a target below them cannot be reached on this runtime
     m_floor = measure(narrow, "narrowest", knob=0.999)
+    if reach is not None and m_floor > reach:
+        raise _OffBlock(m_floor)
     if m_floor > goal:
         raise ConfigError(f"target latency {goal:.3f} is below what pruning can reach on "
                           f"{target.runtime} for this model (measured {m_floor:.3f} at "
