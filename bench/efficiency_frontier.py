@@ -21,6 +21,9 @@ latency levels:
   latency model. Their frontier at a latency is the most MACs any of them kept measured at or
   under it (an envelope, not an interpolation), as is the row ``any`` over every allocation
   measured: what the model-free sample says a width allocation can keep at that latency.
+* ``random, block B`` (``--random N --block B``): N more, drawn the same way on the runtime's
+  channel block (every width a multiple of ``B``, groups of at most ``B`` channels whole), as
+  ``--target-latency`` tries them first (:func:`prunekit.measure.runtimes.channel_block`).
 
 Each latency model (:class:`~prunekit.measure.latency_model.CostModel`) is fitted as the
 search fits it: to the narrowest widths, the uniform widths at knob 0.5 and the widths that
@@ -133,13 +136,13 @@ def frontier(rows: list[dict], levels: list[float]) -> list[dict]:
     out = []
     keys = dict.fromkeys((r["model"], r["runtime"], r["batch"], r["shape"]) for r in rows
                          if not r["shape"].startswith("calibrate"))
-    if any(r["shape"] == "random" for r in rows):
+    if any(r["shape"].startswith("random") for r in rows):
         keys.update(dict.fromkeys((m, rt, b, "any") for m, rt, b, _ in keys))
     for model, rt, batch, shape in keys:
         mine = [r for r in rows if (r["model"], r["runtime"], r["batch"]) == (model, rt, batch)
                 and shape in (r["shape"], "any")]
         pts = [(1.0, 1.0)] + [(r["latency_ratio"], r["macs_ratio"]) for r in mine]
-        sampled = shape in ("random", "any")  # no latency model: read as an envelope
+        sampled = shape.startswith("random") or shape == "any"  # no model: an envelope
         fit = {} if sampled else mine[0].get("fit", {})
         for lv in levels:
             m = envelope_at(pts, lv) if sampled else frontier_at(pts, lv)
@@ -157,14 +160,22 @@ def envelope_at(points: list[tuple[float, float]], r: float) -> float | None:
 
 
 def random_widths(info, rng: random.Random, unit_rt: dict[str, int | None],
-                  least: dict[str, int]) -> dict[str, int]:
+                  least: dict[str, int], block: int = 0) -> dict[str, int]:
     """Widths drawn around uniform ones: a base kept fraction from 0.1 to 1, each group's that
-    times 0.5-1.5 (at most 1), rounded like the budget and at least the group's narrowest."""
+    times 0.5-1.5 (at most 1), rounded like the budget and at least the group's narrowest;
+    with ``block``, rounded to multiples of it instead, groups of at most ``block`` whole."""
     base = rng.uniform(0.1, 1.0)
-    return {g.name: max(least[g.name], round_width(
-                max(1, round(g.size * min(1.0, base * rng.uniform(0.5, 1.5)))), g.size,
-                unit_rt[g.name]))
-            for g in info.groups}
+    out = {}
+    for g in info.groups:
+        w = max(1, round(g.size * min(1.0, base * rng.uniform(0.5, 1.5))))
+        if not block:
+            out[g.name] = max(least[g.name], round_width(w, g.size, unit_rt[g.name]))
+        elif g.size <= block:
+            out[g.name] = g.size
+        else:
+            unit = unit_round_to(g, block)
+            out[g.name] = max(unit, round_width(w, g.size, unit))
+    return out
 
 
 def shapes_measured(name: str, rt: str, args: argparse.Namespace, t_start: float
@@ -217,6 +228,9 @@ def shapes_measured(name: str, rt: str, args: argparse.Namespace, t_start: float
     rng = random.Random(0)
     for _ in range(args.random):
         measure(random_widths(info, rng, unit_rt, least), "random", None, batch)
+    for _ in range(args.random if args.block else 0):
+        measure(random_widths(info, rng, unit_rt, least, args.block),
+                f"random, block {args.block}", None, batch)
     for row in rows:
         cm = per_image if "per-image" in row["shape"] else batch
         row["fit"] = {"alpha": cm.alpha, "beta": cm.beta}
@@ -250,6 +264,8 @@ def main(argv=None) -> None:
     p.add_argument("--precision", type=float, default=0.01)
     p.add_argument("--random", type=int, default=0,
                    help="allocations drawn at random around uniform widths, also measured")
+    p.add_argument("--block", type=int, default=0,
+                   help="with --random: as many allocations again, on this channel block")
     p.add_argument("--name", default="efficiency_frontier")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite the frontier from <name>_points.json, measuring nothing")

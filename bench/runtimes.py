@@ -154,6 +154,7 @@ def main(argv=None) -> None:
                                                 round(r["measured_ratio"], 3),
                                                 round(r["macs_fraction"], 3)) for r in lb["rounds"]],
                              "search_repeats": lb.get("repeats", {}),
+                             "block": lb.get("block"),
                              "prune_s": time.perf_counter() - t0}
                     got = timed_rows(name, f"target latency {f}", net, res.model, x, [b], [rt],
                                      args.seconds, res.report["macs_fraction"], extra,
