@@ -302,3 +302,46 @@ def test_a_shape_that_steps_over_the_window_is_widened_group_by_group(
     assert lb["reached"] and 0.45 <= lb["measured_ratio"] <= 0.5
     assert accepted[0]["macs_fraction"] > max(r["macs_fraction"] for r in knob_inside) + 0.1
     assert widths[cliff_group] <= cliff
+
+
+def test_a_candidate_failing_confirmation_with_far_more_macs_sends_the_search_on(
+        memory_bound_runtime, monkeypatch) -> None:
+    """The memory-bound fake runtime, but the first widths of the model's own allocation that
+    are confirmed re-time 0.03 slow in their fresh sessions (a session pair that runs off):
+    the candidate leaves the window while the method's uniform widths, keeping far fewer MACs,
+    wait in it. The search goes on instead of confirming those, and accepts widths of the
+    model's allocation, confirmed in the window."""
+    from prunekit.measure import latency_table
+
+    info = memory_bound_runtime
+    true_ratio = latency_table.measure_ratio
+    sizes = {g.name: g.size for g in info.groups}
+    slow: list[tuple] = []
+
+    def first_confirmed_slow(model, original, example_input, *args, precision=None, **kw):
+        ratio = true_ratio(model, original, example_input, *args, **kw)[0]
+        cut = analyse(model, example_input)
+        kept = [g.size / sizes[g.name] for g in cut.groups if g.name in sizes]
+        key = tuple(g.size for g in cut.groups)
+        if precision == LatencyTarget.confirm_precision and max(kept) - min(kept) > 0.5:
+            if not slow:
+                slow.append(key)
+            if key == slow[0]:
+                ratio += 0.03
+        return ratio, ratio, 1.0
+
+    monkeypatch.setattr(latency_table, "measure_ratio", first_confirmed_slow)
+    target = LatencyTarget(0.6, RUNTIME, batch_size=64, use_cache=False)
+    budget_widths(info, None, target, round_to=8)
+    lb = target.result
+    rounds = lb["rounds"]
+    lo, hi = 0.6 - target.slack + target.margin, 0.6 - target.margin
+    failed = [r for r in rounds if "confirmed_ratio" in r and r["confirmed_ratio"] > hi]
+    assert slow and len(failed) == 1, rounds
+    knob_inside = [r for r in rounds if r["phase"].startswith("model-knob")
+                   and lo <= r["measured_ratio"] <= hi]
+    assert knob_inside, rounds  # the uniform widths waited in the window
+    accepted = [r for r in rounds if r.get("confirmed_ratio") == lb["measured_ratio"]]
+    assert len(accepted) == 1 and not accepted[0]["phase"].startswith("model-knob"), rounds
+    assert lb["reached"] and lo <= lb["measured_ratio"] <= hi
+    assert accepted[0]["macs_fraction"] > max(r["macs_fraction"] for r in knob_inside) + 0.05
