@@ -150,9 +150,14 @@ def main(argv=None) -> None:
                              "table_s": lb["table"]["seconds"], "table_cached": lb["table"]["cached"],
                              "predictor": lb.get("predictor"),
                              "fit": {k: round(v, 3) for k, v in lb["table"].get("fit", {}).items()},
+                             # a confirmed round: its search measurement, then the median
+                             # of its fresh sessions (measured_ratio) after it
                              "search_rounds": [(r["phase"], round(r["predicted_ratio"], 3),
-                                                round(r["measured_ratio"], 3),
-                                                round(r["macs_fraction"], 3)) for r in lb["rounds"]],
+                                                round(r.get("search_ratio", r["measured_ratio"]), 3),
+                                                round(r["macs_fraction"], 3),
+                                                *([round(r["confirmed_ratio"], 3)]
+                                                  if "confirmed_ratio" in r else []))
+                                               for r in lb["rounds"]],
                              "search_repeats": lb.get("repeats", {}),
                              "block": lb.get("block"),
                              "prune_s": time.perf_counter() - t0}
