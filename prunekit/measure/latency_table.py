@@ -40,8 +40,9 @@ per layer) and HALP [2]_ (a latency lookup table constraining the widths):
    sessions, however long each is timed), and the measurement that made it a candidate is
    biased towards the window (it was picked for landing there), so it does not vote. A
    candidate whose median leaves the window sends the search on from what it has measured
-   (the median now stands for it), up to ``confirmations`` times; then the widest candidates
-   within ``f`` are confirmed in turn.
+   (the median now stands for it) when no other candidate waits in the window, or when it
+   kept clearly more MACs per measured millisecond than every one that waits, up to
+   ``confirmations`` times; then the widest candidates within ``f`` are confirmed in turn.
 
 From a latency batch of 16 on (``LatencyTarget.predictor``, ``"auto"``) one group's saving is
 under the timing noise of a table entry; there steps 1-2 use a latency model of the widths'
