@@ -45,9 +45,8 @@ from ..utils import module_device
 from .timing import LAYOUTS, _check_budget, _num_threads, _prepare, batched_input, time_calls
 
 __all__ = ["RUNTIMES", "SE_BLOCKS", "TOLERANCE", "RuntimeUnavailable", "Session", "channel_block",
-           "check_runtimes",
-           "default_runtimes", "installed", "pair_ratio", "profile_runtimes", "slower_cases",
-           "slower_warning", "time_pair", "verify"]
+           "check_runtimes", "default_runtimes", "installed", "pair_ratio", "profile_runtimes",
+           "slower_cases", "slower_warning", "time_pair", "verify"]
 
 #: every runtime prunekit can verify and time
 RUNTIMES = (*LAYOUTS, "compile", "onnxruntime", "openvino")
