@@ -10,6 +10,8 @@ ResNet-20 trained on Fashion-MNIST (``bench/baselines/resnet20_fashion-mnist.pt`
   of 8 like the latency model's and the command line's), ``q`` searched by bisection
   until its latency ratio, measured on ``R`` interleaved against the original, matches the
   latency model's own (within ``--match``; else the closest measured);
+* **depth**: ``target_latency=f`` with ``latency_depth`` (residual branches removed whole
+  first, scored on 64 training images; ``--add-depth`` adds it to a finished target);
 * **uniform-under**: of the uniform allocations the bisection measured, the one keeping the
   most MACs measured at or under the latency model's ratio (what a user with that latency
   budget could deploy uniformly), where it differs from ``uniform`` (ResNet-20 rounded to 8
@@ -69,6 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-samples", type=int, default=20000)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--name", default="latency_accuracy")
+    p.add_argument("--add-depth", action="store_true",
+                   help="prune phase: only add the --depth allocation to finished targets")
     p.add_argument("--add-under", action="store_true",
                    help="prune phase: only add the uniform-under allocation to finished targets")
     return p.parse_args(argv)
@@ -80,11 +84,14 @@ def _pruned_path(f: float, kind: str) -> Path:
 
 def prune_phase(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
-    net, meta, _train, test = load_baseline(BASE)
+    net, meta, train, test = load_baseline(BASE)
     net.eval()
     x = torch.zeros(1, *meta["input_shape"])
     WORK.mkdir(parents=True, exist_ok=True)
     for f in map(float, args.targets.split(",")):
+        if args.add_depth:
+            _add_depth(args, f, net, x, meta, train, test)
+            continue
         if args.add_under:  # only the uniform-under model, beside a finished prune phase
             _add_under(args, f, net, x, meta, test)
             continue
@@ -154,7 +161,28 @@ def _add_under(args: argparse.Namespace, f: float, net, x, meta, test) -> None:
           f"MACs {rec['uniform-under']['macs_fraction']:.3f}", flush=True)
 
 
-KINDS = ("latency", "uniform", "uniform-under")
+def _add_depth(args: argparse.Namespace, f: float, net, x, meta, train, test) -> None:
+    """Add the ``depth`` allocation (``latency_depth``) to the record of target ``f``."""
+    path = WORK / f"f{f:g}.json"
+    rec = json.loads(path.read_text())
+    t0 = time.perf_counter()
+    res = prunekit.prune(net, x, method=args.method, target_latency=f, runtime=args.runtime,
+                         latency_batch_size=args.batch_size, latency_threads=1, evaluate=False,
+                         latency_depth=True, data=train)
+    lb = res.report["latency_budget"]
+    m, _, _ = measure_ratio(res.model, net, x, args.runtime, args.batch_size, 1,
+                            max_seconds=args.measure_seconds)
+    rec["depth"] = {"measured": m, "search_measured": lb["measured_ratio"],
+                    "macs_fraction": res.report["macs_fraction"], "widths": res.report["widths"],
+                    "branches": lb["depth"]["branches"], "accuracy_pruned": evaluate(res.model, test),
+                    "prune_s": time.perf_counter() - t0}
+    prunekit.save(res.model, _pruned_path(f, "depth"), meta={**meta, "pruned": "depth"})
+    path.write_text(json.dumps(rec, indent=1))
+    print(f"f={f}: depth measured {m:.3f} (search {lb['measured_ratio']:.3f}), MACs "
+          f"{res.report['macs_fraction']:.3f}, branches {lb['depth']['branches']}", flush=True)
+
+
+KINDS = ("latency", "uniform", "uniform-under", "depth")
 
 
 def finetune_phase(args: argparse.Namespace) -> None:

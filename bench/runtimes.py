@@ -72,6 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--predictor", default="auto", choices=LATENCY_PREDICTORS,
                    help="latency predictor of the --target-latency search (auto: the table below "
                         "batch 16, the fitted model from it)")
+    p.add_argument("--depth", action="store_true",
+                   help="--target-latency rows with --depth (residual branches removed whole first)")
     p.add_argument("--round-tos", default="none,8",
                    help="round_to of the uniform 50%% MACs rows ('none': exact widths)")
     return p.parse_args(argv)
@@ -138,7 +140,8 @@ def main(argv=None) -> None:
                         res = prunekit.prune(net, x, method="l1", target_latency=f, runtime=rt,
                                              latency_batch_size=b, latency_threads=1,
                                              latency_fractions=fractions,
-                                             latency_predictor=args.predictor)
+                                             latency_predictor=args.predictor,
+                                             latency_depth=args.depth)
                     except ConfigError as e:  # a target the widths cannot reach
                         rows.append({"model": name, "setting": f"target latency {f}", "runtime": rt,
                                      "batch": b, "target": f, "error": str(e)})
@@ -160,6 +163,7 @@ def main(argv=None) -> None:
                                                for r in lb["rounds"]],
                              "search_repeats": lb.get("repeats", {}),
                              "block": lb.get("block"),
+                             "depth_branches": (lb.get("depth") or {}).get("branches"),
                              "prune_s": time.perf_counter() - t0}
                     got = timed_rows(name, f"target latency {f}", net, res.model, x, [b], [rt],
                                      args.seconds, res.report["macs_fraction"], extra,

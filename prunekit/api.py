@@ -103,12 +103,31 @@ def latency_target(method: str, target_latency: float, runtime: str | None, batc
                          measure_seconds=measure_seconds)
 
 
+def check_depth(method: str, target_latency: float | None, depth: bool) -> bool:
+    """``depth`` (``latency_depth``, ``--depth``) if it applies: to a latency budget, with a
+    method that keeps the top-ranked channels of each group
+    (:attr:`~prunekit.methods.registry.MethodSpec.vanishes`); else a ConfigError."""
+    if not depth:
+        return False
+    if target_latency is None:
+        raise ConfigError("latency_depth (--depth) applies to a latency budget "
+                          "(target_latency, --target-latency)")
+    if not methods.spec(method).vanishes:
+        ok = ", ".join(n for n, s in methods.specs().items() if s.vanishes)
+        raise ConfigError(f"latency_depth (--depth) removes residual branches by keeping no "
+                          f"channel of them, which {method!r} cannot plan (supported: {ok})")
+    return True
+
+
 #: :func:`prune`'s own keywords (offered as suggestions for a misspelt method option)
 PRUNE_KEYWORDS = ("model", "example_inputs", "method", "ratio", "target_macs", "data",
                   "finetune_epochs", "distill", "train_config", "ignored_layers", "seed",
                   "evaluate", "round_to", "expand", "refine_labels", "skip_unsupported",
                   "target_latency", "runtime", "latency_batch_size", "latency_threads", "progress",
-                  "latency_fractions", "latency_predictor")
+                  "latency_fractions", "latency_predictor", "latency_depth")
+
+#: training images the output change of removing each residual branch is measured on
+DEPTH_IMAGES = 64
 
 
 def finetune(model: nn.Module, train_set: Any, epochs: int, *, teacher: nn.Module | None = None,
@@ -210,7 +229,7 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None,
           target_latency: float | None = None, runtime: str | None = None,
           latency_batch_size: int = 1, latency_threads: int | None = None, progress: Any = None,
           latency_fractions: tuple[float, ...] | None = None, latency_predictor: str = "auto",
-          **method_options: Any) -> PruneResult:
+          latency_depth: bool = False, **method_options: Any) -> PruneResult:
     """Prune ``model`` with ``method`` to a ``ratio`` of removed filters or a ``target_macs``
     fraction of the original MACs.
 
@@ -257,6 +276,13 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None,
         widths' MACs and memory traffic fitted to end-to-end measurements
         (:mod:`prunekit.measure.latency_model`); ``auto`` (the command line's): the model from
         a latency batch of 16 on.
+    latency_depth : bool
+        Let the latency budget remove residual branches whole (the hidden channels of a
+        residual block: the block becomes its shortcut plus a constant) before it cuts widths
+        (:mod:`prunekit.measure.latency_depth`; one-shot criteria methods). Far more of the
+        MACs per unit of latency on a small network at a low target; the branches removed are
+        those whose removal changes the output least (on ``DEPTH_IMAGES`` training images) per
+        unit of latency saved.
     data : dataset, DataLoader or (train, test), optional
         Calibration / training data; the test set, when given, is used for the accuracies.
         Each may be a prunekit ImageDataset (in memory), a streamed image folder, any
@@ -310,9 +336,11 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None,
             budget.fractions = tuple(float(q) for q in latency_fractions)
         from .engine.budget import check_predictor
         budget.predictor = check_predictor(latency_predictor)
+        budget.depth = check_depth(method, target_latency, latency_depth)
     elif runtime is not None:
         from .measure.runtimes import check_runtimes
         check_runtimes([runtime])
+    check_depth(method, target_latency, latency_depth)
     spec.parse_options(method_options, also_valid=PRUNE_KEYWORDS)  # fail before any work
     train_set, test_set = split_data(data)
     if example_inputs is None:
@@ -320,6 +348,9 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None,
             raise ConfigError("example_inputs or data is required")
         from .data.batches import first_input
         example_inputs = first_input(train_set)
+    if getattr(budget, "depth", False) and train_set is not None:
+        from .data.batches import iter_batches
+        budget.calibration = next(iter_batches(train_set, DEPTH_IMAGES, DEPTH_IMAGES))[0]
     if isinstance(finetune_epochs, bool) or int(finetune_epochs) != finetune_epochs or finetune_epochs < 0:
         raise ConfigError(f"finetune_epochs must be a whole number >= 0, got {finetune_epochs}")
     finetune_epochs = int(finetune_epochs)

@@ -698,6 +698,10 @@ def prune_(
     target_latency: TargetLatencyOpt = None,
     runtime: LatencyRuntimeOpt = None,
     latency_batch: LatencyBatchOpt = 1,
+    depth: Annotated[bool, typer.Option(
+        "--depth", help="With --target-latency: remove whole residual branches (those whose "
+        "removal changes the output least per unit of latency saved) before cutting widths; "
+        "one-shot criteria methods.")] = False,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     trust_code: TrustCodeOpt = False,
@@ -730,6 +734,8 @@ def prune_(
         elif runtime is not None:
             from .measure.runtimes import check_runtimes
             check_runtimes([runtime])
+        from .api import check_depth
+        check_depth(method, target_latency, depth)
         spec.parse_options(options)
         check_output_path(out)
         state_path = Path(f"{out}.state")
@@ -765,7 +771,7 @@ def prune_(
                     skip_unsupported=skip_unsupported,
                     ignored_layers=[n.strip() for n in (ignore or "").split(",") if n.strip()],
                     target_latency=target_latency, runtime=runtime, latency_batch_size=latency_batch,
-                    progress=o.note, **options)
+                    latency_depth=depth, progress=o.note, **options)
         report = res.report
         speed_lines = _speed_lines(report, o)
         left = report.get("skipped_unsupported") or []

@@ -193,6 +193,12 @@ class LatencyTarget:
         to its default: where it is larger than ``round_to``, the search first keeps every
         width a multiple of ``block`` (groups of at most ``block`` channels whole), and runs
         with ``round_to`` only when the narrowest such widths measure above the window.
+    depth : bool
+        Let whole residual branches go before the widths are searched
+        (:mod:`prunekit.measure.latency_depth`; methods that keep the top-scoring channels).
+    calibration : Tensor, optional
+        Images the output change of removing each branch is measured on (default: the
+        example inputs).
     progress : callable, optional
         Receives progress lines.
     """
@@ -216,6 +222,8 @@ class LatencyTarget:
     fractions: tuple[float, ...] = (0.25, 0.5, 0.75)
     predictor: str = "auto"
     block: int | None = None
+    depth: bool = False
+    calibration: torch.Tensor | None = None
     progress: Callable[[str], None] | None = None
     result: dict[str, Any] = field(default_factory=dict)
 

@@ -530,7 +530,11 @@ class DependencyInfo:
         handles = _record_order(model, order) if ignore_classifier else []
         try:
             with torch.enable_grad():
-                self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+                from .depth import BranchConstant  # its constant: one value per channel
+
+                constants = [(m.bias, 0) for m in model.modules() if isinstance(m, BranchConstant)]
+                self.dg = tp.DependencyGraph().build_dependency(
+                    model, example_inputs=example_inputs, unwrapped_parameters=constants or None)
         except Exception as exc:  # tracing failures are model problems, not ours to hide
             raise ModelError(f"cannot trace the model for pruning: {exc}") from exc
         finally:
@@ -621,11 +625,17 @@ class DependencyInfo:
             self._groups = sorted(found, key=lambda g: self._order[g.root])
         return self._groups
 
+    @property
+    def all_groups(self) -> list[ChannelGroup]:
+        """Every prunable group of the model, also in a :meth:`restricted` view."""
+        return getattr(self, "_unrestricted", None) or self.groups
+
     def restricted(self, names: Iterable[str]) -> DependencyInfo:
         """A view of this analysis that offers only the groups named in ``names`` (what reads
         it leaves the others whole); it shares the traced graph and the model."""
         keep = set(names)
         view = copy.copy(self)
+        view._unrestricted = self.all_groups
         view._groups = [g for g in self.groups if g.name in keep]
         return view
 

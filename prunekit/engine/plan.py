@@ -33,7 +33,8 @@ class GroupPlan:
     size : int
         Number of channels the group has before surgery.
     keep : list[int]
-        Channels kept, ascending; never empty.
+        Channels kept, ascending. Empty: the group vanishes (a residual branch removed whole,
+        :mod:`prunekit.engine.depth`); such groups are applied after all the others.
     merge : dict[int, list[int]]
         Kept channel -> removed channels folded into it (centripetal S4).
     reconstruct : dict[str, dict[str, Tensor | None]]
@@ -59,7 +60,9 @@ class GroupPlan:
 
     def validate(self) -> None:
         if not self.keep:
-            raise PlanError(f"group {self.group!r}: a plan must keep at least one channel")
+            if self.merge:
+                raise PlanError(f"group {self.group!r}: a group that keeps no channel merges none")
+            return
         if len(set(self.keep)) != len(self.keep) or self.keep[0] < 0 or self.keep[-1] >= self.size:
             raise PlanError(f"group {self.group!r}: kept channels must be distinct and in [0, {self.size})")
         kept = set(self.keep)

@@ -12,7 +12,10 @@ merge
     convolution and linear layers are linear in their input, this is exact whenever channel
     ``m``'s values equal channel ``k``'s at every consumer's input;
 reconstruct
-    after removal, write given weights (and bias) into consumers (ThiNet / LASSO least squares).
+    after removal, write given weights (and bias) into consumers (ThiNet / LASSO least squares);
+vanish
+    a group that keeps no channel (a residual branch's hidden channels) is removed whole after
+    every other group: :func:`prunekit.engine.depth.vanish`.
 
 The result is a plain ``nn.Module`` with narrower Conv/BN/Linear layers: no masks, no hooks.
 """
@@ -127,6 +130,11 @@ def apply_group(info: DependencyInfo, gp: GroupPlan) -> None:
     group = info.group(gp.group)
     if group.size != gp.size:
         raise PlanError(f"group {gp.group!r} has {group.size} channels, the plan expects {gp.size}")
+    if not gp.keep:
+        from .depth import vanish, vanish_refusal
+
+        vanish(info.model, group, vanish_refusal(info, group))
+        return
     if gp.merge:
         fold_consumers(group, gp.merge)
     remove = group.root_channels(gp.remove)  # a unit of tied channels goes as a whole
@@ -147,7 +155,9 @@ def apply_plan(model: nn.Module, example_inputs: torch.Tensor, plan: PruningPlan
     if len(plan) == 0:
         return target
     info = analyse(target, example_inputs, ignored_layers=ignored_layers, ignore_classifier=False)
-    for gp in plan:
+    if any(not gp.keep for gp in plan):
+        info.groups  # noqa: B018 (traced before any surgery: whether a group can vanish)
+    for gp in sorted(plan, key=lambda gp: not gp.keep):  # vanishing groups last
         apply_group(info, gp)
     return target
 

@@ -50,6 +50,12 @@ _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 def _geometry(module: nn.Module) -> dict[str, Any] | None:
     """The width-defining attributes of a layer prunekit can narrow, else ``None``."""
     kind = type(module).__name__
+    from ..engine.depth import BranchConstant, Vanished
+
+    if isinstance(module, Vanished):  # a layer of a residual branch removed whole
+        return {"type": kind, "passes": module.passes}
+    if isinstance(module, BranchConstant):
+        return {"type": kind, "out_channels": module.out_channels}
     if isinstance(module, _CONV):
         return {"type": kind, "in_channels": module.in_channels, "out_channels": module.out_channels,
                 "groups": module.groups, "bias": module.bias is not None}
@@ -178,6 +184,23 @@ def fit_free_tensors(model: nn.Module, state: dict[str, torch.Tensor]) -> list[s
     return resized
 
 
+def _vanish_layer(model: nn.Module, name: str, module: nn.Module, geom: dict[str, Any]) -> None:
+    """Replace ``module`` by the :class:`~prunekit.engine.depth.Vanished` or
+    :class:`~prunekit.engine.depth.BranchConstant` the checkpoint records at ``name``."""
+    from ..engine.depth import BranchConstant, Vanished
+
+    try:
+        if geom["type"] == "Vanished":
+            new: nn.Module = Vanished(module)
+        else:
+            new = BranchConstant(module)
+            new.bias = _new_param(new.bias, (int(geom["out_channels"]),))
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"layer {name!r}: cannot stand for a {type(module).__name__} "
+                              f"removed whole: {e}") from None
+    model.set_submodule(name, new)
+
+
 def resize_layers(model: nn.Module, shapes: dict[str, dict[str, Any]]) -> list[str]:
     """Give every layer named in ``shapes`` its recorded geometry, in place.
 
@@ -200,6 +223,11 @@ def resize_layers(model: nn.Module, shapes: dict[str, dict[str, Any]]) -> list[s
         module = modules.get(name)
         if module is None:
             raise CheckpointError(f"layer {name or '<root>'!r} of the checkpoint is not in the model")
+        if geom.get("type") in ("Vanished", "BranchConstant") and _geometry(module) is not None \
+                and _geometry(module)["type"] != geom["type"]:
+            _vanish_layer(model, name, module, geom)
+            resized.append(name)
+            continue
         current = _geometry(module)
         if current is None or current["type"] != geom.get("type"):
             raise CheckpointError(f"layer {name or '<root>'!r} is a {type(module).__name__} in the "

@@ -26,6 +26,16 @@ def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, attr, module)
 
 
+class _Tracer(fx.Tracer):
+    """fx's tracer, with the stand-ins of removed residual branches as leaves (they compute
+    their output shape from their input's, which symbolic tracing cannot follow)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        from ..engine.depth import BranchConstant, Vanished
+
+        return isinstance(m, (BranchConstant, Vanished)) or super().is_leaf_module(m, qualname)
+
+
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """An eval-mode copy of ``model`` with each conv -> BatchNorm pair folded into one conv.
 
@@ -47,7 +57,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     """
     m = copy.deepcopy(model).eval()
     try:
-        gm = fx.symbolic_trace(m)
+        gm = fx.GraphModule(m, _Tracer().trace(m))
     except Exception as e:  # noqa: BLE001 - any tracing failure means "cannot fold"
         warnings.warn(f"fold_batchnorm: the model cannot be traced ({type(e).__name__}); "
                       "timing it without folding", RuntimeWarning, stacklevel=2)

@@ -108,6 +108,9 @@ class CostModel:
         self.sizes = {g.name: g.size for g in info.groups}
         self.batch_size = int(batch_size)
         self.alpha, self.beta = 0.5, 0.5
+        #: the measured ratio of ``info.model`` to the original the budget counts against
+        #: (below 1 when residual branches were removed first); predictions are scaled by it
+        self.scale = 1.0
         mods = dict(info.model.named_modules())
         counted: dict[str, tuple[float, float, float, float]] = {}
 
@@ -181,7 +184,7 @@ class CostModel:
     def predict(self, widths: dict[str, int]) -> float:
         """Predicted latency ratio at ``widths`` (groups not named stay whole)."""
         m, b = self.features(widths)
-        return 1.0 + self.alpha * (m - 1.0) + self.beta * (b - 1.0)
+        return self.scale * (1.0 + self.alpha * (m - 1.0) + self.beta * (b - 1.0))
 
     def step_ratio(self, widths: dict[str, int], current: float, group: str, width: int) -> float:
         """Predicted ratio after setting ``group`` to ``width`` (``current``: at ``widths``);
@@ -189,11 +192,13 @@ class CostModel:
         layers = self.by_group.get(group, [])
         m0, b0 = self._sums(layers, widths)
         m1, b1 = self._sums(layers, {**widths, group: width})
-        return current + self.alpha * (m1 - m0) / self.macs0 + self.beta * (b1 - b0) / self.bytes0
+        return current + self.scale * (self.alpha * (m1 - m0) / self.macs0
+                                       + self.beta * (b1 - b0) / self.bytes0)
 
     def fit(self, points: Sequence[tuple[dict[str, int], float]]) -> None:
         """Least-squares ``alpha, beta >= 0`` over measured ``(widths, ratio)`` points."""
-        xs = [(m - 1.0, b - 1.0, r - 1.0) for (m, b), r in ((self.features(w), r) for w, r in points)]
+        xs = [(m - 1.0, b - 1.0, r / self.scale - 1.0)
+              for (m, b), r in ((self.features(w), r) for w, r in points)]
         smm = sum(a * a for a, _, _ in xs)
         sbb = sum(b * b for _, b, _ in xs)
         smb = sum(a * b for a, b, _ in xs)
@@ -235,7 +240,7 @@ def cut_down(model: CostModel, floor: dict[str, int], aim: float,
     from ..engine.budget import round_width
 
     widths = dict(model.sizes)
-    current = 1.0
+    current = model.predict(widths)
     while current > aim:
         best: tuple[float, str, int, float] | None = None
         for g, w in widths.items():

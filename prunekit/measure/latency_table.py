@@ -121,6 +121,9 @@ class LatencyTable:
     sizes: dict[str, int]
     ratios: dict[str, dict[int, float]] = field(default_factory=dict)
     seconds: float = 0.0
+    #: the ratio of the model the table was measured on to the original the budget counts
+    #: against (below 1 when residual branches were removed first; not stored in the cache)
+    scale: float = 1.0
 
     def group_ratio(self, group: str, width: int) -> float:
         """``t_g(w)``: piecewise linear through the measured widths and (size, 1.0); below the
@@ -143,7 +146,7 @@ class LatencyTable:
         product of both fractions; the product over all groups also multiplies the savings of
         layers that only one group touches, so it errs on the slow side (the sum of savings
         errs on the fast side, and the budget would be missed)."""
-        out = 1.0
+        out = self.scale
         for g, w in widths.items():
             out *= max(self.group_ratio(g, w), 1e-3)
         return out
@@ -281,7 +284,8 @@ class _OffBlock(Exception):
 
 
 def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], dict[str, int]] | None,
-                         *, round_to: int | None = None, iters: int = 14
+                         *, round_to: int | None = None, iters: int = 14,
+                         reference: nn.Module | None = None, scale: float = 1.0
                          ) -> tuple[float, dict[str, int], float]:
     """The widths of a :class:`~prunekit.engine.budget.LatencyTarget` (steps 2 and 3 of the
     module docstring); fills ``target.result``. Returns ``(r, widths, macs_fraction)``.
@@ -289,7 +293,15 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
     With ``target.block`` larger than ``round_to`` the widths are searched on the runtime's
     channel block first: every group wider than ``block`` cut in multiples of it, narrower ones
     whole. Where the narrowest of those widths measure above the window (under its accepted
-    low edge), the whole search runs again with ``round_to`` (``result["block"]`` tells)."""
+    low edge), the whole search runs again with ``round_to`` (``result["block"]`` tells).
+
+    With ``target.depth`` residual branches are removed whole first
+    (:func:`prunekit.measure.latency_depth.solve_with_depth`); ``reference`` and ``scale`` are
+    how that search calls this one (see :func:`_solve`)."""
+    if target.depth and reference is None:
+        from .latency_depth import solve_with_depth
+
+        return solve_with_depth(info, target, widths_fn, round_to=round_to, iters=iters)
     block = target.block if target.block and target.block > (round_to or 1) else None
     wide = [g.name for g in info.groups if g.size > block] if block else []
     off: float | None = None
@@ -298,7 +310,8 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
         only = None if widths_fn is None else _keep_only(widths_fn, set(wide))
         try:
             r, widths, frac = _solve(sub, target, only, round_to=block, iters=iters,
-                                     reach=target.fraction - target.slack + target.margin)
+                                     reach=target.fraction - target.slack + target.margin,
+                                     reference=reference, scale=scale)
         except _OffBlock as e:
             off = e.measured
             if target.progress:
@@ -309,7 +322,8 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
             target.result["block"] = {"round_to": block, "used": True,
                                       "narrowest": target.result["rounds"][0]["measured_ratio"]}
             return r, {**{g.name: g.size for g in info.groups}, **widths}, frac
-    r, widths, frac = _solve(info, target, widths_fn, round_to=round_to, iters=iters)
+    r, widths, frac = _solve(info, target, widths_fn, round_to=round_to, iters=iters,
+                             reference=reference, scale=scale)
     target.result["block"] = None if off is None else {"round_to": block, "used": False,
                                                        "narrowest": off}
     return r, widths, frac
@@ -327,10 +341,13 @@ def _keep_only(widths_fn: Callable[[float], dict[str, int]], names: set[str]
 
 
 def _solve(info: Any, target: Any, widths_fn: Callable[[float], dict[str, int]] | None,
-           *, round_to: int | None, iters: int, reach: float | None = None
+           *, round_to: int | None, iters: int, reach: float | None = None,
+           reference: nn.Module | None = None, scale: float = 1.0
            ) -> tuple[float, dict[str, int], float]:
     """:func:`solve_latency_budget` at one rounding; raises :class:`_OffBlock` where the
-    narrowest widths measure above ``reach``."""
+    narrowest widths measure above ``reach``. ``reference``: the model the ratios are measured
+    against (default ``info.model``), ``scale``: ``info.model``'s ratio to it (a model whose
+    residual branches were removed first, :mod:`prunekit.measure.latency_depth`)."""
     from ..engine.budget import (
         apply_plan,
         count_macs_params,
@@ -354,6 +371,7 @@ def _solve(info: Any, target: Any, widths_fn: Callable[[float], dict[str, int]] 
     if use_model:  # a large batch: a latency model fitted by measurement (latency_model.py)
         (target.runtime,) = check_runtimes([target.runtime])
         table = model = CostModel(info)  # one image's traffic at any batch (CostModel's batch_size)
+        model.scale = scale
         about: dict[str, Any] = {"cached": False, "path": None, "measurements": 0}
         threads = int(target.threads) if target.threads is not None else torch.get_num_threads()
         unit_rt = {g.name: unit_round_to(g, round_to) for g in info.groups}
@@ -363,6 +381,7 @@ def _solve(info: Any, target: Any, widths_fn: Callable[[float], dict[str, int]] 
                                    round_to=round_to, max_seconds=target.table_seconds,
                                    use_cache=target.use_cache, progress=note,
                                    fractions=tuple(target.fractions))
+        table.scale = scale
         threads = table.threads
     goal = target.fraction
     t = goal - target.slack / 2  # the middle of the window [goal - slack, goal]
@@ -373,12 +392,15 @@ def _solve(info: Any, target: Any, widths_fn: Callable[[float], dict[str, int]] 
     rounds: list[dict[str, Any]] = []
     tried: dict[tuple, float] = {}
     repeats: dict[str, int] = {}  # per phase, proposals of widths measured before (no new round)
-    base_macs = count_macs_params(info.model, info.example_inputs)[0]
+    reference = info.model if reference is None else reference
+    base_macs = count_macs_params(reference, info.example_inputs)[0]
+    whole = (math.log(scale), scale)  # no channel removed: (log aim, ratio)
+    macs_scale = count_macs_params(info.model, info.example_inputs)[0] / base_macs
 
     def timed(widths: dict[str, int], precision: float | None) -> float:
         """The latency ratio of the model cut to ``widths``, measured end to end."""
         cut = apply_plan(info.model, info.example_inputs, width_plan(info, widths))
-        return measure_ratio(cut, info.model, info.example_inputs, target.runtime,
+        return measure_ratio(cut, reference, info.example_inputs, target.runtime,
                              target.batch_size, threads, max_seconds=target.measure_seconds,
                              precision=precision)[0]
 
@@ -403,7 +425,7 @@ def _solve(info: Any, target: Any, widths_fn: Callable[[float], dict[str, int]] 
 
     def macs_kept(widths: dict[str, int]) -> float:
         if model is not None:
-            return model.features(widths)[0]
+            return model.features(widths)[0] * macs_scale
         return macs_of_widths(info, widths) / base_macs
 
     def inside(m: float) -> bool:
@@ -466,7 +488,7 @@ def _solve(info: Any, target: Any, widths_fn: Callable[[float], dict[str, int]] 
             shapes = [knob_cut] if getattr(widths_fn, "keeps_shape", False) else [own_cut, knob_cut]
             v0 = math.log(t)
             # each shape's measured (log aim, ratio) points, the floor and the original first
-            points = {shape: [(log_floor, m_floor), (0.0, 1.0)] for shape in shapes}
+            points = {shape: [(log_floor, m_floor), whole] for shape in shapes}
 
             def search_shape(shape: Callable[[float], dict[str, int]], first: float | None,
                              phase: str) -> bool:
@@ -515,7 +537,7 @@ def _solve(info: Any, target: Any, widths_fn: Callable[[float], dict[str, int]] 
         else:
             found = _regula_falsi(
                 lambda v: _allocate(table, fn, math.exp(v), round_to, iters)[1],
-                math.log(min(max(goal, floor), 0.999)), [(log_floor, m_floor), (0.0, 1.0)], t,
+                math.log(min(max(goal, floor), 0.999)), [(log_floor, m_floor), whole], t,
                 inside, target.table_rounds, lambda w, v: measure(w, "table", aim=math.exp(v)),
                 known)
         # (b) where the table errs beyond that (runtimes that fuse or pad some layers), the
@@ -524,7 +546,7 @@ def _solve(info: Any, target: Any, widths_fn: Callable[[float], dict[str, int]] 
         # widths inside the window do not end the search: wider ones may be too.
         if not found:
             found = _regula_falsi(lambda v: fn(min(1.0 - v, 0.999)), math.sqrt(t),
-                                  [(0.001, m_floor), (1.0, 1.0)], t, inside, target.max_rounds,
+                                  [(0.001, m_floor), (1.0, scale)], t, inside, target.max_rounds,
                                   lambda w, v: measure(w, "knob", knob=1.0 - v), known)
         # (c) the method's widths move all groups at once, in round_to steps: on a small model
         # no knob value may fall in the window. From the widest widths measured under it,
@@ -550,7 +572,7 @@ def _solve(info: Any, target: Any, widths_fn: Callable[[float], dict[str, int]] 
         knob = knob_of(lo)
         return _regula_falsi(
             lambda v: fill_back(table, start, math.exp(v), round_to),
-            min(log_p + math.log(t / max(m_lo, 1e-6)), -1e-3), [(log_p, m_lo), (0.0, 1.0)], t,
+            min(log_p + math.log(t / max(m_lo, 1e-6)), whole[0] - 1e-3), [(log_p, m_lo), whole], t,
             inside, n, lambda w, v: measure(w, phase, aim=math.exp(v), knob=knob), known)
 
     # The best candidate (_best) is measured again in fresh sessions: one compiled instance

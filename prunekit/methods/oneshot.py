@@ -56,4 +56,4 @@ for _criterion in CRITERIA:
     if _criterion != "taylor":
         register(MethodSpec(_criterion, partial(run, criterion=_criterion), OneShotOptions,
                             summary=f"one-shot pruning by the {_criterion} criterion",
-                            needs_data=needs_data(_criterion)))
+                            needs_data=needs_data(_criterion), vanishes=True))

@@ -60,6 +60,9 @@ class MethodSpec:
         It accepts ``state_path`` / ``resume`` (a state file of its own training).
     requires : tuple of (import name, pip package)
         Optional packages it imports.
+    vanishes : bool
+        Its plan keeps the top-ranked ``widths[g]`` channels of every group, so a width of 0
+        removes a residual branch whole (a latency budget's ``depth``).
     """
 
     name: str
@@ -72,6 +75,7 @@ class MethodSpec:
     chooses_widths: bool = False
     needs_data: bool = False
     resumable: bool = False
+    vanishes: bool = False
     requires: tuple[tuple[str, str], ...] = ()
 
     def parse_options(self, options: Mapping[str, Any] | None, also_valid: tuple[str, ...] = ()

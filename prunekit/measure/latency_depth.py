@@ -1,0 +1,214 @@
+"""A latency budget met partly by removing residual branches whole (``--depth``).
+
+Width pruning cannot take a small network far down in latency at a good price: its narrow
+layers run at a fraction of the runtime's speed per multiply-accumulate, and every layer keeps
+a fixed cost. A ResNet-20 at 28x28, batch 64, kept at best 0.64 of its MACs per unit of latency
+at half its latency by widths alone, and 0.97 with two of each stage's three blocks removed
+(``bench/results/``, ``docs/runtimes.md``). Removing a branch keeps the other layers at full
+width, where the runtime is fastest; what it costs in accuracy is the branch's whole
+contribution, which residual networks can spare for many of their blocks [1]_.
+
+The search, after NetAdapt's measured steps and HALP's latency-saliency knapsack [2]_ [3]_:
+
+1. **Damage**: for every branch that can vanish
+   (:func:`~prunekit.engine.depth.vanishable`), the change of the model's output on the
+   calibration images when that branch alone is removed, relative to the output's energy.
+2. **Saving**: the model with that branch alone removed, timed on the runtime against the
+   original (the latency ratio it keeps).
+3. **Order and count**: branches in increasing damage per unit of latency saved; the most of
+   them whose predicted ratio (one less the sum of their single savings: a ResNet-20 with six
+   branches removed measured 0.338 on OpenVINO at batch 64, the sum predicted 0.345, the
+   product of the single ratios 0.50) stays at or above the middle of the window. The model
+   with those removed is measured; one branch fewer while it measures under the window.
+4. **Widths**: when that model is above the window, the widths of the rest are searched as
+   without ``--depth`` (:func:`~prunekit.measure.latency_table.solve_latency_budget`), every
+   ratio still measured against the original; when it is inside the window, it is measured
+   again in fresh sessions and kept if it stays there.
+
+References
+----------
+.. [1] A. Veit, M. Wilber, S. Belongie, "Residual Networks Behave Like Ensembles of Relatively
+   Shallow Networks", NeurIPS 2016.
+.. [2] T.-J. Yang et al., "NetAdapt: Platform-Aware Neural Network Adaptation for Mobile
+   Applications", ECCV 2018.
+.. [3] M. Shen et al., "Structural Pruning via Latency-Saliency Knapsack" (HALP), NeurIPS 2022.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..utils import eval_mode
+
+__all__ = ["branch_damage", "solve_with_depth"]
+
+
+def _output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    y = model(x)
+    if isinstance(y, (tuple, list)):
+        y = y[0]
+    if not isinstance(y, torch.Tensor):
+        raise ConfigError("removing residual branches needs a model whose output is a tensor")
+    return y.float()
+
+
+def _without(info: Any, names: Sequence[str]) -> nn.Module:
+    """A copy of ``info.model`` with the branches ``names`` removed whole."""
+    from ..engine import GroupPlan, PruningPlan, apply_plan
+
+    sizes = {g.name: g.size for g in info.all_groups}
+    return apply_plan(info.model, info.example_inputs,
+                      PruningPlan([GroupPlan(n, sizes[n], []) for n in names]))
+
+
+@torch.no_grad()
+def branch_damage(info: Any, names: Sequence[str], x: torch.Tensor) -> dict[str, float]:
+    """Per branch group: ``||f(x) - f_b(x)||^2 / ||f(x)||^2`` on the images ``x``, ``f_b`` the
+    model with that branch alone removed (step 1 of the module docstring)."""
+    with eval_mode(info.model):
+        y0 = _output(info.model, x)
+    energy = float((y0 * y0).mean()) or 1.0
+    out = {}
+    for n in names:
+        cut = _without(info, [n]).eval()
+        out[n] = float(((_output(cut, x) - y0) ** 2).mean()) / energy
+    return out
+
+
+def _same_groups(info: Any, sub: Any) -> dict[str, str]:
+    """Group of ``sub`` (the model with branches removed) -> the group of ``info`` with the
+    same channels: the one a layer of the same name produces (a residual stream whose first
+    producer was a removed branch is named after its next one in ``sub``)."""
+    owner = {s.name: g.name for g in info.all_groups for s in g.producers}
+    out = {}
+    for g in sub.groups:
+        found = {owner[s.name] for s in g.producers if s.name in owner}
+        if len(found) != 1:
+            raise ConfigError(f"group {g.name!r} of the model with branches removed matches "
+                              f"{len(found)} groups of the original")
+        out[g.name] = found.pop()
+    return out
+
+
+def solve_with_depth(info: Any, target: Any, widths_fn: Callable[[float], dict[str, int]] | None,
+                     *, round_to: int | None, iters: int) -> tuple[float, dict[str, int], float]:
+    """The widths of a :class:`~prunekit.engine.budget.LatencyTarget` with ``depth``: the
+    module docstring's steps. Widths of removed branches are 0. Fills ``target.result`` as
+    :func:`~prunekit.measure.latency_table.solve_latency_budget` does, plus ``depth``:
+    ``{branches, damage, single_ratio, ratio}``. Returns ``(r, widths, macs_fraction)``."""
+    from ..engine import analyse
+    from ..engine.budget import count_macs_params, macs_of_widths
+    from ..engine.depth import vanishable
+    from .latency_table import _keep_only, measure_ratio, solve_latency_budget
+
+    note = target.progress or (lambda _m: None)
+    names = vanishable(info)
+    sizes = {g.name: g.size for g in info.groups}
+    base_macs = count_macs_params(info.model, info.example_inputs)[0]
+
+    def widths_only(why: str) -> tuple[float, dict[str, int], float]:
+        note(f"latency budget on {target.runtime}: {why}; searching the widths only")
+        r, w, f = solve_latency_budget(info, target, widths_fn, round_to=round_to, iters=iters,
+                                       reference=info.model)
+        target.result["depth"] = {**depth, "branches": []}
+        return r, w, f
+
+    depth: dict[str, Any] = {"candidates": names}
+    if not names:
+        return widths_only("no residual branch can be removed whole")
+    threads = int(target.threads) if target.threads is not None else torch.get_num_threads()
+    x = target.calibration if target.calibration is not None else info.example_inputs
+    note(f"latency budget on {target.runtime}: scoring {len(names)} residual branches "
+         f"on {len(x)} images")
+    damage = branch_damage(info, names, x)
+
+    def timed(drop: Sequence[str], precision: float | None) -> float:
+        return measure_ratio(_without(info, drop), info.model, info.example_inputs, target.runtime,
+                             target.batch_size, threads, max_seconds=target.measure_seconds,
+                             precision=precision)[0]
+
+    single = {}
+    for i, n in enumerate(names):
+        if i == 0 or (i + 1) % max(1, len(names) // 4) == 0 or i + 1 == len(names):
+            note(f"latency budget on {target.runtime}: timing each branch removed "
+                 f"({i + 1}/{len(names)})")
+        single[n] = timed([n], target.measure_precision)
+    order = sorted(names, key=lambda n: damage[n] / max(1.0 - single[n], 1e-3))
+    goal = target.fraction
+    t = goal - target.slack / 2
+    lo, hi = goal - target.slack + target.margin, goal - target.margin
+    pred, k = 1.0, 0
+    for n in order:
+        if pred - (1.0 - single[n]) < t:
+            break
+        pred -= 1.0 - single[n]
+        k += 1
+    depth.update(damage=damage, single_ratio=single, predicted=pred)
+    rounds: list[dict[str, Any]] = []
+    measured = 1.0
+    while k > 0:
+        note(f"latency budget on {target.runtime}: measuring {k} branches removed "
+             f"(predicted {pred:.3f})")
+        measured = timed(order[:k], target.measure_precision)
+        rounds.append({"phase": "depth", "branches": k, "predicted_ratio": pred,
+                       "measured_ratio": measured,
+                       "macs_fraction": macs_of_widths(info, {n: 0 for n in order[:k]}) / base_macs})
+        if measured >= lo:
+            break
+        k -= 1  # under the window: one branch fewer
+        pred += 1.0 - single[order[k]]
+    if k == 0:
+        return widths_only("removing the least damaging branch alone measures under the window")
+    drop = list(order[:k])
+    depth.update(branches=drop, ratio=measured)
+    zeros = {n: 0 for n in drop}
+    if measured <= hi:  # the branches alone land in the window: confirmed in fresh sessions
+        note(f"latency budget on {target.runtime}: measuring {k} branches removed again "
+             f"({target.confirm_sessions} x fresh sessions)")
+        again = sorted(timed(drop, target.confirm_precision)
+                       for _ in range(max(1, target.confirm_sessions)))
+        median = statistics.median(again)
+        rounds[-1].update(search_ratio=measured, sessions=again, confirmed_ratio=median,
+                          measured_ratio=median)
+        if lo <= median <= hi:
+            widths = {**sizes, **zeros}
+            frac = macs_of_widths(info, widths) / base_macs
+            target.result.update({
+                "target_latency": goal, "runtime": target.runtime, "batch_size": target.batch_size,
+                "threads": threads, "predicted_ratio": pred, "measured_ratio": median,
+                "confirmed_ratio": median, "reached": median <= goal, "rounds": rounds,
+                "repeats": {}, "predictor": "depth", "table": {}, "macs_fraction": frac,
+                "block": None, "depth": depth})
+            return 0.0, widths, frac
+        measured = median
+        depth["ratio"] = median
+    # the rest of the way by widths, every ratio measured against the original
+    ignored = [info.names[m] for m in info.ignored if m in info.names]
+    vanished = _without(info, drop)
+    sub = analyse(vanished, info.example_inputs, ignored_layers=ignored,
+                  skip_unsupported=info.skip_unsupported)
+    names_in = _same_groups(info, sub)  # a group whose first producer went is renamed
+    only = None
+    if widths_fn is not None:
+        kept = _keep_only(widths_fn, set(names_in.values()))
+
+        def only(r: float) -> dict[str, int]:
+            w = kept(r)
+            return {s: w[o] for s, o in names_in.items() if o in w}
+
+        if getattr(widths_fn, "keeps_shape", False):
+            from ..engine.budget import keeps_shape
+            keeps_shape(only)
+    r, widths, _ = solve_latency_budget(sub, target, only, round_to=round_to, iters=iters,
+                                        reference=info.model, scale=measured)
+    target.result["rounds"] = rounds + target.result.get("rounds", [])
+    widths = {**sizes, **{names_in[n]: w for n, w in widths.items() if n in names_in}, **zeros}
+    frac = macs_of_widths(info, widths) / base_macs
+    target.result.update(macs_fraction=frac, depth=depth)
+    return r, widths, frac

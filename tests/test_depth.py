@@ -1,0 +1,220 @@
+"""Residual branches removed whole (a group pruned to no channel, ``engine/depth.py``) and the
+latency budget that removes them first (``--depth``, ``measure/latency_depth.py``)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import assert_one_line_error, run
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import prunekit
+from prunekit.engine import GroupPlan, PlanError, PruningPlan, analyse, apply_plan
+from prunekit.engine.budget import LatencyTarget, budget_widths, count_macs_params
+from prunekit.engine.depth import BranchConstant, Vanished, vanish_refusal, vanishable
+from prunekit.models import create
+
+X = torch.randn(6, 1, 20, 20, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path / "cache"))
+
+
+def _trained_like(net: nn.Module) -> nn.Module:
+    """Random BN statistics and affine parameters, so a constant branch is not zero."""
+    g = torch.Generator().manual_seed(0)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.randn(m.num_features, generator=g))
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g))
+    return net.eval()
+
+
+def _resnet(name: str = "resnet20") -> nn.Module:
+    torch.manual_seed(0)
+    return _trained_like(create(name, num_classes=10, in_channels=1))
+
+
+def test_the_hidden_groups_of_residual_branches_can_vanish_and_nothing_else() -> None:
+    net = _resnet()
+    info = analyse(net, X[:1])
+    assert vanishable(info) == [f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)]
+    reasons = {g.name: vanish_refusal(info, g) for g in info.groups}
+    assert "residual stream" in reasons["conv1"]  # the stem feeds the identity shortcuts
+    # a plain chain: a consumer whose output is not added to another path
+    vgg = create("vgg16_bn", num_classes=10, in_channels=1).eval()
+    vinfo = analyse(vgg, torch.randn(1, 1, 32, 32))
+    assert vanishable(vinfo) == []
+    assert all("not added to a shortcut" in vanish_refusal(vinfo, g) for g in vinfo.groups[:-1])
+    # MobileNetV2: the expansions of the blocks with a shortcut (depthwise convs passed over)
+    mb = create("mobilenetv2", num_classes=10, in_channels=1).eval()
+    minfo = analyse(mb, torch.randn(1, 1, 32, 32))
+    names = vanishable(minfo)
+    skips = [n for n, m in mb.named_modules() if getattr(m, "use_residual", False)]
+    assert names and len(names) == len(skips), (names, skips)
+
+
+def _conv_macs(net: nn.Module) -> int:
+    """MACs of the Conv2d layers for one input image (hooks on the modules' outputs)."""
+    total = []
+
+    def hook(m, _i, y):
+        total.append(y[0].numel() * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1])
+
+    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        net(X[:1])
+    for h in handles:
+        h.remove()
+    return sum(total)
+
+
+def _branch_macs(block: nn.Module, hw: tuple[int, int]) -> int:
+    """conv1 + conv2 MACs of a basic block at its output size (independent count)."""
+    c1, c2 = block.conv1, block.conv2
+    n = hw[0] * hw[1]
+    return n * (c1.in_channels * c1.out_channels * 9 + c2.in_channels * c2.out_channels * 9)
+
+
+def test_a_vanished_branch_gives_the_outputs_of_its_zeroed_consumer() -> None:
+    """Exact: the model with branches removed (one with a stride-2 first conv and a projection
+    shortcut) and another group cut equals the original with those branches' last conv reading
+    zeros, and its MACs drop by the branches' conv MACs."""
+    net = _resnet()
+    sizes = {g.name: g.size for g in analyse(net, X[:1]).groups}
+    drop = ["layer1.1.conv1", "layer2.0.conv1", "layer3.2.conv1"]
+    cut = GroupPlan("layer2.2.conv1", 32, list(range(0, 32, 3)))
+    pruned = apply_plan(net, X[:1], PruningPlan([GroupPlan(n, sizes[n], []) for n in drop] + [cut]))
+    ref = copy.deepcopy(net)
+    for n in drop:
+        ref.get_submodule(n.replace("conv1", "conv2")).weight.data.zero_()
+    ref = apply_plan(ref, X[:1], PruningPlan([cut]))
+    with torch.no_grad():
+        assert torch.allclose(pruned(X), ref(X), atol=1e-5, rtol=0)
+        assert not torch.allclose(pruned(X), net(X), atol=1e-3)
+    for n in drop:
+        block = pruned.get_submodule(n.rsplit(".", 1)[0])
+        assert isinstance(block.conv1, Vanished) and isinstance(block.bn1, Vanished)
+        assert isinstance(block.conv2, BranchConstant)
+    hw = {"layer1": (20, 20), "layer2": (10, 10), "layer3": (5, 5)}
+    removed = sum(_branch_macs(ref.get_submodule(n.rsplit(".", 1)[0]), hw[n.split(".")[0]]) for n in drop)
+    assert _conv_macs(pruned) == _conv_macs(ref) - removed
+    assert count_macs_params(pruned, X[:1])[0] <= count_macs_params(ref, X[:1])[0] - removed
+
+
+def test_a_model_with_vanished_branches_reloads_exports_and_prunes_again(tmp_path) -> None:
+    net = _resnet()
+    sizes = {g.name: g.size for g in analyse(net, X[:1]).groups}
+    drop = ["layer1.0.conv1", "layer2.1.conv1"]
+    pruned = apply_plan(net, X[:1], PruningPlan([GroupPlan(n, sizes[n], []) for n in drop]))
+    # checkpoint: rebuilt from the zoo name, the branches replaced again, weights exact
+    prunekit.save(pruned, tmp_path / "p.pt")
+    back, _ = prunekit.load(tmp_path / "p.pt")
+    with torch.no_grad():
+        assert torch.equal(back(X), pruned(X))
+    # ONNX Runtime runs it (dynamic batch), outputs verified against PyTorch
+    from prunekit.measure.runtimes import profile_runtimes
+
+    rep = profile_runtimes(pruned, X[:1], batch_sizes=(3,), runtimes=["onnxruntime"], max_seconds=0.05,
+                           check_input=X)
+    assert rep["runtimes"]["onnxruntime"]["ok"], rep
+    # pruned again: the residual stream (read by the branches' constants) loses channels
+    keep = list(range(0, 16, 2))
+    again = apply_plan(pruned, X[:1], PruningPlan([GroupPlan("conv1", 16, keep)]))
+    once = apply_plan(net, X[:1], PruningPlan([GroupPlan("conv1", 16, keep)]
+                                              + [GroupPlan(n, sizes[n], []) for n in drop]))
+    assert again.layer1[0].conv2.bias.shape == (8,)
+    with torch.no_grad():
+        assert torch.allclose(again(X), once(X), atol=1e-5, rtol=0)
+
+
+def test_a_group_that_cannot_vanish_is_refused_with_the_reason() -> None:
+    net = _resnet()
+    with pytest.raises(PlanError, match="residual stream"):
+        apply_plan(net, X[:1], PruningPlan([GroupPlan("conv1", 16, [])]))
+    with pytest.raises(PlanError, match="merges none"):
+        GroupPlan("layer1.0.conv1", 16, [], merge={0: [1]})
+
+
+@pytest.fixture()
+def layer_cost_runtime(monkeypatch):
+    """A fake runtime where every conv layer costs a fixed 2 % of the original's latency beside
+    its MACs: ratio = 0.1 + 0.4 x MACs fraction + 0.5 x conv-layer fraction (deterministic).
+    A branch removed whole saves its two layers' fixed cost; cutting widths does not."""
+    from prunekit.measure import latency_table
+
+    def convs(m: nn.Module) -> int:
+        return sum(isinstance(x, nn.Conv2d) for x in m.modules())
+
+    def fake(model, original, example_input, runtime, batch_size, threads, **_kw):
+        macs = count_macs_params(model, example_input)[0] / count_macs_params(original, example_input)[0]
+        ratio = 0.1 + 0.4 * macs + 0.5 * convs(model) / convs(original)
+        return ratio, ratio, 1.0
+
+    monkeypatch.setattr(latency_table, "measure_ratio", fake)
+    return fake
+
+
+def test_depth_removes_the_least_damaging_branches_first_and_lands_in_the_window(
+        layer_cost_runtime) -> None:
+    """One branch whose last conv reads nothing (weights zero) changes nothing when removed:
+    it must be the first removed; the result lands in the window by the runtime's own
+    measure and keeps more MACs than the widths alone at the same budget."""
+    net = _resnet()
+    net.layer3[1].conv2.weight.data.zero_()
+    info = analyse(net, X[:1])
+    target = LatencyTarget(0.7, "deploy", table_seconds=0.01, use_cache=False, depth=True,
+                           calibration=X)
+    _, widths, frac = budget_widths(info, None, target, round_to=8)
+    lb, depth = target.result, target.result["depth"]
+    assert depth["damage"]["layer3.1.conv1"] == pytest.approx(0.0, abs=1e-12)
+    assert min(depth["damage"], key=depth["damage"].get) == "layer3.1.conv1"
+    assert depth["branches"][0] == "layer3.1.conv1" and len(depth["branches"]) >= 2
+    assert {n for n, w in widths.items() if w == 0} == set(depth["branches"])
+    model = apply_plan(net, X[:1], PruningPlan([GroupPlan(g.name, g.size, list(range(widths[g.name])))
+                                                for g in info.groups if widths[g.name] < g.size]))
+    measured = layer_cost_runtime(model, net, X[:1], "deploy", 1, 1)[0]
+    assert 0.65 <= measured <= 0.7 and lb["reached"], lb["rounds"]
+    plain = LatencyTarget(0.7, "deploy", table_seconds=0.01, use_cache=False)
+    _, _, frac_plain = budget_widths(analyse(net, X[:1]), None, plain, round_to=8)
+    assert 0.65 <= plain.result["measured_ratio"] <= 0.7
+    assert frac > frac_plain + 0.05, (frac, frac_plain)
+
+
+def test_prune_with_depth_gives_a_plain_model_with_those_branches_removed(layer_cost_runtime) -> None:
+    net = _resnet("resnet8")
+    res = prunekit.prune(net, X[:1], method="l1", target_latency=0.7, runtime="deploy",
+                         latency_depth=True, data=TensorDataset(X, torch.zeros(6).long()),
+                         evaluate=False)
+    branches = res.report["latency_budget"]["depth"]["branches"]
+    assert branches
+    for n in branches:
+        assert isinstance(res.model.get_submodule(n), Vanished)
+        assert res.report["widths"][n][1] == 0
+    with torch.no_grad():
+        assert res.model(X).shape == (6, 10)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ck") / "m.pt"
+    prunekit.save(_resnet("resnet8"), path, meta={"input_shape": [1, 20, 20], "data": "fashion-mnist"})
+    return path
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--method", "l1", "--target-macs", "0.5", "--depth"], "applies to a latency budget"),
+    (["--method", "thinet", "--target-latency", "0.5", "--runtime", "deploy", "--depth"],
+     "cannot plan"),
+], ids=["no-latency", "method"])
+def test_depth_misused_exits_2(checkpoint, tmp_path, capsys, flags, match) -> None:
+    out = tmp_path / "p.pt"
+    assert_one_line_error(*run(capsys, "prune", checkpoint, *flags, "--out", out), match=match)
+    assert not out.exists()
