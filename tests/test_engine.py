@@ -164,8 +164,8 @@ def test_reconstruct_writes_consumer_weights():
 
 
 def test_plan_validation():
-    with pytest.raises(PlanError):
-        GroupPlan("a", 4, [])
+    with pytest.raises(PlanError, match="merges none"):  # keep=[]: a branch removed whole
+        GroupPlan("a", 4, [], merge={0: [1]})
     with pytest.raises(PlanError):
         GroupPlan("a", 4, [0, 5])
     with pytest.raises(PlanError):
@@ -173,6 +173,9 @@ def test_plan_validation():
     model, x = _model("simplecnn")
     with pytest.raises(PlanError):
         apply_plan(model, x, PruningPlan([GroupPlan("nope", 4, [0])]))
+    with pytest.raises(PlanError, match="cannot keep no channels"):  # no residual branch here
+        apply_plan(model, x, PruningPlan([GroupPlan(analyse(model, x).groups[0].name,
+                                                    analyse(model, x).groups[0].size, [])]))
 
 
 @pytest.mark.parametrize("target", [0.4, 0.6])
