@@ -10,8 +10,10 @@ ResNet-20 trained on Fashion-MNIST (``bench/baselines/resnet20_fashion-mnist.pt`
   of 8 like the latency model's and the command line's), ``q`` searched by bisection
   until its latency ratio, measured on ``R`` interleaved against the original, matches the
   latency model's own (within ``--match``; else the closest measured);
-* **depth**: ``target_latency=f`` with ``latency_depth`` (residual branches removed whole
-  first, scored on 64 training images; ``--add-depth`` adds it to a finished target);
+* **depth**: ``target_latency=f`` with ``latency_depth=1`` (up to one residual branch per stage
+  removed whole first, scored on 64 training images; ``--add-depth`` adds it to a finished
+  target); ``depth2``: with ``latency_depth=2`` (``--depth 2``, renamed by hand); ``depth-all``:
+  the first such runs, before the cap per stage (any number of branches);
 * **uniform-under**: of the uniform allocations the bisection measured, the one keeping the
   most MACs measured at or under the latency model's ratio (what a user with that latency
   budget could deploy uniformly), where it differs from ``uniform`` (ResNet-20 rounded to 8
@@ -71,8 +73,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-samples", type=int, default=20000)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--name", default="latency_accuracy")
+    p.add_argument("--kinds", default=",".join(KINDS), help="finetune phase: allocations to fine-tune")
     p.add_argument("--add-depth", action="store_true",
                    help="prune phase: only add the --depth allocation to finished targets")
+    p.add_argument("--depth", type=int, default=1, help="--depth of the depth allocation")
     p.add_argument("--add-under", action="store_true",
                    help="prune phase: only add the uniform-under allocation to finished targets")
     return p.parse_args(argv)
@@ -168,7 +172,7 @@ def _add_depth(args: argparse.Namespace, f: float, net, x, meta, train, test) ->
     t0 = time.perf_counter()
     res = prunekit.prune(net, x, method=args.method, target_latency=f, runtime=args.runtime,
                          latency_batch_size=args.batch_size, latency_threads=1, evaluate=False,
-                         latency_depth=True, data=train)
+                         latency_depth=args.depth, data=train)
     lb = res.report["latency_budget"]
     m, _, _ = measure_ratio(res.model, net, x, args.runtime, args.batch_size, 1,
                             max_seconds=args.measure_seconds)
@@ -182,7 +186,12 @@ def _add_depth(args: argparse.Namespace, f: float, net, x, meta, train, test) ->
           f"{res.report['macs_fraction']:.3f}, branches {lb['depth']['branches']}", flush=True)
 
 
-KINDS = ("latency", "uniform", "uniform-under", "depth")
+KINDS = ("latency", "uniform", "uniform-under", "depth", "depth2", "depth-all")
+
+
+def _run_path(f: float, kind: str, seed: int | str, epochs: int) -> Path:
+    """One fine-tuning run's result (the first runs, of 2 epochs, have no epoch suffix)."""
+    return WORK / f"f{f:g}_{kind}_seed{seed}{'' if epochs == 2 else f'_ep{epochs}'}.json"
 
 
 def finetune_phase(args: argparse.Namespace) -> None:
@@ -192,8 +201,8 @@ def finetune_phase(args: argparse.Namespace) -> None:
     for f in map(float, args.targets.split(",")):
         rec = json.loads((WORK / f"f{f:g}.json").read_text())
         for seed in map(int, args.seeds.split(",")):
-            for kind in (k for k in KINDS if k in rec):
-                out = WORK / f"f{f:g}_{kind}_seed{seed}.json"
+            for kind in (k for k in args.kinds.split(",") if k in rec):
+                out = _run_path(f, kind, seed, args.epochs)
                 if out.is_file():
                     continue
                 model, _ = prunekit.load(_pruned_path(f, kind))
@@ -211,8 +220,11 @@ def report_phase(args: argparse.Namespace) -> None:
     for f in map(float, args.targets.split(",")):
         rec = json.loads((WORK / f"f{f:g}.json").read_text())
         for kind in (k for k in KINDS if k in rec):
-            runs = sorted((json.loads(p.read_text()) for p in WORK.glob(f"f{f:g}_{kind}_seed*.json")),
+            runs = sorted((json.loads(p.read_text())
+                           for p in WORK.glob(_run_path(f, kind, "*", args.epochs).name)),
                           key=lambda r: r["seed"])
+            if not runs:
+                continue
             accs = [r["accuracy"] for r in runs]
             rows.append({"target": f, "allocation": kind, "runtime": rec["runtime"], "batch": rec["batch"],
                          "macs_fraction": rec[kind]["macs_fraction"], "measured_ratio": rec[kind]["measured"],

@@ -72,8 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--predictor", default="auto", choices=LATENCY_PREDICTORS,
                    help="latency predictor of the --target-latency search (auto: the table below "
                         "batch 16, the fitted model from it)")
-    p.add_argument("--depth", action="store_true",
-                   help="--target-latency rows with --depth (residual branches removed whole first)")
+    p.add_argument("--depth", type=int, default=0,
+                   help="--target-latency rows with --depth N (up to N residual branches per "
+                        "stage removed whole first)")
     p.add_argument("--round-tos", default="none,8",
                    help="round_to of the uniform 50%% MACs rows ('none': exact widths)")
     return p.parse_args(argv)

@@ -103,12 +103,15 @@ def latency_target(method: str, target_latency: float, runtime: str | None, batc
                          measure_seconds=measure_seconds)
 
 
-def check_depth(method: str, target_latency: float | None, depth: bool) -> bool:
-    """``depth`` (``latency_depth``, ``--depth``) if it applies: to a latency budget, with a
-    method that keeps the top-ranked channels of each group
-    (:attr:`~prunekit.methods.registry.MethodSpec.vanishes`); else a ConfigError."""
+def check_depth(method: str, target_latency: float | None, depth: int) -> int:
+    """``depth`` (``latency_depth``, ``--depth``) if it applies: a whole number of branches
+    per stage, with a latency budget and a method that keeps the top-ranked channels of each
+    group (:attr:`~prunekit.methods.registry.MethodSpec.vanishes`); else a ConfigError."""
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+        raise ConfigError(f"latency_depth (--depth) must be a whole number of branches per "
+                          f"stage >= 0, got {depth!r}")
     if not depth:
-        return False
+        return 0
     if target_latency is None:
         raise ConfigError("latency_depth (--depth) applies to a latency budget "
                           "(target_latency, --target-latency)")
@@ -116,7 +119,7 @@ def check_depth(method: str, target_latency: float | None, depth: bool) -> bool:
         ok = ", ".join(n for n, s in methods.specs().items() if s.vanishes)
         raise ConfigError(f"latency_depth (--depth) removes residual branches by keeping no "
                           f"channel of them, which {method!r} cannot plan (supported: {ok})")
-    return True
+    return depth
 
 
 #: :func:`prune`'s own keywords (offered as suggestions for a misspelt method option)
@@ -229,7 +232,7 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None,
           target_latency: float | None = None, runtime: str | None = None,
           latency_batch_size: int = 1, latency_threads: int | None = None, progress: Any = None,
           latency_fractions: tuple[float, ...] | None = None, latency_predictor: str = "auto",
-          latency_depth: bool = False, **method_options: Any) -> PruneResult:
+          latency_depth: int = 0, **method_options: Any) -> PruneResult:
     """Prune ``model`` with ``method`` to a ``ratio`` of removed filters or a ``target_macs``
     fraction of the original MACs.
 
@@ -276,13 +279,15 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None,
         widths' MACs and memory traffic fitted to end-to-end measurements
         (:mod:`prunekit.measure.latency_model`); ``auto`` (the command line's): the model from
         a latency batch of 16 on.
-    latency_depth : bool
-        Let the latency budget remove residual branches whole (the hidden channels of a
-        residual block: the block becomes its shortcut plus a constant) before it cuts widths
-        (:mod:`prunekit.measure.latency_depth`; one-shot criteria methods). Far more of the
-        MACs per unit of latency on a small network at a low target; the branches removed are
-        those whose removal changes the output least (on ``DEPTH_IMAGES`` training images) per
-        unit of latency saved.
+    latency_depth : int
+        Up to this many residual branches of each stage may go whole under a latency budget
+        (the hidden channels of a residual block: the block becomes its shortcut plus a
+        constant; every stage keeps one), before the widths are cut
+        (:mod:`prunekit.measure.latency_depth`; one-shot criteria methods). The branches
+        removed are those whose removal changes the output least (on ``DEPTH_IMAGES``
+        training images) per unit of latency saved. More of the MACs per unit of latency on a
+        small network at a low target; 1 was the more accurate after fine-tuning
+        (``docs/runtimes.md``).
     data : dataset, DataLoader or (train, test), optional
         Calibration / training data; the test set, when given, is used for the accuracies.
         Each may be a prunekit ImageDataset (in memory), a streamed image folder, any
@@ -348,7 +353,7 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None,
             raise ConfigError("example_inputs or data is required")
         from .data.batches import first_input
         example_inputs = first_input(train_set)
-    if getattr(budget, "depth", False) and train_set is not None:
+    if getattr(budget, "depth", 0) and train_set is not None:
         from .data.batches import iter_batches
         budget.calibration = next(iter_batches(train_set, DEPTH_IMAGES, DEPTH_IMAGES))[0]
     if isinstance(finetune_epochs, bool) or int(finetune_epochs) != finetune_epochs or finetune_epochs < 0:

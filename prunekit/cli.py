@@ -698,10 +698,10 @@ def prune_(
     target_latency: TargetLatencyOpt = None,
     runtime: LatencyRuntimeOpt = None,
     latency_batch: LatencyBatchOpt = 1,
-    depth: Annotated[bool, typer.Option(
-        "--depth", help="With --target-latency: remove whole residual branches (those whose "
-        "removal changes the output least per unit of latency saved) before cutting widths; "
-        "one-shot criteria methods.")] = False,
+    depth: Annotated[int, typer.Option(
+        "--depth", min=0, help="With --target-latency: remove up to this many whole residual "
+        "branches per stage (those whose removal changes the output least per unit of latency "
+        "saved; every stage keeps one) before cutting widths; one-shot criteria methods.")] = 0,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     trust_code: TrustCodeOpt = False,

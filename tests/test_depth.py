@@ -170,7 +170,7 @@ def test_depth_removes_the_least_damaging_branches_first_and_lands_in_the_window
     net = _resnet()
     net.layer3[1].conv2.weight.data.zero_()
     info = analyse(net, X[:1])
-    target = LatencyTarget(0.7, "deploy", table_seconds=0.01, use_cache=False, depth=True,
+    target = LatencyTarget(0.7, "deploy", table_seconds=0.01, use_cache=False, depth=2,
                            calibration=X)
     _, widths, frac = budget_widths(info, None, target, round_to=8)
     lb, depth = target.result, target.result["depth"]
@@ -188,10 +188,25 @@ def test_depth_removes_the_least_damaging_branches_first_and_lands_in_the_window
     assert frac > frac_plain + 0.05, (frac, frac_plain)
 
 
+@pytest.mark.parametrize("depth, per_stage, goal", [(1, 1, 0.55), (2, 2, 0.4), (5, 2, 0.4)])
+def test_depth_takes_at_most_its_count_per_stage_and_leaves_one(layer_cost_runtime, depth,
+                                                                 per_stage, goal) -> None:
+    """At targets that removing branches alone could nearly reach, each stage loses at most
+    ``depth`` branches and never all three; the rest comes from the widths."""
+    net = _resnet()
+    target = LatencyTarget(goal, "deploy", table_seconds=0.01, use_cache=False, depth=depth,
+                           calibration=X)
+    budget_widths(analyse(net, X[:1]), None, target, round_to=8)
+    branches = target.result["depth"]["branches"]
+    for stage in (1, 2, 3):
+        assert sum(b.startswith(f"layer{stage}.") for b in branches) == per_stage, branches
+    assert goal - 0.05 <= target.result["measured_ratio"] <= goal, target.result["rounds"]
+
+
 def test_prune_with_depth_gives_a_plain_model_with_those_branches_removed(layer_cost_runtime) -> None:
-    net = _resnet("resnet8")
+    net = _resnet()  # ResNet-8 has one branch per stage: none can go
     res = prunekit.prune(net, X[:1], method="l1", target_latency=0.7, runtime="deploy",
-                         latency_depth=True, data=TensorDataset(X, torch.zeros(6).long()),
+                         latency_depth=1, data=TensorDataset(X, torch.zeros(6).long()),
                          evaluate=False)
     branches = res.report["latency_budget"]["depth"]["branches"]
     assert branches
@@ -210,10 +225,12 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.mark.parametrize("flags, match", [
-    (["--method", "l1", "--target-macs", "0.5", "--depth"], "applies to a latency budget"),
-    (["--method", "thinet", "--target-latency", "0.5", "--runtime", "deploy", "--depth"],
+    (["--method", "l1", "--target-macs", "0.5", "--depth", "1"], "applies to a latency budget"),
+    (["--method", "thinet", "--target-latency", "0.5", "--runtime", "deploy", "--depth", "1"],
      "cannot plan"),
-], ids=["no-latency", "method"])
+    (["--method", "l1", "--target-latency", "0.5", "--runtime", "deploy", "--depth", "-1"],
+     "depth"),
+], ids=["no-latency", "method", "negative"])
 def test_depth_misused_exits_2(checkpoint, tmp_path, capsys, flags, match) -> None:
     out = tmp_path / "p.pt"
     assert_one_line_error(*run(capsys, "prune", checkpoint, *flags, "--out", out), match=match)

@@ -15,11 +15,12 @@ The search, after NetAdapt's measured steps and HALP's latency-saliency knapsack
    calibration images when that branch alone is removed, relative to the output's energy.
 2. **Saving**: the model with that branch alone removed, timed on the runtime against the
    original (the latency ratio it keeps).
-3. **Order and count**: branches in increasing damage per unit of latency saved; the most of
-   them whose predicted ratio (one less the sum of their single savings: a ResNet-20 with six
-   branches removed measured 0.338 on OpenVINO at batch 64, the sum predicted 0.345, the
-   product of the single ratios 0.50) stays at or above the middle of the window. The model
-   with those removed is measured; one branch fewer while it measures under the window.
+3. **Order and count**: branches in increasing damage per unit of latency saved, at most
+   ``depth`` of each stage's (residual stream's) and never all of them; the most of them whose
+   predicted ratio (one less the sum of their single savings: a ResNet-20 with six branches
+   removed measured 0.338 on OpenVINO at batch 64, the sum predicted 0.345, the product of
+   the single ratios 0.50) stays at or above the middle of the window. The model with those
+   removed is measured; one branch fewer while it measures under the window.
 4. **Widths**: when that model is above the window, the widths of the rest are searched as
    without ``--depth`` (:func:`~prunekit.measure.latency_table.solve_latency_budget`), every
    ratio still measured against the original; when it is inside the window, it is measured
@@ -81,6 +82,25 @@ def branch_damage(info: Any, names: Sequence[str], x: torch.Tensor) -> dict[str,
     return out
 
 
+def _per_stream(info: Any, order: list[str], cap: int) -> list[str]:
+    """``order`` kept to at most ``cap`` branches of each residual stream (a stage), and never
+    all of them: every stage keeps one branch of its own computation."""
+    from ..engine.depth import _Topology
+
+    top = _Topology(info)
+    groups = {g.name: g for g in info.all_groups}
+    stream = {n: top.produces[groups[n].consumers[0].module].name for n in order}
+    left = {s: sum(1 for n in order if stream[n] == s) for s in stream.values()}
+    out = []
+    taken = dict.fromkeys(left, 0)
+    for n in order:
+        if left[stream[n]] > 1 and taken[stream[n]] < cap:
+            out.append(n)
+            left[stream[n]] -= 1
+            taken[stream[n]] += 1
+    return out
+
+
 def _same_groups(info: Any, sub: Any) -> dict[str, str]:
     """Group of ``sub`` (the model with branches removed) -> the group of ``info`` with the
     same channels: the one a layer of the same name produces (a residual stream whose first
@@ -139,7 +159,8 @@ def solve_with_depth(info: Any, target: Any, widths_fn: Callable[[float], dict[s
             note(f"latency budget on {target.runtime}: timing each branch removed "
                  f"({i + 1}/{len(names)})")
         single[n] = timed([n], target.measure_precision)
-    order = sorted(names, key=lambda n: damage[n] / max(1.0 - single[n], 1e-3))
+    order = _per_stream(info, sorted(names, key=lambda n: damage[n] / max(1.0 - single[n], 1e-3)),
+                        int(target.depth))
     goal = target.fraction
     t = goal - target.slack / 2
     lo, hi = goal - target.slack + target.margin, goal - target.margin
