@@ -220,9 +220,9 @@ def report_phase(args: argparse.Namespace) -> None:
     for f in map(float, args.targets.split(",")):
         rec = json.loads((WORK / f"f{f:g}.json").read_text())
         for kind in (k for k in KINDS if k in rec):
-            runs = sorted((json.loads(p.read_text())
-                           for p in WORK.glob(_run_path(f, kind, "*", args.epochs).name)),
-                          key=lambda r: r["seed"])
+            runs = sorted((r for r in (json.loads(p.read_text())
+                                       for p in WORK.glob(_run_path(f, kind, "*", args.epochs).name))
+                           if r["epochs"] == args.epochs), key=lambda r: r["seed"])
             if not runs:
                 continue
             accs = [r["accuracy"] for r in runs]

@@ -109,6 +109,59 @@ def test_a_vanished_branch_gives_the_outputs_of_its_zeroed_consumer() -> None:
     assert count_macs_params(pruned, X[:1])[0] <= count_macs_params(ref, X[:1])[0] - removed
 
 
+class _Bottleneck(nn.Module):
+    """1x1 -> 3x3 (stride) -> 1x1 with a projection shortcut where the shape changes."""
+
+    def __init__(self, cin: int, mid: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid)
+        self.conv2, self.bn2 = nn.Conv2d(mid, mid, 3, stride, 1, bias=False), nn.BatchNorm2d(mid)
+        self.conv3, self.bn3 = nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout)
+        self.short = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.relu(self.bn2(self.conv2(y)))
+        return torch.relu(self.bn3(self.conv3(y)) + self.short(x))
+
+
+def test_a_bottleneck_branch_vanishes_with_every_layer_before_its_last() -> None:
+    """A bottleneck's branch is the chain of its two hidden groups: the second can vanish (the
+    first alone cannot: its consumer's output is not added), taking ``conv1`` and ``conv2``
+    with it; exact against the last conv reading zeros."""
+    torch.manual_seed(0)
+    net = _trained_like(nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                      _Bottleneck(16, 8, 32, 2), _Bottleneck(32, 8, 32),
+                                      _Bottleneck(32, 8, 32), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                      nn.Linear(32, 10)))
+    info = analyse(net, X[:1])
+    assert vanishable(info) == ["3.conv2", "4.conv2", "5.conv2"]
+    assert "not added to a shortcut" in vanish_refusal(info, info.producer_group("4.conv1"))
+    pruned = apply_plan(net, X[:1], PruningPlan([GroupPlan("3.conv2", 8, []), GroupPlan("4.conv2", 8, [])]))
+    ref = copy.deepcopy(net)
+    ref[3].conv3.weight.data.zero_()
+    ref[4].conv3.weight.data.zero_()
+    with torch.no_grad():
+        assert torch.allclose(pruned(X), ref(X), atol=1e-5, rtol=0)
+    for i in (3, 4):
+        assert all(isinstance(getattr(pruned[i], n), Vanished) for n in ("conv1", "bn1", "conv2", "bn2"))
+        assert isinstance(pruned[i].conv3, BranchConstant)
+    assert isinstance(pruned[5].conv1, nn.Conv2d)
+    assert _conv_macs(pruned) == _conv_macs(ref) - sum(
+        _conv_macs_of(ref, i) for i in (3, 4))
+
+
+def _conv_macs_of(net: nn.Sequential, i: int) -> int:
+    """conv1 + conv2 + conv3 MACs of bottleneck ``net[i]`` (20x20 input, stride in conv2)."""
+    b = net[i]
+    hw_in = 20 * 20 if i == 3 else 10 * 10
+    hw_out = 10 * 10
+    return (hw_in * b.conv1.in_channels * b.conv1.out_channels
+            + hw_out * b.conv2.in_channels * b.conv2.out_channels * 9
+            + hw_out * b.conv3.in_channels * b.conv3.out_channels)
+
+
 def test_a_model_with_vanished_branches_reloads_exports_and_prunes_again(tmp_path) -> None:
     net = _resnet()
     sizes = {g.name: g.size for g in analyse(net, X[:1]).groups}

@@ -118,7 +118,9 @@ class BranchConstant(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = self.geometry.shape(x, self.out_channels)
         b = self.bias.view(1, -1, 1, 1) if self.geometry.conv else self.bias
-        return b.expand(shape)
+        # a copy, not a view: under no_grad a view of the parameter would still claim to
+        # require grad with no grad_fn, which hooks on module outputs reject
+        return b.expand(shape).clone()
 
 
 def _plain(m: nn.Module) -> bool:
@@ -153,9 +155,9 @@ class _Topology:
                    for s in out.producers)
 
 
-def vanish_refusal(info: DependencyInfo, group: ChannelGroup,
-                   topology: _Topology | None = None) -> str | None:
-    """Why ``group`` cannot vanish (module docstring), or ``None`` when it can."""
+def _hidden_refusal(group: ChannelGroup) -> str | None:
+    """Why ``group`` is not a branch's hidden group by itself (one plain producer of all its
+    channels, only per-channel layers on them), or ``None``."""
     if group.params:
         return "free per-channel parameters read its channels"
     if group.units is not None:
@@ -163,10 +165,9 @@ def vanish_refusal(info: DependencyInfo, group: ChannelGroup,
     if len(group.producers) != 1:
         return "several layers produce its channels (a residual stream)"
     prod = group.producers[0]
-    width = group.channels
     out = prod.module.out_channels if isinstance(prod.module, nn.Conv2d) else \
         getattr(prod.module, "out_features", None)
-    if not _plain(prod.module) or out != width:
+    if not _plain(prod.module) or out != group.channels:
         return f"its producer {prod.name!r} is not a plain conv or linear layer of its channels"
     for s in group.channelwise:
         m = s.module
@@ -174,33 +175,71 @@ def vanish_refusal(info: DependencyInfo, group: ChannelGroup,
             return f"{s.name!r} ({type(m).__name__}) on its channels cannot be passed over"
     if not group.consumers:
         return "no layer reads its channels"
-    topology = _Topology(info) if topology is None else topology
     for s in group.consumers:
         m = s.module
         n_in = m.in_channels if isinstance(m, nn.Conv2d) else getattr(m, "in_features", None)
         if not _plain(m) or sum(len(p) for p in s.positions.values()) != n_in:
             return f"its consumer {s.name!r} reads other channels too"
-        if not topology.shortcut(prod.module, m):
-            return f"the output of {s.name!r} is not added to a shortcut around the branch"
     return None
 
 
+def branch(info: DependencyInfo, group: ChannelGroup, topology: _Topology | None = None
+           ) -> tuple[list[ChannelGroup], str | None]:
+    """The hidden groups of the residual branch that ``group`` ends, first first (a
+    bottleneck's ``conv1 -> conv2 -> conv3``: the groups of ``conv1`` and ``conv2``), and why
+    it cannot vanish (``None``: it can). Walking back, a group joins the chain when its only
+    consumer is the next group's producer."""
+    why = _hidden_refusal(group)
+    if why is not None:
+        return [group], why
+    topology = _Topology(info) if topology is None else topology
+    by_name = {g.name: g for g in info.all_groups}
+    chain = [group]
+    while True:
+        first = chain[0].producers[0].module
+        ins = topology.reads.get(first, set())
+        back = by_name.get(next(iter(ins))) if len(ins) == 1 else None
+        if back is None or back in chain or _hidden_refusal(back) is not None \
+                or [s.module for s in back.consumers] != [first]:
+            break
+        chain.insert(0, back)
+    first = chain[0].producers[0].module
+    for s in group.consumers:
+        if not topology.shortcut(first, s.module):
+            return chain, f"the output of {s.name!r} is not added to a shortcut around the branch"
+    return chain, None
+
+
+def vanish_refusal(info: DependencyInfo, group: ChannelGroup,
+                   topology: _Topology | None = None) -> str | None:
+    """Why ``group`` cannot vanish (module docstring), or ``None`` when it can."""
+    return branch(info, group, topology)[1]
+
+
 def vanishable(info: DependencyInfo) -> list[str]:
-    """Names of the groups of ``info`` that can vanish (the hidden groups of residual
-    branches), in the model's order."""
+    """Names of the groups of ``info`` that can vanish (the last hidden group of each residual
+    branch), in the model's order."""
     topology = _Topology(info)
     return [g.name for g in info.groups if vanish_refusal(info, g, topology) is None]
 
 
 @torch.no_grad()
-def vanish(model: nn.Module, group: ChannelGroup, reason: Any = None) -> None:
-    """Remove every channel of ``group`` from ``model`` in place (module docstring). The caller
-    has checked :func:`vanish_refusal` (``reason``: its answer, raised if not ``None``)."""
+def vanish(info: DependencyInfo, group: ChannelGroup) -> None:
+    """Remove every channel of ``group`` from ``info.model`` in place, and the layers before it
+    in its branch (:func:`branch`; module docstring);
+    :class:`~prunekit.engine.plan.PlanError` when the group cannot vanish."""
     from .plan import PlanError
 
+    chain, reason = branch(info, group)
     if reason is not None:
         raise PlanError(f"group {group.name!r} cannot keep no channels: {reason}")
-    for s in group.slots:
-        new: nn.Module = BranchConstant(s.module) if s.role == "consumer" else Vanished(s.module)
-        new.train(s.module.training)
-        model.set_submodule(s.name, new)
+    done: set[str] = set()
+    for g in reversed(chain):
+        for s in g.slots:
+            if s.name in done:
+                continue  # a producer of the next group (already replaced)
+            done.add(s.name)
+            new: nn.Module = BranchConstant(s.module) if s.role == "consumer" and g is group \
+                else Vanished(s.module)
+            new.train(s.module.training)
+            info.model.set_submodule(s.name, new)

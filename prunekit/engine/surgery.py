@@ -131,9 +131,9 @@ def apply_group(info: DependencyInfo, gp: GroupPlan) -> None:
     if group.size != gp.size:
         raise PlanError(f"group {gp.group!r} has {group.size} channels, the plan expects {gp.size}")
     if not gp.keep:
-        from .depth import vanish, vanish_refusal
+        from .depth import vanish
 
-        vanish(info.model, group, vanish_refusal(info, group))
+        vanish(info, group)
         return
     if gp.merge:
         fold_consumers(group, gp.merge)
