@@ -40,7 +40,8 @@ import torch.nn as nn
 
 from .graph import ChannelGroup, DependencyInfo, is_depthwise
 
-__all__ = ["BranchConstant", "Vanished", "vanish", "vanish_refusal", "vanishable"]
+__all__ = ["BranchConstant", "Vanished", "branch", "streams", "vanish", "vanish_refusal",
+           "vanishable"]
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.PReLU)
 
@@ -214,6 +215,13 @@ def vanish_refusal(info: DependencyInfo, group: ChannelGroup,
                    topology: _Topology | None = None) -> str | None:
     """Why ``group`` cannot vanish (module docstring), or ``None`` when it can."""
     return branch(info, group, topology)[1]
+
+
+def streams(info: DependencyInfo, names: list[str]) -> dict[str, str]:
+    """Branch group -> the residual stream (the group) its last layer adds to: a stage."""
+    topology = _Topology(info)
+    groups = {g.name: g for g in info.all_groups}
+    return {n: topology.produces[groups[n].consumers[0].module].name for n in names}
 
 
 def vanishable(info: DependencyInfo) -> list[str]:

@@ -85,11 +85,9 @@ def branch_damage(info: Any, names: Sequence[str], x: torch.Tensor) -> dict[str,
 def _per_stream(info: Any, order: list[str], cap: int) -> list[str]:
     """``order`` kept to at most ``cap`` branches of each residual stream (a stage), and never
     all of them: every stage keeps one branch of its own computation."""
-    from ..engine.depth import _Topology
+    from ..engine.depth import streams
 
-    top = _Topology(info)
-    groups = {g.name: g for g in info.all_groups}
-    stream = {n: top.produces[groups[n].consumers[0].module].name for n in order}
+    stream = streams(info, order)
     left = {s: sum(1 for n in order if stream[n] == s) for s in stream.values()}
     out = []
     taken = dict.fromkeys(left, 0)
