@@ -256,6 +256,26 @@ def test_depth_takes_at_most_its_count_per_stage_and_leaves_one(layer_cost_runti
     assert goal - 0.05 <= target.result["measured_ratio"] <= goal, target.result["rounds"]
 
 
+def test_branches_alone_in_the_window_are_confirmed_and_reported_like_a_search(
+        layer_cost_runtime) -> None:
+    """At 0.74 three branches alone land in the window (0.719 by the fake runtime): no width is
+    cut, the result is confirmed in fresh sessions, and the report has every field a widths
+    search gives (the bench and the command line read them)."""
+    net = _resnet()
+    info = analyse(net, X[:1])
+    target = LatencyTarget(0.74, "deploy", table_seconds=0.01, use_cache=False, depth=1,
+                           calibration=X)
+    _, widths, frac = budget_widths(info, None, target, round_to=8)
+    lb = target.result
+    assert lb["predictor"] == "depth" and len(lb["depth"]["branches"]) == 3
+    assert {n for n, w in widths.items() if w < info.group(n).size} == set(lb["depth"]["branches"])
+    assert 0.69 <= lb["measured_ratio"] == lb["confirmed_ratio"] <= 0.74 and lb["reached"]
+    for key in ("target_latency", "runtime", "batch_size", "threads", "predicted_ratio", "rounds"):
+        assert key in lb
+    assert set(lb["table"]) >= {"seconds", "cached"} and lb["macs_fraction"] == pytest.approx(frac)
+    assert all("macs_fraction" in r for r in lb["rounds"])
+
+
 def test_prune_with_depth_gives_a_plain_model_with_those_branches_removed(layer_cost_runtime) -> None:
     net = _resnet()  # ResNet-8 has one branch per stage: none can go
     res = prunekit.prune(net, X[:1], method="l1", target_latency=0.7, runtime="deploy",

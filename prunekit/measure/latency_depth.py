@@ -202,7 +202,9 @@ def solve_with_depth(info: Any, target: Any, widths_fn: Callable[[float], dict[s
                 "target_latency": goal, "runtime": target.runtime, "batch_size": target.batch_size,
                 "threads": threads, "predicted_ratio": pred, "measured_ratio": median,
                 "confirmed_ratio": median, "reached": median <= goal, "rounds": rounds,
-                "repeats": {}, "predictor": "depth", "table": {}, "macs_fraction": frac,
+                "repeats": {}, "predictor": "depth", "macs_fraction": frac,
+                "table": {"cached": False, "path": None, "measurements": 0, "seconds": 0.0,
+                          "base_ms": None},
                 "block": None, "depth": depth})
             return 0.0, widths, frac
         measured = median
