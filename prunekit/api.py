@@ -326,6 +326,7 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None,
     check_budget(ratio, target_macs, optional=spec.chooses_widths, target_latency=target_latency)
     round_to = check_round_to(round_to)
     methods.check_round_to_supported(method, round_to)
+    depth = check_depth(method, target_latency, latency_depth)
     budget: Any = target_macs
     if target_latency is not None:
         block = None
@@ -341,11 +342,10 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None,
             budget.fractions = tuple(float(q) for q in latency_fractions)
         from .engine.budget import check_predictor
         budget.predictor = check_predictor(latency_predictor)
-        budget.depth = check_depth(method, target_latency, latency_depth)
+        budget.depth = depth
     elif runtime is not None:
         from .measure.runtimes import check_runtimes
         check_runtimes([runtime])
-    check_depth(method, target_latency, latency_depth)
     spec.parse_options(method_options, also_valid=PRUNE_KEYWORDS)  # fail before any work
     train_set, test_set = split_data(data)
     if example_inputs is None:
@@ -353,7 +353,7 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None,
             raise ConfigError("example_inputs or data is required")
         from .data.batches import first_input
         example_inputs = first_input(train_set)
-    if getattr(budget, "depth", 0) and train_set is not None:
+    if depth and train_set is not None:
         from .data.batches import iter_batches
         budget.calibration = next(iter_batches(train_set, DEPTH_IMAGES, DEPTH_IMAGES))[0]
     if isinstance(finetune_epochs, bool) or int(finetune_epochs) != finetune_epochs or finetune_epochs < 0:

@@ -5,11 +5,11 @@ In a residual block ``y = x + F(x)`` the channels between the branch's first and
 go. The branch's last layer then reads nothing, and its output is its bias, a constant per
 channel, so the block becomes ``y = x + c``. It is the limit of width pruning that keeps the
 residual stream intact, and it is what a runtime runs fastest: no narrow kernels left and
-no fixed cost per layer (a ResNet-20 at 28x28 and batch 64 kept at best 0.64 of the MACs
-per unit of latency at half its latency by widths alone, and 0.97 by removing blocks:
-``docs/runtimes.md``). Removing whole residual blocks, the layers an ensemble of paths can
-best spare, is studied by Veit et al. [1]_; learning which blocks to drop under a latency
-budget, by Fu et al. (DepthShrinker) [2]_.
+no fixed cost per layer (a ResNet-20 at 28x28 and batch 64 on OpenVINO kept 0.64 of the MACs
+per unit of latency at half its latency by widths alone, and 1.02 with two blocks of each
+stage removed: ``bench/results/runtimes_session20_resnet20_depth2.md``). Removing whole
+residual blocks, the layers an ensemble of paths can best spare, is studied by Veit et al.
+[1]_; learning which blocks to drop under a latency budget, by Fu et al. (DepthShrinker) [2]_.
 
 A group can vanish (:func:`vanish_refusal` says why not) when it has one producing layer (a
 plain conv or linear whose outputs are all the group's channels), only per-channel layers on

@@ -223,12 +223,12 @@ def resize_layers(model: nn.Module, shapes: dict[str, dict[str, Any]]) -> list[s
         module = modules.get(name)
         if module is None:
             raise CheckpointError(f"layer {name or '<root>'!r} of the checkpoint is not in the model")
-        if geom.get("type") in ("Vanished", "BranchConstant") and _geometry(module) is not None \
-                and _geometry(module)["type"] != geom["type"]:
+        current = _geometry(module)
+        if geom.get("type") in ("Vanished", "BranchConstant") and current is not None \
+                and current["type"] != geom["type"]:
             _vanish_layer(model, name, module, geom)
             resized.append(name)
             continue
-        current = _geometry(module)
         if current is None or current["type"] != geom.get("type"):
             raise CheckpointError(f"layer {name or '<root>'!r} is a {type(module).__name__} in the "
                                   f"model but a {geom.get('type')} in the checkpoint")

@@ -2,11 +2,12 @@
 
 Width pruning cannot take a small network far down in latency at a good price: its narrow
 layers run at a fraction of the runtime's speed per multiply-accumulate, and every layer keeps
-a fixed cost. A ResNet-20 at 28x28, batch 64, kept at best 0.64 of its MACs per unit of latency
-at half its latency by widths alone, and 0.97 with two of each stage's three blocks removed
-(``bench/results/``, ``docs/runtimes.md``). Removing a branch keeps the other layers at full
-width, where the runtime is fastest; what it costs in accuracy is the branch's whole
-contribution, which residual networks can spare for many of their blocks [1]_.
+a fixed cost. A ResNet-20 at 28x28, batch 64, on OpenVINO kept 0.64 of its MACs per unit of
+latency at half its latency by widths alone, and 1.02 with up to two blocks of each stage
+removed (``bench/results/runtimes_session20_resnet20_depth2.md``, ``docs/runtimes.md``).
+Removing a branch keeps the other layers at full width, where the runtime is fastest; what it
+costs in accuracy is the branch's whole contribution, which residual networks can spare for
+many of their blocks [1]_.
 
 The search, after NetAdapt's measured steps and HALP's latency-saliency knapsack [2]_ [3]_:
 
@@ -17,10 +18,11 @@ The search, after NetAdapt's measured steps and HALP's latency-saliency knapsack
    original (the latency ratio it keeps).
 3. **Order and count**: branches in increasing damage per unit of latency saved, at most
    ``depth`` of each stage's (residual stream's) and never all of them; the most of them whose
-   predicted ratio (one less the sum of their single savings: a ResNet-20 with six branches
-   removed measured 0.338 on OpenVINO at batch 64, the sum predicted 0.345, the product of
-   the single ratios 0.50) stays at or above the middle of the window. The model with those
-   removed is measured; one branch fewer while it measures under the window.
+   predicted ratio (one less the sum of their single savings: a ResNet-20 with five branches
+   removed measured 0.429 on OpenVINO at batch 64 where the sum predicted 0.433,
+   ``runtimes_session20_resnet20_depth_all``) stays at or above the middle of the window.
+   The model with those removed is measured; one branch fewer while it measures under the
+   window (on ONNX Runtime the sum errs high: all nine predicted 0.658, measured 0.276).
 4. **Widths**: when that model is above the window, the widths of the rest are searched as
    without ``--depth`` (:func:`~prunekit.measure.latency_table.solve_latency_budget`), every
    ratio still measured against the original; when it is inside the window, it is measured
@@ -47,7 +49,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..utils import eval_mode
 
-__all__ = ["branch_damage", "solve_with_depth"]
+__all__ = ["solve_with_depth"]
 
 
 def _output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -69,17 +71,12 @@ def _without(info: Any, names: Sequence[str]) -> nn.Module:
 
 
 @torch.no_grad()
-def branch_damage(info: Any, names: Sequence[str], x: torch.Tensor) -> dict[str, float]:
-    """Per branch group: ``||f(x) - f_b(x)||^2 / ||f(x)||^2`` on the images ``x``, ``f_b`` the
-    model with that branch alone removed (step 1 of the module docstring)."""
-    with eval_mode(info.model):
-        y0 = _output(info.model, x)
-    energy = float((y0 * y0).mean()) or 1.0
-    out = {}
-    for n in names:
-        cut = _without(info, [n]).eval()
-        out[n] = float(((_output(cut, x) - y0) ** 2).mean()) / energy
-    return out
+def _damage(model: nn.Module, x: torch.Tensor, y0: torch.Tensor, energy: float) -> float:
+    """``||f(x) - f_b(x)||^2 / ||f(x)||^2`` (step 1 of the module docstring): ``model`` is
+    ``f_b``, the model with one branch removed, ``y0`` is ``f(x)`` and ``energy`` its mean
+    square."""
+    with eval_mode(model):
+        return float(((_output(model, x) - y0) ** 2).mean()) / energy
 
 
 def _per_stream(info: Any, order: list[str], cap: int) -> list[str]:
@@ -142,21 +139,23 @@ def solve_with_depth(info: Any, target: Any, widths_fn: Callable[[float], dict[s
         return widths_only("no residual branch can be removed whole")
     threads = int(target.threads) if target.threads is not None else torch.get_num_threads()
     x = target.calibration if target.calibration is not None else info.example_inputs
-    note(f"latency budget on {target.runtime}: scoring {len(names)} residual branches "
-         f"on {len(x)} images")
-    damage = branch_damage(info, names, x)
+    with torch.no_grad(), eval_mode(info.model):
+        y0 = _output(info.model, x)
+    energy = float((y0 * y0).mean()) or 1.0
 
-    def timed(drop: Sequence[str], precision: float | None) -> float:
-        return measure_ratio(_without(info, drop), info.model, info.example_inputs, target.runtime,
+    def timed(model: nn.Module, precision: float | None) -> float:
+        return measure_ratio(model, info.model, info.example_inputs, target.runtime,
                              target.batch_size, threads, max_seconds=target.measure_seconds,
                              precision=precision)[0]
 
-    single = {}
-    for i, n in enumerate(names):
+    damage, single = {}, {}
+    for i, n in enumerate(names):  # each branch removed alone: scored on x, then timed
         if i == 0 or (i + 1) % max(1, len(names) // 4) == 0 or i + 1 == len(names):
-            note(f"latency budget on {target.runtime}: timing each branch removed "
-                 f"({i + 1}/{len(names)})")
-        single[n] = timed([n], target.measure_precision)
+            note(f"latency budget on {target.runtime}: scoring and timing each branch removed "
+                 f"({i + 1}/{len(names)}, {len(x)} images)")
+        cut = _without(info, [n])
+        damage[n] = _damage(cut, x, y0, energy)
+        single[n] = timed(cut, target.measure_precision)
     order = _per_stream(info, sorted(names, key=lambda n: damage[n] / max(1.0 - single[n], 1e-3)),
                         int(target.depth))
     goal = target.fraction
@@ -174,7 +173,7 @@ def solve_with_depth(info: Any, target: Any, widths_fn: Callable[[float], dict[s
     while k > 0:
         note(f"latency budget on {target.runtime}: measuring {k} branches removed "
              f"(predicted {pred:.3f})")
-        measured = timed(order[:k], target.measure_precision)
+        measured = timed(_without(info, order[:k]), target.measure_precision)
         rounds.append({"phase": "depth", "branches": k, "predicted_ratio": pred,
                        "measured_ratio": measured,
                        "macs_fraction": macs_of_widths(info, {n: 0 for n in order[:k]}) / base_macs})
@@ -187,10 +186,11 @@ def solve_with_depth(info: Any, target: Any, widths_fn: Callable[[float], dict[s
     drop = list(order[:k])
     depth.update(branches=drop, ratio=measured)
     zeros = {n: 0 for n in drop}
+    vanished = _without(info, drop)
     if measured <= hi:  # the branches alone land in the window: confirmed in fresh sessions
         note(f"latency budget on {target.runtime}: measuring {k} branches removed again "
              f"({target.confirm_sessions} x fresh sessions)")
-        again = sorted(timed(drop, target.confirm_precision)
+        again = sorted(timed(vanished, target.confirm_precision)
                        for _ in range(max(1, target.confirm_sessions)))
         median = statistics.median(again)
         rounds[-1].update(search_ratio=measured, sessions=again, confirmed_ratio=median,
@@ -211,7 +211,6 @@ def solve_with_depth(info: Any, target: Any, widths_fn: Callable[[float], dict[s
         depth["ratio"] = median
     # the rest of the way by widths, every ratio measured against the original
     ignored = [info.names[m] for m in info.ignored if m in info.names]
-    vanished = _without(info, drop)
     sub = analyse(vanished, info.example_inputs, ignored_layers=ignored,
                   skip_unsupported=info.skip_unsupported)
     names_in = _same_groups(info, sub)  # a group whose first producer went is renamed
