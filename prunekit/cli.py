@@ -492,6 +492,10 @@ RuntimeOpt = Annotated[str, typer.Option(
     "--runtime", help="Runtimes to verify and time, comma-separated: nchw, channels_last, deploy "
                       "(eager PyTorch), compile (torch.compile), onnxruntime, openvino; 'all' (the "
                       "default): every installed one but compile; 'none': skip.")]
+DepthOpt = Annotated[int, typer.Option(
+    "--depth", min=0, help="With --target-latency: remove up to this many whole residual "
+    "branches per stage (those whose removal changes the output least per unit of latency "
+    "saved; every stage keeps one) before cutting widths; one-shot criteria methods.")]
 
 
 def runtimes_summary(report: dict[str, Any]) -> list[str]:
@@ -698,10 +702,7 @@ def prune_(
     target_latency: TargetLatencyOpt = None,
     runtime: LatencyRuntimeOpt = None,
     latency_batch: LatencyBatchOpt = 1,
-    depth: Annotated[int, typer.Option(
-        "--depth", min=0, help="With --target-latency: remove up to this many whole residual "
-        "branches per stage (those whose removal changes the output least per unit of latency "
-        "saved; every stage keeps one) before cutting widths; one-shot criteria methods.")] = 0,
+    depth: DepthOpt = 0,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     trust_code: TrustCodeOpt = False,
@@ -902,6 +903,7 @@ def compare_(
                           "original, comma-separated (default with --onnx: onnxruntime and openvino "
                           "when installed; 'none': skip); the first is --target-latency's.")] = None,
     latency_batch: LatencyBatchOpt = 1,
+    depth: DepthOpt = 0,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed (default 0).")] = None,
     device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = None,
     input_shape: InputShapeOpt = None,
@@ -970,7 +972,7 @@ def compare_(
             train_config=train_config, latency_seconds=opt.get("latency_seconds", 2.0),
             meta={"checkpoint": source, "model": meta.get("model") or model_spec, "data": data_name},
             target_latency=target_latency, runtime=rts[0] if target_latency is not None else None,
-            latency_batch_size=latency_batch, runtimes=rts)
+            latency_batch_size=latency_batch, runtimes=rts, latency_depth=depth)
         if len(results["failed"]) == len(names):
             first, why = next(iter(results["failed"].items()))
             raise PrunekitError(f"every method failed (first: {first}: {why}); "

@@ -290,6 +290,40 @@ def test_prune_with_depth_gives_a_plain_model_with_those_branches_removed(layer_
         assert res.model(X).shape == (6, 10)
 
 
+def test_compare_with_depth_removes_branches_for_every_method_and_reports_them(
+        layer_cost_runtime, tmp_path) -> None:
+    """``compare(..., latency_depth=1)``: every method's model has branches removed (at most
+    one per stage), its checkpoint reloads with them, the report names them, and a rerun with
+    another depth is redone rather than reused. (Widths alone cannot reach 0.6 here: the fake
+    runtime's fixed cost per layer stays.)"""
+    from prunekit.data import ImageDataset
+    from prunekit.report import compare
+
+    g = torch.Generator().manual_seed(2)
+    images = ImageDataset(torch.randint(0, 256, (24, 1, 20, 20), generator=g, dtype=torch.uint8),
+                          torch.randint(0, 10, (24,), generator=g), mean=[0.5], std=[0.25],
+                          num_classes=10, name="random")
+    args = {"target_latency": 0.6, "runtime": "deploy", "data": (images, images), "onnx": False,
+            "out_dir": tmp_path, "batch_sizes": (1,), "latency_seconds": 0.01, "progress": False}
+    res = compare(_resnet(), None, ["l1", "mean-l2"], latency_depth=1, **args)
+    assert res["settings"]["latency_depth"] == 1 and not res["failed"]
+    report = (tmp_path / "report.md").read_text()
+    assert "up to 1 whole residual branch(es) per stage" in report
+    for e in res["methods"]:
+        lb = e["latency_budget"]
+        branches = lb["depth"]["branches"]
+        assert branches and all(sum(b.startswith(f"layer{s}.") for b in branches) <= 1
+                                for s in (1, 2, 3)), branches
+        assert 0.55 <= lb["measured_ratio"] <= 0.6, lb["rounds"]
+        assert f"{e['method']}: residual branches removed whole: {', '.join(branches)}." in report
+        model = prunekit.load(tmp_path / e["checkpoint"]["file"])[0]
+        assert all(isinstance(model.get_submodule(b), Vanished) for b in branches)
+        assert model(images.batch([0, 1])[0]).shape == (2, 10)
+    again = compare(_resnet(), None, ["l1"], latency_depth=2, **args)
+    assert "latency_depth" in again["redone"]["l1"] and not again["failed"]
+    assert again["settings"]["latency_depth"] == 2
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ck") / "m.pt"
@@ -308,3 +342,8 @@ def test_depth_misused_exits_2(checkpoint, tmp_path, capsys, flags, match) -> No
     out = tmp_path / "p.pt"
     assert_one_line_error(*run(capsys, "prune", checkpoint, *flags, "--out", out), match=match)
     assert not out.exists()
+    report = tmp_path / "r"
+    flags = ["--methods" if f == "--method" else f for f in flags]
+    assert_one_line_error(*run(capsys, "compare", checkpoint, *flags, "--report", report),
+                          match=match)
+    assert not report.exists()

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .. import methods as _methods
-from ..api import check_budget, finetune, prune, split_data
+from ..api import check_budget, check_depth, finetune, prune, split_data
 from ..errors import ConfigError, DataError, PrunekitError
 from ..utils import atomic_path, jsonable
 
@@ -249,6 +249,8 @@ class _Run:
     runtime: str | None = None
     latency_batch_size: int = 1
     runtimes: list[str] = dataclasses.field(default_factory=list)
+    #: whole residual branches per stage the latency budget may remove (``latency_depth``)
+    latency_depth: int = 0
 
 
 def _evaluate(model: nn.Module, test_set: Any) -> float | None:
@@ -273,7 +275,8 @@ def _run_method(run: _Run, method: str, options: dict[str, Any], fitted: dict[st
                     data=(run.train_set, run.test_set), finetune_epochs=0, seed=run.seed,
                     evaluate=False, target_latency=run.target_latency,
                     runtime=run.runtime if run.target_latency is not None else None,
-                    latency_batch_size=run.latency_batch_size, progress=run.note, **options)
+                    latency_batch_size=run.latency_batch_size, latency_depth=run.latency_depth,
+                    progress=run.note, **options)
         rep = res.report
         pruned = res.model.cpu().eval()
         times = dict(rep.get("times", {}))
@@ -450,7 +453,8 @@ def compare(model: nn.Module, example_inputs: torch.Tensor | None, methods: Sequ
             batch_sizes: Sequence[int] = (1, 64), latency_seconds: float = 2.0,
             meta: Mapping[str, Any] | None = None, report: bool = True,
             target_latency: float | None = None, runtime: str | None = None,
-            latency_batch_size: int = 1, runtimes: Sequence[str] | None = None) -> dict[str, Any]:
+            latency_batch_size: int = 1, runtimes: Sequence[str] | None = None,
+            latency_depth: int = 0) -> dict[str, Any]:
     """Prune ``model`` with each of ``methods`` under the same budgets; measure and report.
 
     Every method starts from a fresh copy of ``model``. The MACs budget (``target_macs`` or
@@ -509,6 +513,10 @@ def compare(model: nn.Module, example_inputs: torch.Tensor | None, methods: Sequ
         Runtimes (:data:`prunekit.measure.runtimes.RUNTIMES`) on which every pruned model is
         verified and timed against the original, interleaved; each entry then has
         ``runtimes`` (see :func:`prunekit.measure.runtimes.profile_runtimes`).
+    latency_depth : int
+        With ``target_latency``: remove up to this many whole residual branches per stage
+        before cutting widths (see :func:`prunekit.prune`); every method must take it (the
+        one-shot criteria). Each entry's ``latency_budget.depth`` names the branches removed.
 
     Returns
     -------
@@ -522,7 +530,8 @@ def compare(model: nn.Module, example_inputs: torch.Tensor | None, methods: Sequ
     Raises
     ------
     ConfigError
-        Unknown method (in ``methods`` or ``method_options``), bad budget, ``out_dir`` a file.
+        Unknown method (in ``methods`` or ``method_options``), bad budget, ``out_dir`` a file,
+        ``latency_depth`` with a method that cannot remove a branch.
     """
     names = check_methods(methods)
     check_budget(ratio, target_macs, target_latency=target_latency)
@@ -532,6 +541,7 @@ def compare(model: nn.Module, example_inputs: torch.Tensor | None, methods: Sequ
         from ..api import latency_target
         for name in names:  # every method must take the latency budget: fail before any work
             latency_target(name, target_latency, runtime, latency_batch_size, round_to=8)
+    depth = max((check_depth(name, target_latency, latency_depth) for name in names), default=0)
     if isinstance(finetune_epochs, bool) or int(finetune_epochs) != finetune_epochs or finetune_epochs < 0:
         raise ConfigError(f"finetune_epochs must be a whole number >= 0, got {finetune_epochs!r}")
     budget = int(finetune_epochs)
@@ -586,6 +596,7 @@ def compare(model: nn.Module, example_inputs: torch.Tensor | None, methods: Sequ
         "distill": bool(distill), "seed": int(seed), "onnx": bool(onnx), "batch_sizes": sizes,
         **({"target_latency": target_latency, "runtime": runtime,
             "latency_batch_size": latency_batch_size} if target_latency is not None else {}),
+        **({"latency_depth": depth} if depth else {}),
         **({"runtimes": rts} if rts else {}),
         "train_config": jsonable(train_config) if train_config is not None else None,
         "model": _fingerprint_model(original), "train_data": _describe_data(train_set),
@@ -594,7 +605,7 @@ def compare(model: nn.Module, example_inputs: torch.Tensor | None, methods: Sequ
     run = _Run(original, x, train_set, test_set, ratio, target_macs, budget, bool(distill),
                train_config, int(seed), bool(onnx), sizes, float(latency_seconds), out,
                original_onnx, acc_before, dict(meta or {}), note, target_latency, runtime,
-               int(latency_batch_size), rts)
+               int(latency_batch_size), rts, depth)
 
     entries: list[dict[str, Any]] = []
     skipped: list[str] = []

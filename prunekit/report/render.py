@@ -151,6 +151,9 @@ def _summary(results: Mapping[str, Any]) -> list[str]:
     if s.get("target_latency") is not None:
         budget = (f"at most {100 * s['target_latency']:.0f}% of the original's latency on "
                   f"{s.get('runtime')} at batch {s.get('latency_batch_size', 1)} (measured)")
+        if s.get("latency_depth"):
+            budget += (f", up to {s['latency_depth']} whole residual branch(es) per stage removed "
+                       f"before widths are cut")
     elif s.get("target_macs") is not None:
         budget = f"at most {100 * s['target_macs']:.0f}% of the MACs"
     else:
@@ -203,6 +206,10 @@ def _notes(results: Mapping[str, Any]) -> list[str]:
         if b.get("fitted_options"):
             fitted = ", ".join(f"{k}={v}" for k, v in b["fitted_options"].items())
             notes.append(f"{e['method']}: options set by the comparison: {fitted}.")
+        depth = (e.get("latency_budget") or {}).get("depth") or {}
+        if depth:
+            gone = ", ".join(depth.get("branches") or []) or "none"
+            notes.append(f"{e['method']}: residual branches removed whole: {gone}.")
         if e.get("onnx") and "error" in e["onnx"]:
             notes.append(f"{e['method']}: ONNX export failed: {e['onnx']['error']}")
         for w in e.get("warnings", []):
