@@ -21,8 +21,11 @@ The search, after NetAdapt's measured steps and HALP's latency-saliency knapsack
    predicted ratio (one less the sum of their single savings: a ResNet-20 with five branches
    removed measured 0.429 on OpenVINO at batch 64 where the sum predicted 0.433,
    ``runtimes_session20_resnet20_depth_all``) stays at or above the middle of the window.
-   The model with those removed is measured; one branch fewer while it measures under the
-   window (on ONNX Runtime the sum errs high: all nine predicted 0.658, measured 0.276).
+   The model with those removed is measured. Where it measures under the window (on ONNX
+   Runtime the sum errs high: all nine predicted 0.658, measured 0.276), the savings are
+   scaled by what that measurement saved over what their sum said, and the most branches that
+   this scaled sum keeps at or above the middle (else the bottom) of the window are measured
+   next, always fewer than the last count measured under it.
 4. **Widths**: when that model is above the window, the widths of the rest are searched as
    without ``--depth`` (:func:`~prunekit.measure.latency_table.solve_latency_budget`), every
    ratio still measured against the original; when it is inside the window, it is measured
@@ -161,16 +164,21 @@ def solve_with_depth(info: Any, target: Any, widths_fn: Callable[[float], dict[s
     goal = target.fraction
     t = goal - target.slack / 2
     lo, hi = goal - target.slack + target.margin, goal - target.margin
-    pred, k = 1.0, 0
+    saved = [0.0]  # saved[j]: the sum of the single savings of the first j branches
     for n in order:
-        if pred - (1.0 - single[n]) < t:
-            break
-        pred -= 1.0 - single[n]
-        k += 1
+        saved.append(saved[-1] + 1.0 - single[n])
+
+    def most(bottom: float, scale: float, first: int, last: int) -> int | None:
+        """The most branches in [first, last] whose scaled prediction stays >= bottom."""
+        fit = [j for j in range(first, last + 1) if 1.0 - scale * saved[j] >= bottom]
+        return max(fit) if fit else None
+
+    k = most(t, 1.0, 0, len(order)) or most(lo, 1.0, 0, len(order)) or 0
+    pred = 1.0 - saved[k]
     depth.update(damage=damage, single_ratio=single, predicted=pred)
     rounds: list[dict[str, Any]] = []
-    measured = 1.0
-    while k > 0:
+    measured, ok = 1.0, 0  # no branch removed: 1.0, in or over the window
+    while k > ok:
         note(f"latency budget on {target.runtime}: measuring {k} branches removed "
              f"(predicted {pred:.3f})")
         measured = timed(_without(info, order[:k]), target.measure_precision)
@@ -178,9 +186,15 @@ def solve_with_depth(info: Any, target: Any, widths_fn: Callable[[float], dict[s
                        "measured_ratio": measured,
                        "macs_fraction": macs_of_widths(info, {n: 0 for n in order[:k]}) / base_macs})
         if measured >= lo:
+            ok = k
             break
-        k -= 1  # under the window: one branch fewer
-        pred += 1.0 - single[order[k]]
+        # under the window: the savings add up to more than their sum here (ONNX Runtime);
+        # scaled by what this measurement saved, the most that stay in the window next
+        under, scale = k, (1.0 - measured) / max(saved[k], 1e-9)
+        k = (most(t, scale, ok + 1, under - 1) or most(lo, scale, ok + 1, under - 1)
+             or min(ok + 1, under - 1))  # else one more try, the fewest not yet measured
+        pred = 1.0 - scale * saved[k]
+    k = ok
     if k == 0:
         return widths_only("removing the least damaging branch alone measures under the window")
     drop = list(order[:k])
