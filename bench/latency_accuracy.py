@@ -14,6 +14,9 @@ ResNet-20 trained on Fashion-MNIST (``bench/baselines/resnet20_fashion-mnist.pt`
   removed whole first, scored on 64 training images; ``--add-depth`` adds it to a finished
   target); ``depth2``: with ``latency_depth=2`` (``--depth 2``, renamed by hand); ``depth-all``:
   the first such runs, before the cap per stage (any number of branches);
+* **uniform-exact**: ``target_macs=q`` with exact widths (``round_to=1``, ``--round-to 1``),
+  ``q`` bisected in the same way (``--add-exact`` adds it to a finished target): where no
+  widths rounded to 8 measure near the latency model's, a uniform allocation that does;
 * **uniform-under**: of the uniform allocations the bisection measured, the one keeping the
   most MACs measured at or under the latency model's ratio (what a user with that latency
   budget could deploy uniformly), where it differs from ``uniform`` (ResNet-20 rounded to 8
@@ -77,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--add-depth", action="store_true",
                    help="prune phase: only add the --depth allocation to finished targets")
     p.add_argument("--depth", type=int, default=1, help="--depth of the depth allocation")
+    p.add_argument("--add-exact", action="store_true",
+                   help="prune phase: only add the uniform-exact allocation to finished targets")
     p.add_argument("--add-under", action="store_true",
                    help="prune phase: only add the uniform-under allocation to finished targets")
     return p.parse_args(argv)
@@ -96,6 +101,9 @@ def prune_phase(args: argparse.Namespace) -> None:
         if args.add_depth:
             _add_depth(args, f, net, x, meta, train, test)
             continue
+        if args.add_exact:
+            _add_exact(args, f, net, x, meta, test)
+            continue
         if args.add_under:  # only the uniform-under model, beside a finished prune phase
             _add_under(args, f, net, x, meta, test)
             continue
@@ -107,21 +115,7 @@ def prune_phase(args: argparse.Namespace) -> None:
                                     max_seconds=args.measure_seconds)
         print(f"[{time.perf_counter() - t0:.0f} s] f={f}: latency model measured {m_lat:.3f} "
               f"(search {lb['measured_ratio']:.3f}), MACs {lat.report['macs_fraction']:.3f}", flush=True)
-        lo, hi, tries = 0.02, 1.0, []
-        best = None
-        for _ in range(10):  # bisection on the uniform MACs fraction, by measured latency
-            q = (lo + hi) / 2
-            uni = prunekit.prune(net, x, method=args.method, target_macs=q, round_to=8, evaluate=False)
-            m, _, _ = measure_ratio(uni.model, net, x, args.runtime, args.batch_size, 1,
-                                    max_seconds=args.measure_seconds)
-            tries.append({"target_macs": q, "macs_fraction": uni.report["macs_fraction"], "measured": m})
-            print(f"  uniform target_macs {q:.3f}: measured {m:.3f}", flush=True)
-            if best is None or abs(m - m_lat) < abs(best[2] - m_lat):
-                best = (q, uni, m)
-            if abs(m - m_lat) <= args.match:
-                break
-            lo, hi = (q, hi) if m < m_lat else (lo, q)
-        q, uni, m_uni = best
+        q, uni, m_uni, tries = _uniform_at(args, net, x, m_lat, round_to=8)
         head, _, _ = measure_ratio(lat.model, uni.model, x, args.runtime, args.batch_size, 1,
                                    max_seconds=args.measure_seconds)
         rec = {"target": f, "runtime": args.runtime, "batch": args.batch_size, "method": args.method,
@@ -139,6 +133,43 @@ def prune_phase(args: argparse.Namespace) -> None:
         _add_under(args, f, net, x, meta, test)
         print(f"f={f}: latency/uniform measured {head:.3f}; MACs {rec['latency']['macs_fraction']:.3f} "
               f"vs {rec['uniform']['macs_fraction']:.3f}", flush=True)
+
+
+def _uniform_at(args: argparse.Namespace, net, x, m_lat: float, round_to: int):
+    """Bisection on the uniform MACs fraction ``q`` (widths rounded to ``round_to``) until the
+    pruned model's measured ratio is within ``--match`` of ``m_lat``; else the closest.
+    Returns ``(q, result, measured, tries)``."""
+    lo, hi, tries = 0.02, 1.0, []
+    best = None
+    for _ in range(10):
+        q = (lo + hi) / 2
+        uni = prunekit.prune(net, x, method=args.method, target_macs=q, round_to=round_to,
+                             evaluate=False)
+        m, _, _ = measure_ratio(uni.model, net, x, args.runtime, args.batch_size, 1,
+                                max_seconds=args.measure_seconds)
+        tries.append({"target_macs": q, "macs_fraction": uni.report["macs_fraction"], "measured": m})
+        print(f"  uniform (round_to {round_to}) target_macs {q:.3f}: measured {m:.3f}", flush=True)
+        if best is None or abs(m - m_lat) < abs(best[2] - m_lat):
+            best = (q, uni, m)
+        if abs(m - m_lat) <= args.match:
+            break
+        lo, hi = (q, hi) if m < m_lat else (lo, q)
+    return (*best, tries)
+
+
+def _add_exact(args: argparse.Namespace, f: float, net, x, meta, test) -> None:
+    """Add the ``uniform-exact`` allocation (exact widths) to the record of target ``f``."""
+    path = WORK / f"f{f:g}.json"
+    rec = json.loads(path.read_text())
+    q, uni, m, tries = _uniform_at(args, net, x, rec["latency"]["measured"], round_to=1)
+    rec["uniform-exact"] = {"measured": m, "target_macs": q,
+                            "macs_fraction": uni.report["macs_fraction"],
+                            "widths": uni.report["widths"], "tries": tries,
+                            "accuracy_pruned": evaluate(uni.model, test)}
+    prunekit.save(uni.model, _pruned_path(f, "uniform-exact"), meta={**meta, "pruned": "uniform-exact"})
+    path.write_text(json.dumps(rec, indent=1))
+    print(f"f={f}: uniform-exact target_macs {q:.3f}: measured {m:.3f}, MACs "
+          f"{rec['uniform-exact']['macs_fraction']:.3f}", flush=True)
 
 
 def _add_under(args: argparse.Namespace, f: float, net, x, meta, test) -> None:
@@ -186,7 +217,7 @@ def _add_depth(args: argparse.Namespace, f: float, net, x, meta, train, test) ->
           f"{res.report['macs_fraction']:.3f}, branches {lb['depth']['branches']}", flush=True)
 
 
-KINDS = ("latency", "uniform", "uniform-under", "depth", "depth2", "depth-all")
+KINDS = ("latency", "uniform", "uniform-exact", "uniform-under", "depth", "depth2", "depth-all")
 
 
 def _run_path(f: float, kind: str, seed: int | str, epochs: int) -> Path:
