@@ -114,135 +114,183 @@ def _same_groups(info: Any, sub: Any) -> dict[str, str]:
     return out
 
 
+class _DepthSearch:
+    """The module docstring's steps on one model and budget; each method is one step."""
+
+    def __init__(self, info: Any, target: Any) -> None:
+        from ..engine.budget import count_macs_params
+
+        self.info, self.target = info, target
+        self.note = target.progress or (lambda _m: None)
+        self.threads = int(target.threads) if target.threads is not None else torch.get_num_threads()
+        self.base_macs = count_macs_params(info.model, info.example_inputs)[0]
+        goal = target.fraction
+        self.middle = goal - target.slack / 2
+        self.lo, self.hi = goal - target.slack + target.margin, goal - target.margin
+        self.rounds: list[dict[str, Any]] = []
+
+    def timed(self, model: nn.Module, precision: float | None) -> float:
+        """``model``'s latency over the original's on the runtime, interleaved."""
+        from .latency_table import measure_ratio
+
+        t = self.target
+        return measure_ratio(model, self.info.model, self.info.example_inputs, t.runtime,
+                             t.batch_size, self.threads, max_seconds=t.measure_seconds,
+                             precision=precision)[0]
+
+    def macs_fraction(self, widths: dict[str, int]) -> float:
+        from ..engine.budget import macs_of_widths
+
+        return macs_of_widths(self.info, widths) / self.base_macs
+
+    def score_and_time(self, names: Sequence[str]) -> tuple[dict[str, float], dict[str, float]]:
+        """Steps 1 and 2: each branch removed alone, its damage on the calibration images and
+        its latency ratio on the runtime."""
+        info, t = self.info, self.target
+        x = t.calibration if t.calibration is not None else info.example_inputs
+        with torch.no_grad(), eval_mode(info.model):
+            y0 = _output(info.model, x)
+        energy = float((y0 * y0).mean()) or 1.0
+        damage, single = {}, {}
+        for i, n in enumerate(names):
+            if i == 0 or (i + 1) % max(1, len(names) // 4) == 0 or i + 1 == len(names):
+                self.note(f"latency budget on {t.runtime}: scoring and timing each branch "
+                          f"removed ({i + 1}/{len(names)}, {len(x)} images)")
+            cut = _without(info, [n])
+            damage[n] = _damage(cut, x, y0, energy)
+            single[n] = self.timed(cut, t.measure_precision)
+        return damage, single
+
+    def count(self, order: list[str], single: dict[str, float]) -> tuple[int, float, float]:
+        """Step 3's count: the most of ``order`` whose predicted ratio stays in the window,
+        measured; under the window, the savings scaled by the shortfall and fewer measured.
+        Returns ``(k, measured ratio of the first k removed, first prediction)``."""
+        saved = [0.0]  # saved[j]: the sum of the single savings of the first j branches
+        for n in order:
+            saved.append(saved[-1] + 1.0 - single[n])
+
+        def most(bottom: float, scale: float, first: int, last: int) -> int | None:
+            """The most branches in [first, last] whose scaled prediction stays >= bottom."""
+            fit = [j for j in range(first, last + 1) if 1.0 - scale * saved[j] >= bottom]
+            return max(fit) if fit else None
+
+        k = most(self.middle, 1.0, 0, len(order)) or most(self.lo, 1.0, 0, len(order)) or 0
+        first = pred = 1.0 - saved[k]
+        measured, ok = 1.0, 0  # no branch removed: 1.0, in or over the window
+        while k > ok:
+            self.note(f"latency budget on {self.target.runtime}: measuring {k} branches removed "
+                      f"(predicted {pred:.3f})")
+            measured = self.timed(_without(self.info, order[:k]), self.target.measure_precision)
+            self.rounds.append({"phase": "depth", "branches": k, "predicted_ratio": pred,
+                                "measured_ratio": measured,
+                                "macs_fraction": self.macs_fraction({n: 0 for n in order[:k]})})
+            if measured >= self.lo:
+                ok = k
+                break
+            # under the window: the savings add up to more than their sum here (ONNX
+            # Runtime); scaled by what this measurement saved, the most that stay in it next
+            under, scale = k, (1.0 - measured) / max(saved[k], 1e-9)
+            k = (most(self.middle, scale, ok + 1, under - 1)
+                 or most(self.lo, scale, ok + 1, under - 1)
+                 or min(ok + 1, under - 1))  # else one more try, the fewest not yet measured
+            pred = 1.0 - scale * saved[k]
+        return ok, measured, first
+
+    def confirm(self, vanished: nn.Module, k: int) -> float:
+        """The branches alone measured in the window: the median of fresh sessions."""
+        t = self.target
+        self.note(f"latency budget on {t.runtime}: measuring {k} branches removed again "
+                  f"({t.confirm_sessions} x fresh sessions)")
+        again = sorted(self.timed(vanished, t.confirm_precision)
+                       for _ in range(max(1, t.confirm_sessions)))
+        median = statistics.median(again)
+        self.rounds[-1].update(search_ratio=self.rounds[-1]["measured_ratio"], sessions=again,
+                               confirmed_ratio=median, measured_ratio=median)
+        return median
+
+    def widths_rest(self, vanished: nn.Module, measured: float,
+                    widths_fn: Callable[[float], dict[str, int]] | None, round_to: int | None,
+                    iters: int) -> tuple[float, dict[str, int]]:
+        """Step 4: the widths of the model without the branches, searched as without
+        ``--depth``, every ratio measured against the original and every prediction scaled by
+        ``measured``. Widths are returned by the original's group names."""
+        from ..engine import analyse
+        from .latency_table import _keep_only, solve_latency_budget
+
+        info = self.info
+        ignored = [info.names[m] for m in info.ignored if m in info.names]
+        sub = analyse(vanished, info.example_inputs, ignored_layers=ignored,
+                      skip_unsupported=info.skip_unsupported)
+        names_in = _same_groups(info, sub)  # a group whose first producer went is renamed
+        only = None
+        if widths_fn is not None:
+            kept = _keep_only(widths_fn, set(names_in.values()))
+
+            def only(r: float) -> dict[str, int]:
+                w = kept(r)
+                return {s: w[o] for s, o in names_in.items() if o in w}
+
+            if getattr(widths_fn, "keeps_shape", False):
+                from ..engine.budget import keeps_shape
+                keeps_shape(only)
+        r, widths, _ = solve_latency_budget(sub, self.target, only, round_to=round_to,
+                                            iters=iters, reference=info.model, scale=measured)
+        self.target.result["rounds"] = self.rounds + self.target.result.get("rounds", [])
+        return r, {names_in[n]: w for n, w in widths.items() if n in names_in}
+
+
 def solve_with_depth(info: Any, target: Any, widths_fn: Callable[[float], dict[str, int]] | None,
                      *, round_to: int | None, iters: int) -> tuple[float, dict[str, int], float]:
     """The widths of a :class:`~prunekit.engine.budget.LatencyTarget` with ``depth``: the
     module docstring's steps. Widths of removed branches are 0. Fills ``target.result`` as
     :func:`~prunekit.measure.latency_table.solve_latency_budget` does, plus ``depth``:
-    ``{branches, damage, single_ratio, ratio}``. Returns ``(r, widths, macs_fraction)``."""
-    from ..engine import analyse
-    from ..engine.budget import count_macs_params, macs_of_widths
+    ``{candidates, damage, single_ratio, predicted, branches, ratio}``. Returns
+    ``(r, widths, macs_fraction)``."""
     from ..engine.depth import vanishable
-    from .latency_table import _keep_only, measure_ratio, solve_latency_budget
+    from .latency_table import solve_latency_budget
 
-    note = target.progress or (lambda _m: None)
+    search = _DepthSearch(info, target)
     names = vanishable(info)
-    sizes = {g.name: g.size for g in info.groups}
-    base_macs = count_macs_params(info.model, info.example_inputs)[0]
+    depth: dict[str, Any] = {"candidates": names}
 
     def widths_only(why: str) -> tuple[float, dict[str, int], float]:
-        note(f"latency budget on {target.runtime}: {why}; searching the widths only")
+        search.note(f"latency budget on {target.runtime}: {why}; searching the widths only")
         r, w, f = solve_latency_budget(info, target, widths_fn, round_to=round_to, iters=iters,
                                        reference=info.model)
         target.result["depth"] = {**depth, "branches": []}
         return r, w, f
 
-    depth: dict[str, Any] = {"candidates": names}
     if not names:
         return widths_only("no residual branch can be removed whole")
-    threads = int(target.threads) if target.threads is not None else torch.get_num_threads()
-    x = target.calibration if target.calibration is not None else info.example_inputs
-    with torch.no_grad(), eval_mode(info.model):
-        y0 = _output(info.model, x)
-    energy = float((y0 * y0).mean()) or 1.0
-
-    def timed(model: nn.Module, precision: float | None) -> float:
-        return measure_ratio(model, info.model, info.example_inputs, target.runtime,
-                             target.batch_size, threads, max_seconds=target.measure_seconds,
-                             precision=precision)[0]
-
-    damage, single = {}, {}
-    for i, n in enumerate(names):  # each branch removed alone: scored on x, then timed
-        if i == 0 or (i + 1) % max(1, len(names) // 4) == 0 or i + 1 == len(names):
-            note(f"latency budget on {target.runtime}: scoring and timing each branch removed "
-                 f"({i + 1}/{len(names)}, {len(x)} images)")
-        cut = _without(info, [n])
-        damage[n] = _damage(cut, x, y0, energy)
-        single[n] = timed(cut, target.measure_precision)
+    damage, single = search.score_and_time(names)  # steps 1 and 2
     order = _per_stream(info, sorted(names, key=lambda n: damage[n] / max(1.0 - single[n], 1e-3)),
-                        int(target.depth))
-    goal = target.fraction
-    t = goal - target.slack / 2
-    lo, hi = goal - target.slack + target.margin, goal - target.margin
-    saved = [0.0]  # saved[j]: the sum of the single savings of the first j branches
-    for n in order:
-        saved.append(saved[-1] + 1.0 - single[n])
-
-    def most(bottom: float, scale: float, first: int, last: int) -> int | None:
-        """The most branches in [first, last] whose scaled prediction stays >= bottom."""
-        fit = [j for j in range(first, last + 1) if 1.0 - scale * saved[j] >= bottom]
-        return max(fit) if fit else None
-
-    k = most(t, 1.0, 0, len(order)) or most(lo, 1.0, 0, len(order)) or 0
-    pred = 1.0 - saved[k]
-    depth.update(damage=damage, single_ratio=single, predicted=pred)
-    rounds: list[dict[str, Any]] = []
-    measured, ok = 1.0, 0  # no branch removed: 1.0, in or over the window
-    while k > ok:
-        note(f"latency budget on {target.runtime}: measuring {k} branches removed "
-             f"(predicted {pred:.3f})")
-        measured = timed(_without(info, order[:k]), target.measure_precision)
-        rounds.append({"phase": "depth", "branches": k, "predicted_ratio": pred,
-                       "measured_ratio": measured,
-                       "macs_fraction": macs_of_widths(info, {n: 0 for n in order[:k]}) / base_macs})
-        if measured >= lo:
-            ok = k
-            break
-        # under the window: the savings add up to more than their sum here (ONNX Runtime);
-        # scaled by what this measurement saved, the most that stay in the window next
-        under, scale = k, (1.0 - measured) / max(saved[k], 1e-9)
-        k = (most(t, scale, ok + 1, under - 1) or most(lo, scale, ok + 1, under - 1)
-             or min(ok + 1, under - 1))  # else one more try, the fewest not yet measured
-        pred = 1.0 - scale * saved[k]
-    k = ok
+                        int(target.depth))  # step 3: the order, then the count
+    k, measured, predicted = search.count(order, single)
+    depth.update(damage=damage, single_ratio=single, predicted=predicted)
     if k == 0:
         return widths_only("removing the least damaging branch alone measures under the window")
     drop = list(order[:k])
     depth.update(branches=drop, ratio=measured)
     zeros = {n: 0 for n in drop}
     vanished = _without(info, drop)
-    if measured <= hi:  # the branches alone land in the window: confirmed in fresh sessions
-        note(f"latency budget on {target.runtime}: measuring {k} branches removed again "
-             f"({target.confirm_sessions} x fresh sessions)")
-        again = sorted(timed(vanished, target.confirm_precision)
-                       for _ in range(max(1, target.confirm_sessions)))
-        median = statistics.median(again)
-        rounds[-1].update(search_ratio=measured, sessions=again, confirmed_ratio=median,
-                          measured_ratio=median)
-        if lo <= median <= hi:
-            widths = {**sizes, **zeros}
-            frac = macs_of_widths(info, widths) / base_macs
+    if measured <= search.hi:  # the branches alone land in the window: confirmed
+        measured = depth["ratio"] = search.confirm(vanished, k)
+        if search.lo <= measured <= search.hi:
+            widths = {**{g.name: g.size for g in info.groups}, **zeros}
+            frac = search.macs_fraction(widths)
             target.result.update({
-                "target_latency": goal, "runtime": target.runtime, "batch_size": target.batch_size,
-                "threads": threads, "predicted_ratio": pred, "measured_ratio": median,
-                "confirmed_ratio": median, "reached": median <= goal, "rounds": rounds,
-                "repeats": {}, "predictor": "depth", "macs_fraction": frac,
+                "target_latency": target.fraction, "runtime": target.runtime,
+                "batch_size": target.batch_size, "threads": search.threads,
+                "predicted_ratio": search.rounds[-1]["predicted_ratio"],
+                "measured_ratio": measured, "confirmed_ratio": measured,
+                "reached": measured <= target.fraction, "rounds": search.rounds, "repeats": {},
+                "predictor": "depth", "macs_fraction": frac,
                 "table": {"cached": False, "path": None, "measurements": 0, "seconds": 0.0,
                           "base_ms": None},
                 "block": None, "depth": depth})
             return 0.0, widths, frac
-        measured = median
-        depth["ratio"] = median
-    # the rest of the way by widths, every ratio measured against the original
-    ignored = [info.names[m] for m in info.ignored if m in info.names]
-    sub = analyse(vanished, info.example_inputs, ignored_layers=ignored,
-                  skip_unsupported=info.skip_unsupported)
-    names_in = _same_groups(info, sub)  # a group whose first producer went is renamed
-    only = None
-    if widths_fn is not None:
-        kept = _keep_only(widths_fn, set(names_in.values()))
-
-        def only(r: float) -> dict[str, int]:
-            w = kept(r)
-            return {s: w[o] for s, o in names_in.items() if o in w}
-
-        if getattr(widths_fn, "keeps_shape", False):
-            from ..engine.budget import keeps_shape
-            keeps_shape(only)
-    r, widths, _ = solve_latency_budget(sub, target, only, round_to=round_to, iters=iters,
-                                        reference=info.model, scale=measured)
-    target.result["rounds"] = rounds + target.result.get("rounds", [])
-    widths = {**sizes, **{names_in[n]: w for n, w in widths.items() if n in names_in}, **zeros}
-    frac = macs_of_widths(info, widths) / base_macs
+    r, rest = search.widths_rest(vanished, measured, widths_fn, round_to, iters)  # step 4
+    widths = {**{g.name: g.size for g in info.groups}, **rest, **zeros}
+    frac = search.macs_fraction(widths)
     target.result.update(macs_fraction=frac, depth=depth)
     return r, widths, frac
