@@ -541,7 +541,9 @@ def compare(model: nn.Module, example_inputs: torch.Tensor | None, methods: Sequ
         from ..api import latency_target
         for name in names:  # every method must take the latency budget: fail before any work
             latency_target(name, target_latency, runtime, latency_batch_size, round_to=8)
-    depth = max((check_depth(name, target_latency, latency_depth) for name in names), default=0)
+    depth = 0
+    for name in names:  # every method must be able to remove a branch: fail before any work
+        depth = check_depth(name, target_latency, latency_depth)
     if isinstance(finetune_epochs, bool) or int(finetune_epochs) != finetune_epochs or finetune_epochs < 0:
         raise ConfigError(f"finetune_epochs must be a whole number >= 0, got {finetune_epochs!r}")
     budget = int(finetune_epochs)
