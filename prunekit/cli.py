@@ -492,6 +492,10 @@ RuntimeOpt = Annotated[str, typer.Option(
     "--runtime", help="Runtimes to verify and time, comma-separated: nchw, channels_last, deploy "
                       "(eager PyTorch), compile (torch.compile), onnxruntime, openvino; 'all' (the "
                       "default): every installed one but compile; 'none': skip.")]
+LatencyThreadsOpt = Annotated[int | None, typer.Option(
+    "--threads", min=1, help="Threads of every latency measurement (default: torch's, all "
+                             "cores): the thread count you deploy with; 1 is steadiest on a "
+                             "small shared machine.")]
 DepthOpt = Annotated[int, typer.Option(
     "--depth", min=0, help="With --target-latency: remove up to this many whole residual "
     "branches per stage (those whose removal changes the output least per unit of latency "
@@ -703,6 +707,7 @@ def prune_(
     runtime: LatencyRuntimeOpt = None,
     latency_batch: LatencyBatchOpt = 1,
     depth: DepthOpt = 0,
+    threads: LatencyThreadsOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     trust_code: TrustCodeOpt = False,
@@ -772,7 +777,7 @@ def prune_(
                     skip_unsupported=skip_unsupported,
                     ignored_layers=[n.strip() for n in (ignore or "").split(",") if n.strip()],
                     target_latency=target_latency, runtime=runtime, latency_batch_size=latency_batch,
-                    latency_depth=depth, progress=o.note, **options)
+                    latency_depth=depth, latency_threads=threads, progress=o.note, **options)
         report = res.report
         speed_lines = _speed_lines(report, o)
         left = report.get("skipped_unsupported") or []
@@ -904,6 +909,7 @@ def compare_(
                           "when installed; 'none': skip); the first is --target-latency's.")] = None,
     latency_batch: LatencyBatchOpt = 1,
     depth: DepthOpt = 0,
+    threads: LatencyThreadsOpt = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed (default 0).")] = None,
     device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = None,
     input_shape: InputShapeOpt = None,
@@ -929,7 +935,7 @@ def compare_(
                  "data_dir": str(data_dir) if data_dir is not None else None,
                  "train_samples": train_samples, "calib_images": calib_images, "distill": distill,
                  "onnx": onnx, "finetune_lr": finetune_lr, "latency_seconds": latency_seconds,
-                 "seed": seed, "device": device}
+                 "threads": threads, "seed": seed, "device": device}
         opt = {**cfg, **{k: v for k, v in flags.items() if v is not None}}
         if ratio is not None or target_macs is not None:  # a budget flag replaces the file's budget
             opt["ratio"], opt["target_macs"] = ratio, target_macs
@@ -972,7 +978,8 @@ def compare_(
             train_config=train_config, latency_seconds=opt.get("latency_seconds", 2.0),
             meta={"checkpoint": source, "model": meta.get("model") or model_spec, "data": data_name},
             target_latency=target_latency, runtime=rts[0] if target_latency is not None else None,
-            latency_batch_size=latency_batch, runtimes=rts, latency_depth=depth)
+            latency_batch_size=latency_batch, runtimes=rts, latency_depth=depth,
+            threads=opt.get("threads"))
         if len(results["failed"]) == len(names):
             first, why = next(iter(results["failed"].items()))
             raise PrunekitError(f"every method failed (first: {first}: {why}); "
@@ -1000,6 +1007,9 @@ def demo(
         "--finetune-epochs", min=0, help="Training budget per method (epochs).")] = 3,
     latency_seconds: Annotated[float, typer.Option(
         "--latency-seconds", min=0.001, help="Timed seconds per latency setting.")] = 1.0,
+    threads: Annotated[int, typer.Option(
+        "--threads", min=1, help="Threads of the latency measurements (training uses torch's "
+                                 "default); one gives steady ratios on a small machine.")] = 1,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     json_: JsonOpt = False,
@@ -1046,7 +1056,7 @@ def demo(
             finetune_epochs=finetune_epochs, out_dir=report_dir, seed=seed, progress=o.note,
             method_options=with_default_round_to(names, {}), runtimes=deploy_runtimes(None, True),
             train_config=TrainConfig(lr=0.01, seed=seed, device=check_device(device)),
-            latency_seconds=latency_seconds,
+            latency_seconds=latency_seconds, threads=threads,
             meta={"checkpoint": str(ckpt), "model": model, "data": "fashion-mnist"})
         acc = meta.get("test_acc")
         html_path = report_dir / results["paths"]["report_html"]

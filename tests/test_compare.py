@@ -261,3 +261,26 @@ def test_round_to_for_every_method_via_star_options(model, data, tmp_path) -> No
     after = [w[1] for w in l1["widths"].values()]
     assert all(w % 4 == 0 for w in after) and l1["macs_fraction"] <= TARGET
     assert curl["status"] == "failed" and "round_to" in curl["error"]
+
+
+def test_threads_fix_every_latency_measurement_and_the_report_says_how_many(model, data,
+                                                                          tmp_path) -> None:
+    """``threads=1``: the eager, ONNX Runtime and deployment-runtime timings all run on one
+    thread whatever torch's setting, the settings record it, the report's runtime lines say
+    so, and torch's own setting is left as it was."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # so that a timing which ignored ``threads`` would show 2
+    try:
+        res = compare(model, None, ["l1"], target_macs=TARGET, data=data, out_dir=tmp_path,
+                      runtimes=["onnxruntime"], threads=1, **FAST)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    e = res["methods"][0]
+    assert res["settings"]["threads"] == 1 and e["runtimes"]["threads"] == 1
+    assert {per["threads"] for b in e["latency"].values() for lay, per in b.items()
+            if lay != "best"} == {1}
+    assert "(1 thread, interleaved)" in (tmp_path / "report.md").read_text()
+    with pytest.raises(prunekit.ConfigError, match="threads"):
+        compare(model, None, ["l1"], target_macs=TARGET, data=data, out_dir=tmp_path / "b",
+                threads=0, **FAST)

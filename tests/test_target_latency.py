@@ -542,3 +542,31 @@ def test_channel_block_follows_the_cpu(monkeypatch, capability, block) -> None:
 
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     assert channel_block() == block
+
+
+def test_prune_threads_sets_every_latency_measurement(checkpoint, tmp_path, capsys,
+                                                      monkeypatch) -> None:
+    """``prune --threads 1`` times the latency budget on one thread whatever torch's own
+    setting, and the report says so."""
+    from prunekit.engine.budget import count_macs_params
+    from prunekit.measure import latency_table
+
+    seen = []
+
+    def fake(model, original, example_input, runtime, batch_size, threads, **_kw):
+        seen.append(threads)
+        macs = count_macs_params(model, example_input)[0] / count_macs_params(original, example_input)[0]
+        return 0.3 + 0.7 * macs, 0.3 + 0.7 * macs, 1.0
+
+    monkeypatch.setattr(latency_table, "measure_ratio", fake)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # so that a measurement which ignored --threads would show 2
+    try:
+        code, out, err = run(capsys, "prune", checkpoint, "--method", "l1", "--target-latency",
+                             "0.7", "--runtime", RUNTIME, "--threads", "1", "--train-samples",
+                             "64", "--out", tmp_path / "p.pt", "--json")
+    finally:
+        torch.set_num_threads(before)
+    assert code == 0, err
+    assert seen and set(seen) == {1}
+    assert json.loads(out)["latency_budget"]["threads"] == 1

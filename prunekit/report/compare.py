@@ -176,7 +176,7 @@ def finetune_epochs_left(budget: int, own_epochs: float) -> tuple[int, bool]:
 # ---------------------------------------------------------------------------------------------
 
 def _latency(original: nn.Module, pruned: nn.Module, x: torch.Tensor, batch_sizes: Sequence[int],
-             seconds: float) -> dict[str, Any]:
+             seconds: float, threads: int | None = None) -> dict[str, Any]:
     """Pruned vs original, back to back, per batch size and layout; ``best`` is the layout in
     which the pruned model is fastest (the ratio reported for it is in that same layout)."""
     from ..measure import LAYOUTS, compare_latency
@@ -185,7 +185,8 @@ def _latency(original: nn.Module, pruned: nn.Module, x: torch.Tensor, batch_size
     for b in batch_sizes:
         per: dict[str, Any] = {}
         for layout in LAYOUTS:
-            r = compare_latency(original, pruned, x, b, layout, max_seconds=seconds)
+            r = compare_latency(original, pruned, x, b, layout, max_seconds=seconds,
+                                threads=threads)
             per[layout] = {"original_ms": r["median_ms_a"], "pruned_ms": r["median_ms_b"],
                            "ratio": r["ratio"], "repeats": r["repeats"], "threads": r["threads"]}
         per["best"] = min(LAYOUTS, key=lambda lay: per[lay]["pruned_ms"])
@@ -194,7 +195,7 @@ def _latency(original: nn.Module, pruned: nn.Module, x: torch.Tensor, batch_size
 
 
 def _onnx(pruned: nn.Module, x: torch.Tensor, path: Path, original_onnx: Path | None,
-          batch_sizes: Sequence[int], seconds: float) -> dict[str, Any]:
+          batch_sizes: Sequence[int], seconds: float, threads: int | None = None) -> dict[str, Any]:
     """Export ``pruned`` to ``path`` (verified against PyTorch) and time it with ONNX Runtime
     right after the original's export, per batch size."""
     from ..io import export_onnx
@@ -204,7 +205,7 @@ def _onnx(pruned: nn.Module, x: torch.Tensor, path: Path, original_onnx: Path | 
     out: dict[str, Any] = {"file": path.name, "file_size_bytes": info["file_size_bytes"],
                            "max_abs_diff": info["max_abs_diff"], "opset": info["opset"],
                            "exporter": info["exporter"], "latency": {}}
-    threads = torch.get_num_threads()
+    threads = threads or torch.get_num_threads()
     for b in batch_sizes:
         rec: dict[str, Any] = {}
         if original_onnx is not None:
@@ -249,6 +250,8 @@ class _Run:
     runtime: str | None = None
     latency_batch_size: int = 1
     runtimes: list[str] = dataclasses.field(default_factory=list)
+    #: intra-op threads of every latency measurement (None: torch's current setting)
+    threads: int | None = None
     #: whole residual branches per stage the latency budget may remove (``latency_depth``)
     latency_depth: int = 0
 
@@ -275,7 +278,8 @@ def _run_method(run: _Run, method: str, options: dict[str, Any], fitted: dict[st
                     data=(run.train_set, run.test_set), finetune_epochs=0, seed=run.seed,
                     evaluate=False, target_latency=run.target_latency,
                     runtime=run.runtime if run.target_latency is not None else None,
-                    latency_batch_size=run.latency_batch_size, latency_depth=run.latency_depth,
+                    latency_batch_size=run.latency_batch_size, latency_threads=run.threads,
+                    latency_depth=run.latency_depth,
                     progress=run.note, **options)
         rep = res.report
         pruned = res.model.cpu().eval()
@@ -308,12 +312,13 @@ def _run_method(run: _Run, method: str, options: dict[str, Any], fitted: dict[st
 
     run.note(f"  {method}: measuring latency")
     t = time.perf_counter()
-    latency = _latency(run.original, pruned, run.x, run.batch_sizes, run.latency_seconds)
+    latency = _latency(run.original, pruned, run.x, run.batch_sizes, run.latency_seconds,
+                       run.threads)
     onnx: dict[str, Any] | None = None
     if run.onnx:
         try:
             onnx = _onnx(pruned, run.x, run.out_dir / f"{name}.onnx", run.original_onnx,
-                         run.batch_sizes, run.latency_seconds)
+                         run.batch_sizes, run.latency_seconds, run.threads)
         except PrunekitError as e:  # the pruned model itself is fine; record why ONNX is not
             onnx = {"error": str(e)}
             run.note(f"  {method}: ONNX export failed: {e}")
@@ -324,7 +329,8 @@ def _run_method(run: _Run, method: str, options: dict[str, Any], fitted: dict[st
         real = getattr(run.test_set, "example_input", None)  # outputs checked on real images
         check_x = real(8) if callable(real) else None
         runtimes = profile_runtimes(pruned, run.x, run.batch_sizes, run.runtimes, original=run.original,
-                                    max_seconds=run.latency_seconds, check_input=check_x)
+                                    max_seconds=run.latency_seconds, check_input=check_x,
+                                    threads=run.threads)
         warning = slower_warning(runtimes, f"{method}'s pruned model")
         if warning:
             run.note(f"  {warning}")
@@ -454,7 +460,7 @@ def compare(model: nn.Module, example_inputs: torch.Tensor | None, methods: Sequ
             meta: Mapping[str, Any] | None = None, report: bool = True,
             target_latency: float | None = None, runtime: str | None = None,
             latency_batch_size: int = 1, runtimes: Sequence[str] | None = None,
-            latency_depth: int = 0) -> dict[str, Any]:
+            latency_depth: int = 0, threads: int | None = None) -> dict[str, Any]:
     """Prune ``model`` with each of ``methods`` under the same budgets; measure and report.
 
     Every method starts from a fresh copy of ``model``. The MACs budget (``target_macs`` or
@@ -517,6 +523,10 @@ def compare(model: nn.Module, example_inputs: torch.Tensor | None, methods: Sequ
         With ``target_latency``: remove up to this many whole residual branches per stage
         before cutting widths (see :func:`prunekit.prune`); every method must take it (the
         one-shot criteria). Each entry's ``latency_budget.depth`` names the branches removed.
+    threads : int, optional
+        Intra-op threads of every latency measurement: eager PyTorch, the ONNX Runtime
+        columns, the deployment runtimes and the latency budget (default: torch's current
+        setting). One thread gives steady ratios on a small shared machine.
 
     Returns
     -------
@@ -548,6 +558,9 @@ def compare(model: nn.Module, example_inputs: torch.Tensor | None, methods: Sequ
         raise ConfigError(f"finetune_epochs must be a whole number >= 0, got {finetune_epochs!r}")
     budget = int(finetune_epochs)
     options = _check_options(method_options, names)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        raise ConfigError(f"threads must be a whole number >= 1, got {threads!r}")
     if not (isinstance(latency_seconds, (int, float)) and latency_seconds > 0):
         raise ConfigError(f"latency_seconds must be positive, got {latency_seconds!r}")
     sizes = [int(b) for b in batch_sizes]
@@ -599,6 +612,7 @@ def compare(model: nn.Module, example_inputs: torch.Tensor | None, methods: Sequ
         **({"target_latency": target_latency, "runtime": runtime,
             "latency_batch_size": latency_batch_size} if target_latency is not None else {}),
         **({"latency_depth": depth} if depth else {}),
+        **({"threads": threads} if threads is not None else {}),
         **({"runtimes": rts} if rts else {}),
         "train_config": jsonable(train_config) if train_config is not None else None,
         "model": _fingerprint_model(original), "train_data": _describe_data(train_set),
@@ -607,7 +621,7 @@ def compare(model: nn.Module, example_inputs: torch.Tensor | None, methods: Sequ
     run = _Run(original, x, train_set, test_set, ratio, target_macs, budget, bool(distill),
                train_config, int(seed), bool(onnx), sizes, float(latency_seconds), out,
                original_onnx, acc_before, dict(meta or {}), note, target_latency, runtime,
-               int(latency_batch_size), rts, depth)
+               int(latency_batch_size), rts, threads, depth)
 
     entries: list[dict[str, Any]] = []
     skipped: list[str] = []

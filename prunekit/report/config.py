@@ -24,7 +24,7 @@ CONFIG_KEYS: dict[str, str] = {
     "target_macs": _NUMBER, "ratio": _NUMBER, "finetune_epochs": _INT, "finetune_lr": _NUMBER,
     "report": _STR, "data": _STR, "data_dir": _STR, "train_samples": _INT, "calib_images": _INT,
     "distill": _BOOL, "onnx": _BOOL, "seed": _INT, "device": _STR, "latency_seconds": _NUMBER,
-    "method_options": "a mapping of method name -> {option: value}",
+    "threads": _INT, "method_options": "a mapping of method name -> {option: value}",
 }
 
 

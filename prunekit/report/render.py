@@ -167,7 +167,8 @@ def _summary(results: Mapping[str, Any]) -> list[str]:
         f"Budget: {budget}; {s.get('budget_epochs', 0)} training epoch(s) per method in total "
         f"(the method's own training counts against it, the rest is fine-tuning"
         f"{' with distillation' if s.get('distill') else ''}); seed {s.get('seed')}.",
-        f"Machine: {m.get('cpu') or 'unknown CPU'}, {m.get('torch_threads')} torch thread(s), "
+        f"Machine: {m.get('cpu') or 'unknown CPU'}, {m.get('torch_threads')} torch thread(s)"
+        + (f" ({s['threads']} for the latencies)" if s.get("threads") else "") + ", "
         f"torch {m.get('torch')}, onnxruntime {m.get('onnxruntime')}; {m.get('date')}.",
     ]
     return lines
@@ -317,7 +318,9 @@ def runtime_lines(results: Mapping[str, Any]) -> list[str]:
     runtime per batch size (timed interleaved, outputs verified), and the best runtime."""
     lines = []
     best: tuple[float, str] | None = None
+    threads = set()
     for e in results.get("methods", []):
+        threads.add((e.get("runtimes") or {}).get("threads"))
         rts = (e.get("runtimes") or {}).get("runtimes") or {}
         for rt, rec in rts.items():
             ratios = rec.get("ratio") or {}
@@ -331,7 +334,9 @@ def runtime_lines(results: Mapping[str, Any]) -> list[str]:
                 best = (worst, f"{e['method']} on {rt}")
     if not lines:
         return []
-    head = ["pruned / original latency on the deployment runtimes (one thread, interleaved):"]
+    used = "/".join(str(t) for t in sorted(t for t in threads if t is not None)) or "?"
+    head = [f"pruned / original latency on the deployment runtimes ({used} "
+            f"thread{'' if used == '1' else 's'}, interleaved):"]
     tail = [f"fastest everywhere it was timed: {best[1]} ({best[0]:.2f}x or less)"] if best else []
     return head + lines + tail
 
