@@ -14,6 +14,9 @@ ResNet-20 trained on Fashion-MNIST (``bench/baselines/resnet20_fashion-mnist.pt`
   removed whole first, scored on 64 training images; ``--add-depth`` adds it to a finished
   target); ``depth2``: with ``latency_depth=2`` (``--depth 2``, renamed by hand); ``depth-all``:
   the first such runs, before the cap per stage (any number of branches);
+* **latency-r8**: ``target_latency=f`` with ``round_to=8`` given (``--round-to 8``): widths in
+  multiples of 8 only, not first on the CPU's channel block (``--add-r8`` adds it to a finished
+  target);
 * **uniform-exact**: ``target_macs=q`` with exact widths (``round_to=1``, ``--round-to 1``),
   ``q`` bisected in the same way (``--add-exact`` adds it to a finished target): where no
   widths rounded to 8 measure near the latency model's, a uniform allocation that does;
@@ -80,6 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--add-depth", action="store_true",
                    help="prune phase: only add the --depth allocation to finished targets")
     p.add_argument("--depth", type=int, default=1, help="--depth of the depth allocation")
+    p.add_argument("--add-r8", action="store_true",
+                   help="prune phase: only add the latency-r8 allocation to finished targets")
     p.add_argument("--add-exact", action="store_true",
                    help="prune phase: only add the uniform-exact allocation to finished targets")
     p.add_argument("--add-under", action="store_true",
@@ -103,6 +108,9 @@ def prune_phase(args: argparse.Namespace) -> None:
             continue
         if args.add_exact:
             _add_exact(args, f, net, x, meta, test)
+            continue
+        if args.add_r8:
+            _add_r8(args, f, net, x, meta, test)
             continue
         if args.add_under:  # only the uniform-under model, beside a finished prune phase
             _add_under(args, f, net, x, meta, test)
@@ -155,6 +163,27 @@ def _uniform_at(args: argparse.Namespace, net, x, m_lat: float, round_to: int):
             break
         lo, hi = (q, hi) if m < m_lat else (lo, q)
     return (*best, tries)
+
+
+def _add_r8(args: argparse.Namespace, f: float, net, x, meta, test) -> None:
+    """Add the ``latency-r8`` allocation (``round_to=8``, no channel block) to target ``f``."""
+    path = WORK / f"f{f:g}.json"
+    rec = json.loads(path.read_text())
+    t0 = time.perf_counter()
+    res = prunekit.prune(net, x, method=args.method, target_latency=f, runtime=args.runtime,
+                         latency_batch_size=args.batch_size, latency_threads=1, evaluate=False,
+                         round_to=8)
+    lb = res.report["latency_budget"]
+    m, _, _ = measure_ratio(res.model, net, x, args.runtime, args.batch_size, 1,
+                            max_seconds=args.measure_seconds)
+    rec["latency-r8"] = {"measured": m, "search_measured": lb["measured_ratio"],
+                         "macs_fraction": res.report["macs_fraction"],
+                         "widths": res.report["widths"], "accuracy_pruned": evaluate(res.model, test),
+                         "prune_s": time.perf_counter() - t0}
+    prunekit.save(res.model, _pruned_path(f, "latency-r8"), meta={**meta, "pruned": "latency-r8"})
+    path.write_text(json.dumps(rec, indent=1))
+    print(f"f={f}: latency-r8 measured {m:.3f} (search {lb['measured_ratio']:.3f}), MACs "
+          f"{res.report['macs_fraction']:.3f}", flush=True)
 
 
 def _add_exact(args: argparse.Namespace, f: float, net, x, meta, test) -> None:
@@ -217,7 +246,7 @@ def _add_depth(args: argparse.Namespace, f: float, net, x, meta, train, test) ->
           f"{res.report['macs_fraction']:.3f}, branches {lb['depth']['branches']}", flush=True)
 
 
-KINDS = ("latency", "uniform", "uniform-exact", "uniform-under", "depth", "depth2", "depth-all")
+KINDS = ("latency", "latency-r8", "uniform", "uniform-exact", "uniform-under", "depth", "depth2", "depth-all")
 
 
 def _run_path(f: float, kind: str, seed: int | str, epochs: int) -> Path:
