@@ -139,6 +139,7 @@ class _DepthSearch:
                              precision=precision)[0]
 
     def macs_fraction(self, widths: dict[str, int]) -> float:
+        """The MACs the original keeps with ``widths`` (0: a branch removed), as a fraction."""
         from ..engine.budget import macs_of_widths
 
         return macs_of_widths(self.info, widths) / self.base_macs
