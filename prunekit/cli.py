@@ -205,6 +205,16 @@ def parse_sparsity(text: str | None) -> float | str | None:
     return value
 
 
+def dataset_for(meta: dict[str, Any], given: str | None, checkpoint: Path | None) -> str:
+    """The dataset named by ``--data`` (``given``), else the one ``checkpoint`` records; a
+    model from ``--model`` (no checkpoint) records none, so it needs ``--data``."""
+    name = given or meta.get("data")
+    if not name:
+        raise ConfigError("the checkpoint does not record its dataset; pass --data"
+                          if checkpoint is not None else "--model needs --data")
+    return name
+
+
 def input_shape_for(meta: dict[str, Any], override: str | None) -> list[int]:
     """``--input-shape`` if given, else the checkpoint's ``meta["input_shape"]``."""
     if override is not None:
@@ -448,9 +458,7 @@ def eval_(
         if model_spec is not None and input_shape is None:
             raise ConfigError("--model needs --input-shape C,H,W")
         model, meta, source = model_from_cli(checkpoint, model_spec, weights, trust_code, num_classes)
-        name = data or meta.get("data")
-        if not name:
-            raise ConfigError("the checkpoint does not record its dataset; pass --data")
+        name = dataset_for(meta, data, checkpoint)
         shape = input_shape_for(meta, input_shape) if input_shape is not None else meta.get("input_shape")
         if shape:
             check_forward(model, example_input(shape), source)
@@ -762,9 +770,7 @@ def prune_(
         check_finite(model, Path(str(weights or checkpoint or source)))
         shape = input_shape_for(meta, input_shape)
         check_forward(model, example_input(shape), source)
-        data_name = data or meta.get("data")
-        if data_name is None:
-            raise ConfigError("the checkpoint does not record its dataset; pass --data")
+        data_name = dataset_for(meta, data, checkpoint)
         train_set, test_set = load_data(data_name, data_dir, train_samples, input_shape=shape)
         load_s = time.perf_counter() - t0
         if spec.resumable:
@@ -964,9 +970,7 @@ def compare_(
         model, meta, source = model_from_cli(checkpoint, model_spec, weights, trust_code, num_classes)
         shape = input_shape_for(meta, input_shape)
         check_forward(model, example_input(shape), source)
-        data_name = opt.get("data") or meta.get("data")
-        if data_name is None:
-            raise ConfigError("the checkpoint does not record its dataset; pass --data")
+        data_name = dataset_for(meta, opt.get("data"), checkpoint)
         root = Path(opt["data_dir"]) if opt.get("data_dir") else None
         train_set, test_set = load_data(data_name, root, opt.get("train_samples"), input_shape=shape)
         train_config = TrainConfig(lr=opt.get("finetune_lr", 0.01), seed=opt.get("seed", 0), device=dev)

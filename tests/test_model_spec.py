@@ -395,6 +395,10 @@ def test_cli_hf_model_on_an_image_folder_at_224(capsys, tmp_path):
      "--input-shape"),
     (["train", "--model", "resnet8", "--weights", "{tmp}/w.pt", "--data", "fashion-mnist",
       "--out", "{tmp}/o.pt"], "--weights applies to a --model spec"),
+    (["compare", "--model", "simplecnn", "--input-shape", "3,32,32", "--methods", "l1", "--ratio",
+      "0.3", "--report", "{tmp}/r"], "--model needs --data"),
+    (["eval", "--model", "simplecnn", "--input-shape", "3,32,32"], "--model needs --data"),
+    (["eval", "{ckpt}"], "does not record its dataset"),
 ])
 def test_cli_library_spec_errors(capsys, tmp_path, argv, match):
     ckpt = tmp_path / "c.pt"
