@@ -104,13 +104,14 @@ def prune_phase(args: argparse.Namespace) -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     for f in map(float, args.targets.split(",")):
         if args.add_depth:
-            _add_depth(args, f, net, x, meta, train, test)
+            _add_latency(args, f, "depth", net, x, meta, test, latency_depth=args.depth,
+                         data=train)
             continue
         if args.add_exact:
             _add_exact(args, f, net, x, meta, test)
             continue
         if args.add_r8:
-            _add_r8(args, f, net, x, meta, test)
+            _add_latency(args, f, "latency-r8", net, x, meta, test, round_to=8)
             continue
         if args.add_under:  # only the uniform-under model, beside a finished prune phase
             _add_under(args, f, net, x, meta, test)
@@ -165,25 +166,29 @@ def _uniform_at(args: argparse.Namespace, net, x, m_lat: float, round_to: int):
     return (*best, tries)
 
 
-def _add_r8(args: argparse.Namespace, f: float, net, x, meta, test) -> None:
-    """Add the ``latency-r8`` allocation (``round_to=8``, no channel block) to target ``f``."""
+def _add_latency(args: argparse.Namespace, f: float, kind: str, net, x, meta, test,
+                 **options) -> None:
+    """Add a ``target_latency=f`` allocation pruned with ``options`` (``round_to=8``:
+    ``latency-r8``; ``latency_depth``: ``depth``) to the record of target ``f`` as ``kind``."""
     path = WORK / f"f{f:g}.json"
     rec = json.loads(path.read_text())
     t0 = time.perf_counter()
     res = prunekit.prune(net, x, method=args.method, target_latency=f, runtime=args.runtime,
                          latency_batch_size=args.batch_size, latency_threads=1, evaluate=False,
-                         round_to=8)
+                         **options)
     lb = res.report["latency_budget"]
     m, _, _ = measure_ratio(res.model, net, x, args.runtime, args.batch_size, 1,
                             max_seconds=args.measure_seconds)
-    rec["latency-r8"] = {"measured": m, "search_measured": lb["measured_ratio"],
-                         "macs_fraction": res.report["macs_fraction"],
-                         "widths": res.report["widths"], "accuracy_pruned": evaluate(res.model, test),
-                         "prune_s": time.perf_counter() - t0}
-    prunekit.save(res.model, _pruned_path(f, "latency-r8"), meta={**meta, "pruned": "latency-r8"})
+    branches = (lb.get("depth") or {}).get("branches")
+    rec[kind] = {"measured": m, "search_measured": lb["measured_ratio"],
+                 "macs_fraction": res.report["macs_fraction"], "widths": res.report["widths"],
+                 **({"branches": branches} if branches is not None else {}),
+                 "accuracy_pruned": evaluate(res.model, test), "prune_s": time.perf_counter() - t0}
+    prunekit.save(res.model, _pruned_path(f, kind), meta={**meta, "pruned": kind})
     path.write_text(json.dumps(rec, indent=1))
-    print(f"f={f}: latency-r8 measured {m:.3f} (search {lb['measured_ratio']:.3f}), MACs "
-          f"{res.report['macs_fraction']:.3f}", flush=True)
+    print(f"f={f}: {kind} measured {m:.3f} (search {lb['measured_ratio']:.3f}), MACs "
+          f"{res.report['macs_fraction']:.3f}" + (f", branches {branches}" if branches else ""),
+          flush=True)
 
 
 def _add_exact(args: argparse.Namespace, f: float, net, x, meta, test) -> None:
@@ -223,27 +228,6 @@ def _add_under(args: argparse.Namespace, f: float, net, x, meta, test) -> None:
     path.write_text(json.dumps(rec, indent=1))
     print(f"f={f}: uniform-under target_macs {best['target_macs']:.3f}: measured {m:.3f}, "
           f"MACs {rec['uniform-under']['macs_fraction']:.3f}", flush=True)
-
-
-def _add_depth(args: argparse.Namespace, f: float, net, x, meta, train, test) -> None:
-    """Add the ``depth`` allocation (``latency_depth``) to the record of target ``f``."""
-    path = WORK / f"f{f:g}.json"
-    rec = json.loads(path.read_text())
-    t0 = time.perf_counter()
-    res = prunekit.prune(net, x, method=args.method, target_latency=f, runtime=args.runtime,
-                         latency_batch_size=args.batch_size, latency_threads=1, evaluate=False,
-                         latency_depth=args.depth, data=train)
-    lb = res.report["latency_budget"]
-    m, _, _ = measure_ratio(res.model, net, x, args.runtime, args.batch_size, 1,
-                            max_seconds=args.measure_seconds)
-    rec["depth"] = {"measured": m, "search_measured": lb["measured_ratio"],
-                    "macs_fraction": res.report["macs_fraction"], "widths": res.report["widths"],
-                    "branches": lb["depth"]["branches"], "accuracy_pruned": evaluate(res.model, test),
-                    "prune_s": time.perf_counter() - t0}
-    prunekit.save(res.model, _pruned_path(f, "depth"), meta={**meta, "pruned": "depth"})
-    path.write_text(json.dumps(rec, indent=1))
-    print(f"f={f}: depth measured {m:.3f} (search {lb['measured_ratio']:.3f}), MACs "
-          f"{res.report['macs_fraction']:.3f}, branches {lb['depth']['branches']}", flush=True)
 
 
 KINDS = ("latency", "latency-r8", "uniform", "uniform-exact", "uniform-under", "depth", "depth2", "depth-all")
