@@ -103,13 +103,18 @@ def latency_target(method: str, target_latency: float, runtime: str | None, batc
                          measure_seconds=measure_seconds)
 
 
-def check_depth(method: str, target_latency: float | None, depth: int) -> int:
+def check_depth(method: str, target_latency: float | None, depth: int | str) -> int | str:
     """``depth`` (``latency_depth``, ``--depth``) if it applies: a whole number of branches
     per stage, with a latency budget and a method that keeps the top-ranked channels of each
-    group (:attr:`~prunekit.methods.registry.MethodSpec.vanishes`); else a ConfigError."""
+    group (:attr:`~prunekit.methods.registry.MethodSpec.vanishes`); else a ConfigError.
+    ``"auto"`` (the default) is ``"auto"`` where a whole number would apply, else 0: one
+    branch per stage tried where widths alone pay badly
+    (:func:`prunekit.measure.latency_depth.solve_auto`)."""
+    if depth == "auto":
+        return "auto" if target_latency is not None and methods.spec(method).vanishes else 0
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
-        raise ConfigError(f"latency_depth (--depth) must be a whole number of branches per "
-                          f"stage >= 0, got {depth!r}")
+        raise ConfigError(f"latency_depth (--depth) must be 'auto' or a whole number of "
+                          f"branches per stage >= 0, got {depth!r}")
     if not depth:
         return 0
     if target_latency is None:
@@ -232,7 +237,7 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None,
           target_latency: float | None = None, runtime: str | None = None,
           latency_batch_size: int = 1, latency_threads: int | None = None, progress: Any = None,
           latency_fractions: tuple[float, ...] | None = None, latency_predictor: str = "auto",
-          latency_depth: int = 0, **method_options: Any) -> PruneResult:
+          latency_depth: int | str = "auto", **method_options: Any) -> PruneResult:
     """Prune ``model`` with ``method`` to a ``ratio`` of removed filters or a ``target_macs``
     fraction of the original MACs.
 
@@ -279,7 +284,7 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None,
         widths' MACs and memory traffic fitted to end-to-end measurements
         (:mod:`prunekit.measure.latency_model`); ``auto`` (the command line's): the model from
         a latency batch of 16 on.
-    latency_depth : int
+    latency_depth : int or "auto"
         Up to this many residual branches of each stage may go whole under a latency budget
         (the hidden channels of a residual block: the block becomes its shortcut plus a
         constant; every stage keeps one), before the widths are cut
@@ -287,7 +292,11 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None,
         removed are those whose removal changes the output least (on ``DEPTH_IMAGES``
         training images) per unit of latency saved. More of the MACs per unit of latency on a
         small network at a low target; 1 was the more accurate after fine-tuning
-        (``docs/runtimes.md``).
+        (``docs/runtimes.md``). ``"auto"`` (default): widths alone, and one branch per stage
+        tried as well where the widths keep under 0.75 of the MACs per unit of latency or
+        cannot reach the budget, kept where it keeps 1.1 times the MACs
+        (:func:`~prunekit.measure.latency_depth.solve_auto`; methods that cannot remove a
+        branch: widths alone). 0: widths alone.
     data : dataset, DataLoader or (train, test), optional
         Calibration / training data; the test set, when given, is used for the accuracies.
         Each may be a prunekit ImageDataset (in memory), a streamed image folder, any

@@ -504,10 +504,28 @@ LatencyThreadsOpt = Annotated[int | None, typer.Option(
     "--threads", min=1, help="Threads of every latency measurement (default: torch's, all "
                              "cores): the thread count you deploy with; 1 is steadiest on a "
                              "small shared machine.")]
-DepthOpt = Annotated[int, typer.Option(
-    "--depth", min=0, help="With --target-latency: remove up to this many whole residual "
-    "branches per stage (those whose removal changes the output least per unit of latency "
-    "saved; every stage keeps one) before cutting widths; one-shot criteria methods.")]
+DepthOpt = Annotated[str, typer.Option(
+    "--depth", help="With --target-latency: remove up to this many whole residual branches per "
+    "stage (those whose removal changes the output least per unit of latency saved; every "
+    "stage keeps one) before cutting widths; one-shot criteria methods. 'auto' (default): "
+    "widths alone, and one branch per stage tried too where the widths keep under 0.75 of the "
+    "MACs per unit of latency or cannot reach the budget (kept where it keeps 1.1x the MACs); "
+    "0: widths alone.")]
+
+
+def parse_depth(text: str | int) -> int | str:
+    """``--depth``: ``auto`` or a whole number >= 0 (else a ConfigError)."""
+    value = str(text).strip().lower()
+    if value == "auto":
+        return "auto"
+    try:
+        depth = int(value)
+    except ValueError:
+        depth = -1
+    if depth < 0:
+        raise ConfigError(f"--depth must be 'auto' or a whole number of branches per stage "
+                          f">= 0, got {text!r}")
+    return depth
 
 
 def runtimes_summary(report: dict[str, Any]) -> list[str]:
@@ -714,7 +732,7 @@ def prune_(
     target_latency: TargetLatencyOpt = None,
     runtime: LatencyRuntimeOpt = None,
     latency_batch: LatencyBatchOpt = 1,
-    depth: DepthOpt = 0,
+    depth: DepthOpt = "auto",
     threads: LatencyThreadsOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
@@ -749,7 +767,7 @@ def prune_(
             from .measure.runtimes import check_runtimes
             check_runtimes([runtime])
         from .api import check_depth
-        check_depth(method, target_latency, depth)
+        depth = check_depth(method, target_latency, parse_depth(depth))
         spec.parse_options(options)
         check_output_path(out)
         state_path = Path(f"{out}.state")
@@ -823,6 +841,12 @@ def _speed_lines(report: dict[str, Any], o: Output) -> list[str]:
                      f"{lb['batch_size']}, {lb['threads']} thread(s)): predicted "
                      f"{lb['predicted_ratio']:.3f}, measured {lb['measured_ratio']:.3f}"
                      f"{'' if lb['reached'] else ' (NOT reached)'}")
+        gone = (lb.get("depth") or {}).get("branches")
+        auto = lb.get("depth_auto") or {}
+        if gone or auto.get("tried"):
+            lines.append(f"residual branches removed whole: {', '.join(gone or []) or 'none'}"
+                         + (f" (tried as {auto['why']}; kept: {auto.get('chosen', 'widths')})"
+                            if auto.get("tried") else ""))
     sp = report.get("speed")
     if sp and sp.get("ratio") is not None:
         lines.append(f"speed on {sp['runtime']} at batch {sp['batch_size']}: {sp['ratio']:.3f}x the "
@@ -914,7 +938,7 @@ def compare_(
                           "original, comma-separated (default with --onnx: onnxruntime and openvino "
                           "when installed; 'none': skip); the first is --target-latency's.")] = None,
     latency_batch: LatencyBatchOpt = 1,
-    depth: DepthOpt = 0,
+    depth: DepthOpt = "auto",
     threads: LatencyThreadsOpt = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed (default 0).")] = None,
     device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = None,
@@ -982,7 +1006,7 @@ def compare_(
             train_config=train_config, latency_seconds=opt.get("latency_seconds", 2.0),
             meta={"checkpoint": source, "model": meta.get("model") or model_spec, "data": data_name},
             target_latency=target_latency, runtime=rts[0] if target_latency is not None else None,
-            latency_batch_size=latency_batch, runtimes=rts, latency_depth=depth,
+            latency_batch_size=latency_batch, runtimes=rts, latency_depth=parse_depth(depth),
             threads=opt.get("threads"))
         if len(results["failed"]) == len(names):
             first, why = next(iter(results["failed"].items()))

@@ -365,7 +365,9 @@ def checkpoint(tmp_path_factory):
      "cannot plan"),
     (["--method", "l1", "--target-latency", "0.5", "--runtime", "deploy", "--depth", "-1"],
      "depth"),
-], ids=["no-latency", "method", "negative"])
+    (["--method", "l1", "--target-latency", "0.5", "--runtime", "deploy", "--depth", "some"],
+     "'auto' or a whole number"),
+], ids=["no-latency", "method", "negative", "word"])
 def test_depth_misused_exits_2(checkpoint, tmp_path, capsys, flags, match) -> None:
     out = tmp_path / "p.pt"
     assert_one_line_error(*run(capsys, "prune", checkpoint, *flags, "--out", out), match=match)
@@ -375,3 +377,112 @@ def test_depth_misused_exits_2(checkpoint, tmp_path, capsys, flags, match) -> No
     assert_one_line_error(*run(capsys, "compare", checkpoint, *flags, "--report", report),
                           match=match)
     assert not report.exists()
+
+
+def _macs_runtime(monkeypatch, fixed: float):
+    """A fake runtime whose latency falls with the MACs alone above a fixed part:
+    ratio = fixed + (1 - fixed) x MACs fraction; a branch removed saves only its MACs."""
+    from prunekit.measure import latency_table
+
+    def fake(model, original, example_input, runtime, batch_size, threads, **_kw):
+        macs = count_macs_params(model, example_input)[0] / count_macs_params(original, example_input)[0]
+        ratio = fixed + (1 - fixed) * macs
+        return ratio, ratio, 1.0
+
+    monkeypatch.setattr(latency_table, "measure_ratio", fake)
+
+
+def test_auto_depth_keeps_branches_removed_where_widths_pay_badly(layer_cost_runtime) -> None:
+    """``depth="auto"`` at 0.7 on the fixed-cost-per-layer runtime: widths alone keep under
+    0.75 of the MACs per unit of latency, so one branch per stage is tried; it keeps more
+    than 1.1x the MACs at the same budget and wins, both results recorded, in the window."""
+    net = _resnet()
+    target = LatencyTarget(0.7, "deploy", table_seconds=0.01, use_cache=False, depth="auto",
+                           calibration=X)
+    _, widths, frac = budget_widths(analyse(net, X[:1]), None, target, round_to=8)
+    auto = target.result["depth_auto"]
+    assert auto["tried"] and auto["chosen"] == "depth", auto
+    assert auto["efficiency"] < 0.75 and auto["widths"]["reached"]
+    assert auto["depth"]["macs_fraction"] >= 1.1 * auto["widths"]["macs_fraction"], auto
+    branches = target.result["depth"]["branches"]
+    assert branches and all(sum(b.startswith(f"layer{s}.") for b in branches) <= 1 for s in (1, 2, 3))
+    assert {n for n, w in widths.items() if w == 0} == set(branches)
+    assert frac == pytest.approx(auto["depth"]["macs_fraction"])
+    assert 0.65 <= target.result["measured_ratio"] <= 0.7 and target.depth == "auto"
+
+
+def test_auto_depth_is_not_tried_where_widths_pay_well(monkeypatch) -> None:
+    """Latency falling with the MACs alone (no fixed part): widths alone keep about as many
+    MACs as latency, so no branch is tried, scored or removed."""
+    _macs_runtime(monkeypatch, 0.0)
+    from prunekit.measure import latency_depth
+
+    monkeypatch.setattr(latency_depth, "solve_with_depth",
+                        lambda *a, **k: pytest.fail("depth searched"))
+    target = LatencyTarget(0.6, "deploy", table_seconds=0.01, use_cache=False, depth="auto",
+                           calibration=X)
+    _, widths, _ = budget_widths(analyse(_resnet(), X[:1]), None, target, round_to=8)
+    auto = target.result["depth_auto"]
+    assert not auto["tried"] and auto["efficiency"] >= 0.75, auto
+    assert min(widths.values()) > 0 and "depth" not in target.result
+    assert 0.55 <= target.result["measured_ratio"] <= 0.6
+
+
+def test_auto_depth_tried_but_not_kept_without_a_clear_gain(monkeypatch) -> None:
+    """A large fixed part (0.5) makes widths pay badly, but removing a branch saves only its
+    MACs, as widths do: the model with branches removed keeps under 1.1x the MACs, so the
+    widths alone are kept, and both are reported."""
+    _macs_runtime(monkeypatch, 0.5)
+    target = LatencyTarget(0.75, "deploy", table_seconds=0.01, use_cache=False, depth="auto",
+                           calibration=X)
+    _, widths, frac = budget_widths(analyse(_resnet(), X[:1]), None, target, round_to=8)
+    auto = target.result["depth_auto"]
+    assert auto["tried"] and auto["chosen"] == "widths", auto
+    assert auto["depth"]["macs_fraction"] < 1.1 * auto["widths"]["macs_fraction"]
+    assert min(widths.values()) > 0 and frac == pytest.approx(auto["widths"]["macs_fraction"])
+    assert 0.7 <= target.result["measured_ratio"] <= 0.75
+
+
+def test_auto_depth_reaches_a_target_widths_alone_cannot(layer_cost_runtime) -> None:
+    """At 0.52 the narrowest widths measure above the budget on the fixed-cost runtime (a
+    ConfigError with ``depth=0``); ``"auto"`` reaches it by removing branches."""
+    net = _resnet()
+    with pytest.raises(prunekit.ConfigError, match="below what pruning can reach"):
+        budget_widths(analyse(net, X[:1]), None,
+                      LatencyTarget(0.52, "deploy", table_seconds=0.01, use_cache=False), round_to=8)
+    target = LatencyTarget(0.52, "deploy", table_seconds=0.01, use_cache=False, depth="auto",
+                           calibration=X)
+    budget_widths(analyse(net, X[:1]), None, target, round_to=8)
+    assert target.result["depth_auto"]["chosen"] == "depth" and "widths" not in target.result["depth_auto"]
+    assert 0.47 <= target.result["measured_ratio"] <= 0.52, target.result["rounds"]
+
+
+def test_prune_defaults_to_auto_depth_and_a_method_that_cannot_remove_a_branch_uses_widths(
+        layer_cost_runtime) -> None:
+    data = TensorDataset(X, torch.zeros(6).long())
+    res = prunekit.prune(_resnet(), X[:1], method="l1", target_latency=0.7, runtime="deploy",
+                         data=data, evaluate=False)
+    lb = res.report["latency_budget"]
+    assert lb["depth_auto"]["chosen"] == "depth" and lb["depth"]["branches"]
+    assert all(isinstance(res.model.get_submodule(b), Vanished) for b in lb["depth"]["branches"])
+    plain = prunekit.prune(_resnet(), X[:1], method="l1", target_latency=0.7, runtime="deploy",
+                           data=data, evaluate=False, latency_depth=0)
+    assert "depth_auto" not in plain.report["latency_budget"]
+    assert plain.report["macs_fraction"] * 1.1 <= res.report["macs_fraction"]
+    from prunekit.api import check_depth
+
+    assert check_depth("thinet", 0.6, "auto") == 0 and check_depth("l1", None, "auto") == 0
+    assert check_depth("l1", 0.6, "auto") == "auto"
+
+
+def test_auto_depth_below_reach_either_way_names_both_floors(layer_cost_runtime) -> None:
+    """At 0.3 neither the narrowest widths (0.648) nor those with one branch per stage removed
+    reach the budget on the fixed-cost runtime: one ConfigError names both measurements."""
+    target = LatencyTarget(0.3, "deploy", table_seconds=0.01, use_cache=False, depth="auto",
+                           calibration=X)
+    with pytest.raises(prunekit.ConfigError) as e:
+        budget_widths(analyse(_resnet(), X[:1]), None, target, round_to=8)
+    msg = str(e.value)
+    assert "below what pruning can reach" in msg and "measured 0.648" in msg, msg
+    both = float(msg.rsplit("as well: ", 1)[1])
+    assert 0.3 < both < 0.6, msg

@@ -193,10 +193,11 @@ class LatencyTarget:
         to its default: where it is larger than ``round_to``, the search first keeps every
         width a multiple of ``block`` (groups of at most ``block`` channels whole), and runs
         with ``round_to`` only when the narrowest such widths measure above the window.
-    depth : int
+    depth : int or "auto"
         Residual branches of each stage that may go whole before the widths are searched
         (:mod:`prunekit.measure.latency_depth`; methods that keep the top-scoring channels;
-        0: none).
+        0: none; ``"auto"``: one, tried where widths alone pay badly,
+        :func:`~prunekit.measure.latency_depth.solve_auto`).
     calibration : Tensor, optional
         Images the output change of removing each branch is measured on (default: the
         example inputs).
@@ -223,7 +224,7 @@ class LatencyTarget:
     fractions: tuple[float, ...] = (0.25, 0.5, 0.75)
     predictor: str = "auto"
     block: int | None = None
-    depth: int = 0
+    depth: int | str = 0
     calibration: torch.Tensor | None = None
     progress: Callable[[str], None] | None = None
     result: dict[str, Any] = field(default_factory=dict)

@@ -296,8 +296,13 @@ def solve_latency_budget(info: Any, target: Any, widths_fn: Callable[[float], di
     low edge), the whole search runs again with ``round_to`` (``result["block"]`` tells).
 
     With ``target.depth`` residual branches are removed whole first
-    (:func:`prunekit.measure.latency_depth.solve_with_depth`); ``reference`` and ``scale`` are
-    how that search calls this one (see :func:`_solve`)."""
+    (:func:`prunekit.measure.latency_depth.solve_with_depth`); with ``"auto"``, only where
+    widths alone pay badly (:func:`prunekit.measure.latency_depth.solve_auto`). ``reference``
+    and ``scale`` are how those searches call this one (see :func:`_solve`)."""
+    if target.depth == "auto" and reference is None:
+        from .latency_depth import solve_auto
+
+        return solve_auto(info, target, widths_fn, round_to=round_to, iters=iters)
     if target.depth and reference is None:
         from .latency_depth import solve_with_depth
 
@@ -440,9 +445,11 @@ def _solve(info: Any, target: Any, widths_fn: Callable[[float], dict[str, int]] 
     if reach is not None and m_floor > reach:
         raise _OffBlock(m_floor)
     if m_floor > goal:
-        raise ConfigError(f"target latency {goal:.3f} is below what pruning can reach on "
+        err = ConfigError(f"target latency {goal:.3f} is below what pruning can reach on "
                           f"{target.runtime} for this model (measured {m_floor:.3f} at "
                           "the narrowest widths)")
+        err.measured = m_floor  # type: ignore[attr-defined]  # read by latency_depth.solve_auto
+        raise err
     if model is not None:
         # two more points to fit the model, of different shapes: the method's widths at knob
         # 0.5 (MACs fall about as the square of the memory traffic), and widths cut where the

@@ -253,7 +253,7 @@ class _Run:
     #: intra-op threads of every latency measurement (None: torch's current setting)
     threads: int | None = None
     #: whole residual branches per stage the latency budget may remove (``latency_depth``)
-    latency_depth: int = 0
+    latency_depth: int | str = 0
 
 
 def _evaluate(model: nn.Module, test_set: Any) -> float | None:
@@ -460,7 +460,7 @@ def compare(model: nn.Module, example_inputs: torch.Tensor | None, methods: Sequ
             meta: Mapping[str, Any] | None = None, report: bool = True,
             target_latency: float | None = None, runtime: str | None = None,
             latency_batch_size: int = 1, runtimes: Sequence[str] | None = None,
-            latency_depth: int = 0, threads: int | None = None) -> dict[str, Any]:
+            latency_depth: int | str = "auto", threads: int | None = None) -> dict[str, Any]:
     """Prune ``model`` with each of ``methods`` under the same budgets; measure and report.
 
     Every method starts from a fresh copy of ``model``. The MACs budget (``target_macs`` or
@@ -519,10 +519,13 @@ def compare(model: nn.Module, example_inputs: torch.Tensor | None, methods: Sequ
         Runtimes (:data:`prunekit.measure.runtimes.RUNTIMES`) on which every pruned model is
         verified and timed against the original, interleaved; each entry then has
         ``runtimes`` (see :func:`prunekit.measure.runtimes.profile_runtimes`).
-    latency_depth : int
+    latency_depth : int or "auto"
         With ``target_latency``: remove up to this many whole residual branches per stage
         before cutting widths (see :func:`prunekit.prune`); every method must take it (the
-        one-shot criteria). Each entry's ``latency_budget.depth`` names the branches removed.
+        one-shot criteria). ``"auto"`` (default): each method as :func:`prunekit.prune` does
+        (widths alone for a method that cannot remove a branch). Each entry's
+        ``latency_budget.depth`` names the branches removed, ``latency_budget.depth_auto``
+        what ``"auto"`` tried.
     threads : int, optional
         Intra-op threads of every latency measurement: eager PyTorch, the ONNX Runtime
         columns, the deployment runtimes and the latency budget (default: torch's current
@@ -551,9 +554,10 @@ def compare(model: nn.Module, example_inputs: torch.Tensor | None, methods: Sequ
         from ..api import latency_target
         for name in names:  # every method must take the latency budget: fail before any work
             latency_target(name, target_latency, runtime, latency_batch_size, round_to=8)
-    depth = 0
     for name in names:  # every method must be able to remove a branch: fail before any work
-        depth = check_depth(name, target_latency, latency_depth)
+        check_depth(name, target_latency, latency_depth)
+    # each method's own: "auto" is widths alone for a method that cannot remove a branch
+    depth = latency_depth if target_latency is not None else 0
     if isinstance(finetune_epochs, bool) or int(finetune_epochs) != finetune_epochs or finetune_epochs < 0:
         raise ConfigError(f"finetune_epochs must be a whole number >= 0, got {finetune_epochs!r}")
     budget = int(finetune_epochs)

@@ -151,7 +151,10 @@ def _summary(results: Mapping[str, Any]) -> list[str]:
     if s.get("target_latency") is not None:
         budget = (f"at most {100 * s['target_latency']:.0f}% of the original's latency on "
                   f"{s.get('runtime')} at batch {s.get('latency_batch_size', 1)} (measured)")
-        if s.get("latency_depth"):
+        if s.get("latency_depth") == "auto":
+            budget += (", one whole residual branch per stage removed too where that keeps "
+                       "1.1x the MACs of widths alone (tried where widths pay badly)")
+        elif s.get("latency_depth"):
             budget += (f", up to {s['latency_depth']} whole residual branch(es) per stage removed "
                        f"before widths are cut")
     elif s.get("target_macs") is not None:
@@ -207,10 +210,13 @@ def _notes(results: Mapping[str, Any]) -> list[str]:
         if b.get("fitted_options"):
             fitted = ", ".join(f"{k}={v}" for k, v in b["fitted_options"].items())
             notes.append(f"{e['method']}: options set by the comparison: {fitted}.")
-        depth = (e.get("latency_budget") or {}).get("depth") or {}
-        if depth:
+        lb = e.get("latency_budget") or {}
+        depth, auto = lb.get("depth") or {}, lb.get("depth_auto") or {}
+        if depth or auto.get("tried"):
             gone = ", ".join(depth.get("branches") or []) or "none"
-            notes.append(f"{e['method']}: residual branches removed whole: {gone}.")
+            why = (f" (tried as {auto['why']}; kept: {auto.get('chosen', 'widths')})"
+                   if auto.get("tried") else "")
+            notes.append(f"{e['method']}: residual branches removed whole: {gone}{why}.")
         if e.get("onnx") and "error" in e["onnx"]:
             notes.append(f"{e['method']}: ONNX export failed: {e['onnx']['error']}")
         for w in e.get("warnings", []):
