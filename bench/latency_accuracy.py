@@ -4,8 +4,10 @@
 ResNet-20 trained on Fashion-MNIST (``bench/baselines/resnet20_fashion-mnist.pt``) is pruned by
 ``l1`` two ways for each latency target ``f`` on runtime ``R`` at batch ``B``:
 
-* **latency**: ``target_latency=f`` (the per-group latency table, the widths searched against it
-  and measured end to end);
+* **latency**: ``target_latency=f`` as the command line prunes (the widths searched against a
+  latency table or model and measured end to end; ``--latency-depth``, default ``auto``: one
+  residual branch per stage removed too where widths alone pay badly and that keeps 1.1x the
+  MACs, the branches scored on 64 training images; results before session 22: widths alone);
 * **uniform**: ``target_macs=q`` (the same fraction of every group, widths rounded to multiples
   of 8 like the latency model's and the command line's), ``q`` searched by bisection
   until its latency ratio, measured on ``R`` interleaved against the original, matches the
@@ -24,6 +26,8 @@ ResNet-20 trained on Fashion-MNIST (``bench/baselines/resnet20_fashion-mnist.pt`
   most MACs measured at or under the latency model's ratio (what a user with that latency
   budget could deploy uniformly), where it differs from ``uniform`` (ResNet-20 rounded to 8
   has no uniform widths between 0.6 and 0.77 of the latency on an AVX-512 CPU);
+  **uniform-over**: likewise the one keeping the fewest MACs measured slower than the latency
+  model, where it differs from ``uniform`` (the two bracket the latency model's latency);
 
 then the two are timed against each other (interleaved) to show the latencies match, and each is
 fine-tuned with the same recipe (``--epochs`` on the first ``--train-samples`` training images,
@@ -83,12 +87,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--add-depth", action="store_true",
                    help="prune phase: only add the --depth allocation to finished targets")
     p.add_argument("--depth", type=int, default=1, help="--depth of the depth allocation")
+    p.add_argument("--latency-depth", default="auto", type=lambda v: v if v == "auto" else int(v),
+                   help="latency_depth of the latency allocation (auto or a whole number)")
     p.add_argument("--add-r8", action="store_true",
                    help="prune phase: only add the latency-r8 allocation to finished targets")
     p.add_argument("--add-exact", action="store_true",
                    help="prune phase: only add the uniform-exact allocation to finished targets")
     p.add_argument("--add-under", action="store_true",
-                   help="prune phase: only add the uniform-under allocation to finished targets")
+                   help="prune phase: only add the uniform-under and -over allocations to finished targets")
     return p.parse_args(argv)
 
 
@@ -113,12 +119,14 @@ def prune_phase(args: argparse.Namespace) -> None:
         if args.add_r8:
             _add_latency(args, f, "latency-r8", net, x, meta, test, round_to=8)
             continue
-        if args.add_under:  # only the uniform-under model, beside a finished prune phase
+        if args.add_under:  # only the uniform-under and -over models, beside a finished prune phase
             _add_under(args, f, net, x, meta, test)
+            _add_under(args, f, net, x, meta, test, "over")
             continue
         t0 = time.perf_counter()
         lat = prunekit.prune(net, x, method=args.method, target_latency=f, runtime=args.runtime,
-                             latency_batch_size=args.batch_size, latency_threads=1, evaluate=False)
+                             latency_batch_size=args.batch_size, latency_threads=1, evaluate=False,
+                             data=train, latency_depth=args.latency_depth)
         lb = lat.report["latency_budget"]
         m_lat, _, _ = measure_ratio(lat.model, net, x, args.runtime, args.batch_size, 1,
                                     max_seconds=args.measure_seconds)
@@ -131,6 +139,8 @@ def prune_phase(args: argparse.Namespace) -> None:
                "latency": {"measured": m_lat, "search_measured": lb["measured_ratio"],
                            "predicted": lb["predicted_ratio"], "macs_fraction": lat.report["macs_fraction"],
                            "widths": lat.report["widths"],
+                           "branches": (lb.get("depth") or {}).get("branches"),
+                           "depth_auto": lb.get("depth_auto"),
                            "accuracy_pruned": evaluate(lat.model, test)},
                "uniform": {"measured": m_uni, "target_macs": q, "macs_fraction": uni.report["macs_fraction"],
                            "widths": uni.report["widths"], "tries": tries,
@@ -140,6 +150,7 @@ def prune_phase(args: argparse.Namespace) -> None:
         prunekit.save(uni.model, _pruned_path(f, "uniform"), meta={**meta, "pruned": "uniform"})
         (WORK / f"f{f:g}.json").write_text(json.dumps(rec, indent=1))
         _add_under(args, f, net, x, meta, test)
+        _add_under(args, f, net, x, meta, test, "over")
         print(f"f={f}: latency/uniform measured {head:.3f}; MACs {rec['latency']['macs_fraction']:.3f} "
               f"vs {rec['uniform']['macs_fraction']:.3f}", flush=True)
 
@@ -206,31 +217,40 @@ def _add_exact(args: argparse.Namespace, f: float, net, x, meta, test) -> None:
           f"{rec['uniform-exact']['macs_fraction']:.3f}", flush=True)
 
 
-def _add_under(args: argparse.Namespace, f: float, net, x, meta, test) -> None:
-    """Add the ``uniform-under`` allocation to the record of target ``f`` (see the module
-    docstring): pruned again at its ``q`` (the same widths) and measured."""
+def _add_under(args: argparse.Namespace, f: float, net, x, meta, test, side: str = "under") -> None:
+    """Add the ``uniform-under`` (``side="under"``) or ``uniform-over`` allocation to the record
+    of target ``f`` (see the module docstring): pruned again at its ``q`` (the same widths) and
+    measured."""
     path = WORK / f"f{f:g}.json"
     rec = json.loads(path.read_text())
-    under = [t for t in rec["uniform"]["tries"] if t["measured"] <= rec["latency"]["measured"]]
-    if not under:
+    mine = rec["latency"]["measured"]
+    if side == "under":
+        tries = [t for t in rec["uniform"]["tries"] if t["measured"] <= mine]
+        pick = max
+    else:
+        tries = [t for t in rec["uniform"]["tries"] if t["measured"] > mine]
+        pick = min
+    if not tries:
         return
-    best = max(under, key=lambda t: t["macs_fraction"])
-    if best["target_macs"] == rec["uniform"]["target_macs"]:
+    best = pick(tries, key=lambda t: t["macs_fraction"])
+    if best["macs_fraction"] == rec["uniform"]["macs_fraction"]:
         return
+    kind = f"uniform-{side}"
     uni = prunekit.prune(net, x, method=args.method, target_macs=best["target_macs"], round_to=8,
                          evaluate=False)
     m, _, _ = measure_ratio(uni.model, net, x, args.runtime, args.batch_size, 1,
                             max_seconds=args.measure_seconds)
-    rec["uniform-under"] = {"measured": m, "target_macs": best["target_macs"],
-                            "macs_fraction": uni.report["macs_fraction"],
-                            "widths": uni.report["widths"], "accuracy_pruned": evaluate(uni.model, test)}
-    prunekit.save(uni.model, _pruned_path(f, "uniform-under"), meta={**meta, "pruned": "uniform-under"})
+    rec[kind] = {"measured": m, "target_macs": best["target_macs"],
+                 "macs_fraction": uni.report["macs_fraction"],
+                 "widths": uni.report["widths"], "accuracy_pruned": evaluate(uni.model, test)}
+    prunekit.save(uni.model, _pruned_path(f, kind), meta={**meta, "pruned": kind})
     path.write_text(json.dumps(rec, indent=1))
-    print(f"f={f}: uniform-under target_macs {best['target_macs']:.3f}: measured {m:.3f}, "
-          f"MACs {rec['uniform-under']['macs_fraction']:.3f}", flush=True)
+    print(f"f={f}: {kind} target_macs {best['target_macs']:.3f}: measured {m:.3f}, "
+          f"MACs {rec[kind]['macs_fraction']:.3f}", flush=True)
 
 
-KINDS = ("latency", "latency-r8", "uniform", "uniform-exact", "uniform-under", "depth", "depth2", "depth-all")
+KINDS = ("latency", "latency-r8", "uniform", "uniform-exact", "uniform-under", "uniform-over", "depth",
+         "depth2", "depth-all")
 
 
 def _run_path(f: float, kind: str, seed: int | str, epochs: int) -> Path:

@@ -72,9 +72,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--predictor", default="auto", choices=LATENCY_PREDICTORS,
                    help="latency predictor of the --target-latency search (auto: the table below "
                         "batch 16, the fitted model from it)")
-    p.add_argument("--depth", type=int, default=0,
+    p.add_argument("--depth", default="auto", type=lambda v: v if v == "auto" else int(v),
                    help="--target-latency rows with --depth N (up to N residual branches per "
-                        "stage removed whole first)")
+                        "stage removed whole first; auto, the default as on the command line: "
+                        "one per stage tried where widths alone pay badly; results before "
+                        "session 22 ran with 0)")
     p.add_argument("--round-tos", default="none,8",
                    help="round_to of the uniform 50%% MACs rows ('none': exact widths)")
     return p.parse_args(argv)
@@ -165,6 +167,7 @@ def main(argv=None) -> None:
                              "search_repeats": lb.get("repeats", {}),
                              "block": lb.get("block"),
                              "depth_branches": (lb.get("depth") or {}).get("branches"),
+                             "depth_auto": lb.get("depth_auto"),
                              "prune_s": time.perf_counter() - t0}
                     got = timed_rows(name, f"target latency {f}", net, res.model, x, [b], [rt],
                                      args.seconds, res.report["macs_fraction"], extra,
