@@ -28,6 +28,9 @@ ResNet-20 trained on Fashion-MNIST (``bench/baselines/resnet20_fashion-mnist.pt`
   has no uniform widths between 0.6 and 0.77 of the latency on an AVX-512 CPU);
   **uniform-over**: likewise the one keeping the fewest MACs measured slower than the latency
   model, where it differs from ``uniform`` (the two bracket the latency model's latency);
+* **tp**: the peer, Torch-Pruning's own pruner with its L1 importance (``tp:l1``), uniform
+  widths rounded to 8 bisected the same way; the one keeping the most MACs measured at or under
+  the latency model's ratio (``--add-peer`` adds it to a finished target);
 
 then the two are timed against each other (interleaved) to show the latencies match, and each is
 fine-tuned with the same recipe (``--epochs`` on the first ``--train-samples`` training images,
@@ -93,6 +96,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="prune phase: only add the latency-r8 allocation to finished targets")
     p.add_argument("--add-exact", action="store_true",
                    help="prune phase: only add the uniform-exact allocation to finished targets")
+    p.add_argument("--add-peer", action="store_true",
+                   help="prune phase: only add the Torch-Pruning (tp) allocation to finished targets")
     p.add_argument("--add-under", action="store_true",
                    help="prune phase: only add the uniform-under and -over allocations to finished targets")
     return p.parse_args(argv)
@@ -118,6 +123,9 @@ def prune_phase(args: argparse.Namespace) -> None:
             continue
         if args.add_r8:
             _add_latency(args, f, "latency-r8", net, x, meta, test, round_to=8)
+            continue
+        if args.add_peer:  # only the Torch-Pruning model, beside a finished prune phase
+            _add_peer(args, f, net, x, meta, test)
             continue
         if args.add_under:  # only the uniform-under and -over models, beside a finished prune phase
             _add_under(args, f, net, x, meta, test)
@@ -151,24 +159,27 @@ def prune_phase(args: argparse.Namespace) -> None:
         (WORK / f"f{f:g}.json").write_text(json.dumps(rec, indent=1))
         _add_under(args, f, net, x, meta, test)
         _add_under(args, f, net, x, meta, test, "over")
+        _add_peer(args, f, net, x, meta, test)
         print(f"f={f}: latency/uniform measured {head:.3f}; MACs {rec['latency']['macs_fraction']:.3f} "
               f"vs {rec['uniform']['macs_fraction']:.3f}", flush=True)
 
 
-def _uniform_at(args: argparse.Namespace, net, x, m_lat: float, round_to: int):
-    """Bisection on the uniform MACs fraction ``q`` (widths rounded to ``round_to``) until the
-    pruned model's measured ratio is within ``--match`` of ``m_lat``; else the closest.
-    Returns ``(q, result, measured, tries)``."""
+def _uniform_at(args: argparse.Namespace, net, x, m_lat: float, round_to: int,
+                method: str | None = None):
+    """Bisection on the uniform MACs fraction ``q`` (widths rounded to ``round_to``; pruned by
+    ``method``, default ``--method``) until the pruned model's measured ratio is within
+    ``--match`` of ``m_lat``; else the closest. Returns ``(q, result, measured, tries)``."""
     lo, hi, tries = 0.02, 1.0, []
     best = None
     for _ in range(10):
         q = (lo + hi) / 2
-        uni = prunekit.prune(net, x, method=args.method, target_macs=q, round_to=round_to,
-                             evaluate=False)
+        uni = prunekit.prune(net, x, method=method or args.method, target_macs=q,
+                             round_to=round_to, evaluate=False)
         m, _, _ = measure_ratio(uni.model, net, x, args.runtime, args.batch_size, 1,
                                 max_seconds=args.measure_seconds)
         tries.append({"target_macs": q, "macs_fraction": uni.report["macs_fraction"], "measured": m})
-        print(f"  uniform (round_to {round_to}) target_macs {q:.3f}: measured {m:.3f}", flush=True)
+        print(f"  {method or args.method} uniform (round_to {round_to}) target_macs {q:.3f}: "
+              f"measured {m:.3f}", flush=True)
         if best is None or abs(m - m_lat) < abs(best[2] - m_lat):
             best = (q, uni, m)
         if abs(m - m_lat) <= args.match:
@@ -217,6 +228,31 @@ def _add_exact(args: argparse.Namespace, f: float, net, x, meta, test) -> None:
           f"{rec['uniform-exact']['macs_fraction']:.3f}", flush=True)
 
 
+def _add_peer(args: argparse.Namespace, f: float, net, x, meta, test) -> None:
+    """Add the ``tp`` allocation to the record of target ``f``: Torch-Pruning's own pruner with
+    its L1 importance (``tp:l1``), uniform widths rounded to 8, its MACs fraction bisected like
+    ``uniform``'s; of the measured tries, the one keeping the most MACs at or under the latency
+    model's measured ratio (the peer within the same budget), else the fastest."""
+    path = WORK / f"f{f:g}.json"
+    rec = json.loads(path.read_text())
+    mine = rec["latency"]["measured"]
+    _q, _res, _m, tries = _uniform_at(args, net, x, mine, round_to=8, method="tp:l1")
+    within = [t for t in tries if t["measured"] <= mine]
+    best = (max(within, key=lambda t: t["macs_fraction"]) if within
+            else min(tries, key=lambda t: t["measured"]))
+    peer = prunekit.prune(net, x, method="tp:l1", target_macs=best["target_macs"], round_to=8,
+                          evaluate=False)
+    m, _, _ = measure_ratio(peer.model, net, x, args.runtime, args.batch_size, 1,
+                            max_seconds=args.measure_seconds)
+    rec["tp"] = {"measured": m, "target_macs": best["target_macs"],
+                 "macs_fraction": peer.report["macs_fraction"], "widths": peer.report["widths"],
+                 "tries": tries, "accuracy_pruned": evaluate(peer.model, test)}
+    prunekit.save(peer.model, _pruned_path(f, "tp"), meta={**meta, "pruned": "tp"})
+    path.write_text(json.dumps(rec, indent=1))
+    print(f"f={f}: tp target_macs {best['target_macs']:.3f}: measured {m:.3f}, "
+          f"MACs {rec['tp']['macs_fraction']:.3f}", flush=True)
+
+
 def _add_under(args: argparse.Namespace, f: float, net, x, meta, test, side: str = "under") -> None:
     """Add the ``uniform-under`` (``side="under"``) or ``uniform-over`` allocation to the record
     of target ``f`` (see the module docstring): pruned again at its ``q`` (the same widths) and
@@ -249,8 +285,8 @@ def _add_under(args: argparse.Namespace, f: float, net, x, meta, test, side: str
           f"MACs {rec[kind]['macs_fraction']:.3f}", flush=True)
 
 
-KINDS = ("latency", "latency-r8", "uniform", "uniform-exact", "uniform-under", "uniform-over", "depth",
-         "depth2", "depth-all")
+KINDS = ("latency", "latency-r8", "uniform", "uniform-exact", "uniform-under", "uniform-over", "tp",
+         "depth", "depth2", "depth-all")
 
 
 def _run_path(f: float, kind: str, seed: int | str, epochs: int) -> Path:

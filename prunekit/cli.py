@@ -841,12 +841,10 @@ def _speed_lines(report: dict[str, Any], o: Output) -> list[str]:
                      f"{lb['batch_size']}, {lb['threads']} thread(s)): predicted "
                      f"{lb['predicted_ratio']:.3f}, measured {lb['measured_ratio']:.3f}"
                      f"{'' if lb['reached'] else ' (NOT reached)'}")
-        gone = (lb.get("depth") or {}).get("branches")
-        auto = lb.get("depth_auto") or {}
-        if gone or auto.get("tried"):
-            lines.append(f"residual branches removed whole: {', '.join(gone or []) or 'none'}"
-                         + (f" (tried as {auto['why']}; kept: {auto.get('chosen', 'widths')})"
-                            if auto.get("tried") else ""))
+        from .measure.latency_depth import describe
+        depth_line = describe(lb)
+        if depth_line:
+            lines.append(depth_line)
     sp = report.get("speed")
     if sp and sp.get("ratio") is not None:
         lines.append(f"speed on {sp['runtime']} at batch {sp['batch_size']}: {sp['ratio']:.3f}x the "

@@ -64,7 +64,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..utils import eval_mode
 
-__all__ = ["AUTO_BELOW", "AUTO_GAIN", "solve_auto", "solve_with_depth"]
+__all__ = ["AUTO_BELOW", "AUTO_GAIN", "describe", "solve_auto", "solve_with_depth"]
 
 #: ``depth="auto"`` tries removing branches where widths alone keep less than this fraction of
 #: the MACs per unit of latency kept (module docstring)
@@ -386,3 +386,18 @@ def solve_auto(info: Any, target: Any, widths_fn: Callable[[float], dict[str, in
     a, d = alone[3], deep[3]
     wins = d["reached"] and (not a["reached"] or d["macs_fraction"] >= AUTO_GAIN * a["macs_fraction"])
     return keep(deep if wins else alone, {**about, "chosen": "depth" if wins else "widths"})
+
+
+def describe(result: dict[str, Any]) -> str | None:
+    """One line on the residual branches a latency budget's ``result`` removed (and, under
+    ``depth="auto"``, why they were tried and what was kept); ``None`` where none were
+    considered."""
+    gone = (result.get("depth") or {}).get("branches")
+    auto = result.get("depth_auto") or {}
+    if not (gone or auto.get("tried")):
+        return None
+    line = f"residual branches removed whole: {', '.join(gone or []) or 'none'}"
+    if auto.get("tried"):
+        kept = "the branches" if auto.get("chosen") == "depth" else "the widths alone"
+        line += f" (one branch per stage tried, as {auto['why']}; kept: {kept})"
+    return line

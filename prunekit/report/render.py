@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..measure.latency_depth import describe
 from ..utils import atomic_path
 from .plots import figures
 
@@ -210,13 +211,9 @@ def _notes(results: Mapping[str, Any]) -> list[str]:
         if b.get("fitted_options"):
             fitted = ", ".join(f"{k}={v}" for k, v in b["fitted_options"].items())
             notes.append(f"{e['method']}: options set by the comparison: {fitted}.")
-        lb = e.get("latency_budget") or {}
-        depth, auto = lb.get("depth") or {}, lb.get("depth_auto") or {}
-        if depth or auto.get("tried"):
-            gone = ", ".join(depth.get("branches") or []) or "none"
-            why = (f" (tried as {auto['why']}; kept: {auto.get('chosen', 'widths')})"
-                   if auto.get("tried") else "")
-            notes.append(f"{e['method']}: residual branches removed whole: {gone}{why}.")
+        depth_line = describe(e.get("latency_budget") or {})
+        if depth_line:
+            notes.append(f"{e['method']}: {depth_line}.")
         if e.get("onnx") and "error" in e["onnx"]:
             notes.append(f"{e['method']}: ONNX export failed: {e['onnx']['error']}")
         for w in e.get("warnings", []):
