@@ -36,12 +36,15 @@ the widths are searched alone first. Where they keep less than ``AUTO_BELOW`` of
 unit of latency kept (the fixed cost of every layer dominates, as on ResNet-20 at 28x28 at half
 its latency), or cannot reach the budget, the search runs again with up to one branch per stage
 removed, and that model is kept only where it keeps ``AUTO_GAIN`` times the MACs of the widths
-alone, both measured within the budget. Measured on ResNet-20, Fashion-MNIST, ONNX Runtime at
-batch 64 after the same fine-tuning (``bench/results/latency_accuracy_05_intel.md``): at half
-the latency, widths alone kept 0.160 of the MACs and reached 87.76 %, one branch per stage
-removed kept 0.236 and reached 89.42 %; at 0.7 the widths kept 0.81 of the MACs per unit of
-latency (no depth tried) and reached 91.72 %, one branch removed 91.34 %. Two branches per
-stage kept more MACs still (0.264) but reached 79.5 %, so the automatic search stops at one.
+alone, both measured within the budget. Measured on ResNet-20, Fashion-MNIST, batch 64, after
+the same fine-tuning (``bench/results/latency_accuracy_05_auto.md``,
+``latency_accuracy_035_ov_auto.md``, ``latency_accuracy_07.md``, ``docs/runtimes.md``): at half
+the latency on ONNX Runtime the widths alone kept 0.36 of the MACs per unit of latency (they
+reached 87.76 % in session 21), one branch per stage removed kept 1.38x their MACs and reached
+89.46 %, where the uniform widths measured just slower reached 88.61 %; at 0.35 on OpenVINO
+88.86 % against 87.02 % (uniform, slower); at 0.7 the widths kept 0.80 (no branch tried) and
+reached 91.72 %, one branch per stage 91.34 %. Two branches per stage kept more MACs still at
+0.5 (0.264 against 0.236) but reached 79.5 %, so the automatic search stops at one.
 
 References
 ----------
