@@ -974,6 +974,7 @@ def compare_(
         rts = deploy_runtimes(runtime, opt.get("onnx", True))
         if target_latency is not None and not rts:
             raise ConfigError("--target-latency needs a --runtime")
+        latency_depth = parse_depth(depth)  # a bad --depth: fail before loading anything
         if opt.get("report") is None:
             raise ConfigError("--report DIR is required (or 'report' in --config)")
         out_dir = Path(opt["report"])
@@ -1004,7 +1005,7 @@ def compare_(
             train_config=train_config, latency_seconds=opt.get("latency_seconds", 2.0),
             meta={"checkpoint": source, "model": meta.get("model") or model_spec, "data": data_name},
             target_latency=target_latency, runtime=rts[0] if target_latency is not None else None,
-            latency_batch_size=latency_batch, runtimes=rts, latency_depth=parse_depth(depth),
+            latency_batch_size=latency_batch, runtimes=rts, latency_depth=latency_depth,
             threads=opt.get("threads"))
         if len(results["failed"]) == len(names):
             first, why = next(iter(results["failed"].items()))

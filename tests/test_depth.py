@@ -486,3 +486,28 @@ def test_auto_depth_below_reach_either_way_names_both_floors(layer_cost_runtime)
     assert "below what pruning can reach" in msg and "measured 0.648" in msg, msg
     both = float(msg.rsplit("as well: ", 1)[1])
     assert 0.3 < both < 0.6, msg
+
+
+def test_auto_depth_does_not_search_the_widths_twice_where_no_branch_goes(
+        layer_cost_runtime, monkeypatch) -> None:
+    """Where the branch count comes out 0 (forced here), ``auto`` reuses its widths-alone
+    search: the widths search runs once, and the widths alone are kept."""
+    from prunekit.measure import latency_depth, latency_table
+
+    monkeypatch.setattr(latency_depth._DepthSearch, "count", lambda self, order, single: (0, 1.0, 1.0))
+    calls = []
+    solve = latency_table._solve
+
+    def counted(*a, **k):
+        calls.append(1)
+        return solve(*a, **k)
+
+    monkeypatch.setattr(latency_table, "_solve", counted)
+    target = LatencyTarget(0.7, "deploy", table_seconds=0.01, use_cache=False, depth="auto",
+                           calibration=X)
+    _, widths, _ = budget_widths(analyse(_resnet(), X[:1]), None, target, round_to=8)
+    auto = target.result["depth_auto"]
+    assert auto["tried"] and auto["chosen"] == "widths" and auto["depth"]["branches"] == []
+    assert min(widths.values()) > 0
+    assert len(calls) == 1  # no channel block here: one widths search, not two
+    assert target.result["measured_ratio"] == auto["widths"]["measured_ratio"]

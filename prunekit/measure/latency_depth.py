@@ -262,12 +262,16 @@ class _DepthSearch:
 
 
 def solve_with_depth(info: Any, target: Any, widths_fn: Callable[[float], dict[str, int]] | None,
-                     *, round_to: int | None, iters: int) -> tuple[float, dict[str, int], float]:
+                     *, round_to: int | None, iters: int,
+                     alone: tuple[float, dict[str, int], float, dict[str, Any]] | None = None
+                     ) -> tuple[float, dict[str, int], float]:
     """The widths of a :class:`~prunekit.engine.budget.LatencyTarget` with ``depth``: the
     module docstring's steps. Widths of removed branches are 0. Fills ``target.result`` as
     :func:`~prunekit.measure.latency_table.solve_latency_budget` does, plus ``depth``:
     ``{candidates, damage, single_ratio, predicted, branches, ratio}``. Returns
-    ``(r, widths, macs_fraction)``."""
+    ``(r, widths, macs_fraction)``. ``alone``: the widths-alone search already made
+    (:func:`solve_auto`: ``(r, widths, macs_fraction, result)``), returned where no branch
+    is removed instead of searching the widths again."""
     from ..engine.depth import vanishable
     from .latency_table import solve_latency_budget
 
@@ -276,9 +280,14 @@ def solve_with_depth(info: Any, target: Any, widths_fn: Callable[[float], dict[s
     depth: dict[str, Any] = {"candidates": names}
 
     def widths_only(why: str) -> tuple[float, dict[str, int], float]:
-        search.note(f"latency budget on {target.runtime}: {why}; searching the widths only")
-        r, w, f = solve_latency_budget(info, target, widths_fn, round_to=round_to, iters=iters,
-                                       reference=info.model)
+        if alone is not None:
+            target.result.clear()
+            target.result.update(alone[3])
+            r, w, f = alone[:3]
+        else:
+            search.note(f"latency budget on {target.runtime}: {why}; searching the widths only")
+            r, w, f = solve_latency_budget(info, target, widths_fn, round_to=round_to,
+                                           iters=iters, reference=info.model)
         target.result["depth"] = {**depth, "branches": []}
         return r, w, f
 
@@ -333,7 +342,12 @@ def solve_auto(info: Any, target: Any, widths_fn: Callable[[float], dict[str, in
         target.depth = depth
         target.result.clear()
         try:
-            r, w, f = solve_latency_budget(info, target, widths_fn, round_to=round_to, iters=iters)
+            if depth:  # the widths alone are not searched again where no branch goes
+                r, w, f = solve_with_depth(info, target, widths_fn, round_to=round_to,
+                                           iters=iters, alone=alone)
+            else:
+                r, w, f = solve_latency_budget(info, target, widths_fn, round_to=round_to,
+                                               iters=iters)
         finally:
             target.depth = "auto"
         return r, w, f, dict(target.result)
